@@ -1,0 +1,143 @@
+"""Command line: a thin click layer over glomscan's modules."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import AnalysisSettings
+
+log = logging.getLogger("glomscan")
+
+
+def _setup_logging(quiet: bool, verbose: bool = False) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    logging.getLogger("pyvips").setLevel(logging.WARNING)  # libvips' own INFO chatter
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="glomscan")
+def main() -> None:
+    """glomscan: glomerulus segmentation and percent global glomerulosclerosis for folders of
+    whole-slide images."""
+
+
+@main.command()
+@click.argument("slides_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("glomscan-out"),
+              show_default=True, help="Output folder (one sub-folder per slide, plus summary.csv).")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="glomscan checkpoint (.pt). Default: the model shipped with the package.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True)
+@click.option("--batch-size", type=int, default=2, show_default=True, help="Tiles per inference call.")
+@click.option("--tile", type=int, default=1024, show_default=True, help="Tile side, analysis pixels.")
+@click.option("--overlap", type=int, default=512, show_default=True, help="Tile overlap, analysis pixels.")
+@click.option("--target-mpp", type=float, default=None,
+              help="Analysis resolution in µm/px. Default: the model's (1.0 for the paper's setup).")
+@click.option("--downsample", type=float, default=2.0, show_default=True,
+              help="Level-0 downsample used only for slides whose mpp is unknown.")
+@click.option("--mpp", "mpp_override", type=float, default=None,
+              help="Level-0 µm/px for slides that carry none in their metadata.")
+@click.option("--min-area-um2", type=float, default=1500.0, show_default=True,
+              help="Drop glomerulus candidates smaller than this.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Tile reader threads.")
+@click.option("--recursive", is_flag=True, help="Also look for slides in sub-folders.")
+@click.option("--force", is_flag=True, help="Redo slides whose outputs are complete and up to date.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors.")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging (tracebacks of failed slides).")
+def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap, target_mpp, downsample,
+            mpp_override, min_area_um2, workers, recursive, force, quiet, verbose):
+    """Analyse every slide in SLIDES_DIR: masks, glomerulus tables, sclerosis reports.
+
+    Exit code 0 when every slide succeeded, 1 when any failed (see summary.csv), 2 on usage
+    errors (bad model, bad settings) before any slide is touched.
+    """
+    _setup_logging(quiet, verbose)
+    settings = AnalysisSettings(target_mpp=target_mpp, downsample=downsample, mpp_override=mpp_override,
+                                tile=tile, overlap=overlap, batch_size=batch_size, workers=workers,
+                                min_glomerulus_area_um2=min_area_um2)
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    model = _load_model_or_exit(model_path)
+
+    from .batch import run_batch
+    from .engines import create_engine
+
+    try:
+        engine, choice = create_engine(backend, model)
+    except (NotImplementedError, RuntimeError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    log.info("model %s (%s); backend %s: %s", model.model_id, model.card.trained_on, choice.backend, choice.reason)
+    try:
+        outcome = run_batch(slides_dir, out_dir, model, engine, choice, settings, force=force,
+                            recursive=recursive, quiet=quiet)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    finally:
+        engine.close()
+    if not quiet:
+        click.echo(f"{len(outcome.reports)} slide(s): {len(outcome.reports) - len(outcome.failed)} ok, "
+                   f"{len(outcome.failed)} failed. Summary: {out_dir / 'summary.csv'}")
+    sys.exit(1 if outcome.failed else 0)
+
+
+def _load_model_or_exit(model_path: Path | None):
+    from .model import CheckpointError, load_checkpoint
+    from .shipped import default_model_path
+
+    if model_path is None:
+        model_path = default_model_path()
+        if model_path is None:
+            raise click.UsageError(
+                "no --model given and this build ships no default model yet; create a demo "
+                "checkpoint with `glomscan init-model --out model.pt` (random weights) or pass a trained one")
+    try:
+        return load_checkpoint(model_path)
+    except CheckpointError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@main.command("init-model")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--encoder", default="efficientnet-b3", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--analysis-mpp", type=float, default=1.0, show_default=True)
+def init_model(out_path, encoder, seed, analysis_mpp):
+    """Write a randomly initialised checkpoint (for demos and tests: it finds nothing real)."""
+    import torch
+
+    from .model import ModelCard, build_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    card = ModelCard(name=f"random-init-{encoder}-seed{seed}", encoder=encoder, analysis_mpp=analysis_mpp,
+                     trained_on="nothing (random initialisation)",
+                     notes="Random weights: the output is meaningless. Demo/testing only.")
+    sha = save_checkpoint(out_path, build_model(card), card)
+    click.echo(f"wrote {out_path} ({card.name}, sha256 {sha[:12]})")
+
+
+@main.command("demo-slide")
+@click.argument("out_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=7, show_default=True)
+def demo_slide_cmd(out_path, seed):
+    """Write the synthetic demo slide (pyramidal TIFF, 0.5 µm/px, known glomeruli)."""
+    from .synthetic import demo_slide
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    slide = demo_slide(out_path, seed=seed)
+    n_scl = sum(g.sclerosed for g in slide.glomeruli)
+    click.echo(f"wrote {out_path}: {slide.width}x{slide.height} px, {len(slide.glomeruli)} glomeruli "
+               f"({n_scl} sclerosed, {100 * n_scl / max(len(slide.glomeruli), 1):.1f}%)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

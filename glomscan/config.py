@@ -1,0 +1,67 @@
+"""Settings as dataclasses. Every value has a domain meaning and a unit in its name or doc."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class TissueSettings:
+    thumbnail_downsample: float = 16.0
+    """Tissue is detected on a thumbnail this many analysis pixels per thumbnail pixel."""
+    min_saturation: float = 0.05
+    """Otsu's threshold on HSV saturation is clamped to at least this (blank glass stays blank)."""
+    max_saturation: float = 0.25
+    """... and to at most this (heavily stained slides still keep their pale tissue)."""
+    min_tissue_area_um2: float = 20_000.0
+    """Tissue fragments smaller than this are dropped (dust, debris)."""
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    target_mpp: float | None = None
+    """Analysis resolution in micrometres per pixel. None: take the model card's (paper: ~1.0)."""
+    downsample: float = 2.0
+    """Used only when a slide's mpp is unknown: analysis = level 0 downsampled by this factor."""
+    mpp_override: float | None = None
+    """Level-0 mpp to use for slides that carry none in their metadata."""
+    tile: int = 1024
+    """Tile side at analysis resolution, pixels."""
+    overlap: int = 512
+    """Overlap between neighbouring tiles, pixels (stride = tile - overlap)."""
+    batch_size: int = 2
+    workers: int = 2
+    """Reader threads that prefetch tiles while the model runs."""
+    foreground_threshold: float = 0.5
+    """A pixel belongs to a glomerulus when max(p_normal, p_sclerosed) >= this."""
+    min_glomerulus_area_um2: float = 1500.0
+    """Connected components smaller than this are dropped (when mpp is unknown, the analysis
+    mpp is assumed to be the model's to convert this to pixels)."""
+    max_pending_rows: int = 8192
+    """Bound on the rows a single unfinished component may hold open while streaming."""
+    tissue: TissueSettings = field(default_factory=TissueSettings)
+
+    @property
+    def stride(self) -> int:
+        return self.tile - self.overlap
+
+    def validate(self) -> None:
+        if self.tile <= 0 or self.overlap < 0 or self.overlap >= self.tile:
+            raise ValueError(f"need 0 <= overlap < tile, got tile={self.tile} overlap={self.overlap}")
+        if self.tile % self.stride:
+            raise ValueError(
+                f"tile ({self.tile}) must be a multiple of the stride tile-overlap ({self.stride})"
+            )
+        if self.batch_size < 1 or self.workers < 1:
+            raise ValueError("batch size and workers must be >= 1")
+        if self.downsample <= 0:
+            raise ValueError("downsample must be > 0")
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the result (not batch size or workers)."""
+        d = asdict(self)
+        for k in ("batch_size", "workers"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

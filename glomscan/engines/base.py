@@ -1,0 +1,42 @@
+"""The engine interface: uint8 RGB tiles in, per-class probabilities out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..model import ModelCard
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    backend: str
+    reason: str
+
+
+class Engine(ABC):
+    """``predict`` maps (N, H, W, 3) uint8 tiles to (N, C, H, W) float32 probabilities in [0, 1],
+    C = len(card.classes) (independent sigmoid per class, as trained with BCE + Dice)."""
+
+    backend: str = "abstract"
+    card: ModelCard
+
+    @abstractmethod
+    def predict(self, tiles: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None:  # pragma: no cover - default no-op
+        pass
+
+    @property
+    def description(self) -> str:
+        return self.backend
+
+
+def normalise(tiles: np.ndarray, card: ModelCard) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalised with the card's mean/std."""
+    x = tiles.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    mean = np.asarray(card.mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(card.std, np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std)

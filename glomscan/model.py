@@ -1,0 +1,145 @@
+"""The segmentation network and its checkpoint format.
+
+A glomscan checkpoint is a ``torch.save``d dict::
+
+    {"format": "glomscan-checkpoint", "version": 1, "card": {...ModelCard...}, "state_dict": {...}}
+
+loaded with ``weights_only=True`` (no pickled code runs). The card carries everything analyze
+needs: architecture, classes, input normalisation, analysis mpp, tile size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import CLASS_NAMES
+
+CHECKPOINT_FORMAT = "glomscan-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """The model file is missing or is not a usable glomscan checkpoint."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    architecture: str = "Unet"
+    encoder: str = "efficientnet-b3"
+    encoder_depth: int = 5
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    classes: tuple[str, ...] = CLASS_NAMES
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Input normalisation on RGB scaled to [0, 1]."""
+    analysis_mpp: float = 1.0
+    """Micrometres per pixel the model was trained at (paper: 20x slides downsampled 2x)."""
+    tile: int = 1024
+    trained_on: str = "nothing (random initialisation)"
+    notes: str = ""
+    metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelCard":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("decoder_channels", "classes", "mean", "std"):
+            if k in known:
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+
+def build_model(card: ModelCard) -> nn.Module:
+    """The U-Net described by ``card``, randomly initialised (no weights are downloaded)."""
+    import segmentation_models_pytorch as smp
+
+    if card.architecture != "Unet":
+        raise CheckpointError(f"unsupported architecture {card.architecture!r} (only 'Unet')")
+    return smp.Unet(
+        encoder_name=card.encoder,
+        encoder_weights=None,
+        encoder_depth=card.encoder_depth,
+        decoder_channels=list(card.decoder_channels),
+        classes=len(card.classes),
+    )
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    card: ModelCard
+    sha256: str
+    path: Path | None
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.card.name}@{self.sha256[:12]}"
+
+
+def save_checkpoint(path: Path, module: nn.Module, card: ModelCard, half: bool = False) -> str:
+    """Write atomically; returns the file's sha256. ``half`` stores fp16 weights (smaller file,
+    converted back to fp32 on load)."""
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in module.state_dict().items()}
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "card": asdict(card),
+               "state_dict": state}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return sha256_file(path)
+
+
+def load_checkpoint(path: Path) -> LoadedModel:
+    """Load and validate; raises CheckpointError with a reason a person can act on."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a damaged file
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a glomscan checkpoint (no 'format': '{CHECKPOINT_FORMAT}' key); "
+            "write one with `glomscan init-model` or `glomscan train segment`"
+        )
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not supported")
+    try:
+        card = ModelCard.from_dict(payload["card"])
+        if card.classes != CLASS_NAMES:
+            raise CheckpointError(f"{path}: classes {card.classes} != expected {CLASS_NAMES}")
+        module = build_model(card)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+        module.load_state_dict(state, strict=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: weights do not fit the card's architecture: {exc}") from exc
+    module.eval()
+    return LoadedModel(module=module, card=card, sha256=sha256_file(path), path=path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

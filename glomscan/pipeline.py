@@ -1,0 +1,215 @@
+"""One slide, end to end: slide -> tissue -> tiles -> engine -> blending -> instances -> files."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from . import __version__
+from .config import AnalysisSettings
+from .engines.base import Engine, EngineChoice
+from .merge import BlendingCanvas
+from .model import LoadedModel
+from .postprocess import InstanceStream
+from .progress import Progress
+from .report import (
+    RawLabelFile,
+    atomic_write_text,
+    glomeruli_geojson,
+    glomeruli_table,
+    wilson_interval,
+    write_geojson,
+    write_glomeruli_csv,
+    write_mask_tiff,
+    write_overview,
+)
+from .slides import Slide, SlideError, TileReader, detect_tissue, image_to_array
+from .tiling import Tile, TileGrid
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FILES = ("mask.tif", "glomeruli.csv", "glomeruli.geojson", "overview.png", "report.json")
+OVERVIEW_MAX_SIDE = 2048
+
+
+@dataclass
+class SlideReport:
+    """Everything report.json and the summary row say about one slide."""
+
+    slide: str
+    path: str
+    status: str = "failed"
+    reason: str = ""
+    n_glomeruli: int | None = None
+    n_normal: int | None = None
+    n_sclerosed: int | None = None
+    percent_global_glomerulosclerosis: float | None = None
+    ci95_low: float | None = None
+    ci95_high: float | None = None
+    tissue_area_mm2: float | None = None
+    tissue_area_px: float | None = None
+    """Level-0 pixels."""
+    mpp: float | None = None
+    mpp_source: str = "unknown"
+    analysis_mpp: float | None = None
+    analysis_downsample: float | None = None
+    pyramid_level: int | None = None
+    width: int | None = None
+    height: int | None = None
+    tiles_total: int | None = None
+    tiles_tissue: int | None = None
+    dropped_small_components: int | None = None
+    backend: str = ""
+    backend_reason: str = ""
+    model_id: str = ""
+    model_sha256: str = ""
+    runtime_s: float | None = None
+    inference_s: float | None = None
+    fingerprint: dict = field(default_factory=dict)
+    glomscan_version: str = __version__
+
+    def to_json(self) -> str:
+        return _json_dumps(asdict(self))
+
+
+def _json_dumps(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=float)
+
+
+def sclerosis_summary(n_normal: int, n_sclerosed: int) -> tuple[float | None, float | None, float | None]:
+    """Percent global glomerulosclerosis and its 95 % Wilson interval, in percent."""
+    n = n_normal + n_sclerosed
+    if n == 0:
+        return None, None, None
+    lo, hi = wilson_interval(n_sclerosed, n)
+    return round(100.0 * n_sclerosed / n, 2), round(100.0 * lo, 2), round(100.0 * hi, 2)
+
+
+def predict_tiles(tiles: list[Tile], read: Callable[[int, int], np.ndarray], engine: Engine,
+                  batch_size: int, workers: int, on_tile: Callable[[Tile, np.ndarray], None],
+                  progress: Progress | None = None) -> float:
+    """Stream ``tiles`` through ``engine`` in order. Reader threads prefetch upcoming tiles while
+    the engine runs. Returns seconds spent inside ``engine.predict``."""
+    inference_s = 0.0
+    pending: deque = deque()
+    remaining: Iterable[Tile] = iter(tiles)
+    max_in_flight = batch_size * (workers + 2)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader")
+    try:
+        def refill() -> None:
+            while len(pending) < max_in_flight:
+                tile = next(remaining, None)
+                if tile is None:
+                    return
+                pending.append((tile, pool.submit(read, tile.x, tile.y)))
+
+        refill()
+        while pending:
+            batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+            pixels = np.stack([future.result() for _, future in batch])
+            refill()
+            t0 = time.perf_counter()
+            probabilities = engine.predict(pixels)
+            inference_s += time.perf_counter() - t0
+            for (tile, _), p in zip(batch, probabilities):
+                on_tile(tile, p)
+            if progress is not None:
+                progress.update(len(batch))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return inference_s
+
+
+def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engine: Engine,
+                  choice: EngineChoice, settings: AnalysisSettings, fingerprint: dict,
+                  quiet: bool = False) -> SlideReport:
+    """Analyse one slide, writing every output file into ``out_dir`` (report.json last).
+    Raises SlideError (or pyvips/OS errors) on failure; the caller records them."""
+    started = time.perf_counter()
+    report = SlideReport(slide=name, path=str(path), backend=choice.backend, backend_reason=choice.reason,
+                         model_id=model.model_id, model_sha256=model.sha256, fingerprint=fingerprint)
+    slide = Slide(path, mpp_override=settings.mpp_override)
+    level0 = slide.levels[0]
+    report.width, report.height = level0.width, level0.height
+    report.mpp = slide.mpp
+    report.mpp_source = ("metadata" if slide.mpp_from_metadata is not None
+                         else "override" if slide.mpp is not None else "unknown")
+    target_mpp = settings.target_mpp or model.card.analysis_mpp
+    if slide.mpp is not None:
+        downsample = target_mpp / slide.mpp
+        analysis_mpp: float | None = target_mpp
+    else:
+        downsample = settings.downsample
+        analysis_mpp = None
+        log.warning("%s: no mpp in metadata and no --mpp given; analysing at level-0 / %.3g, "
+                    "areas in pixels only", name, downsample)
+    image, level = slide.image_at(downsample)
+    report.analysis_mpp, report.analysis_downsample, report.pyramid_level = analysis_mpp, downsample, level.index
+    assumed_mpp = analysis_mpp or target_mpp
+
+    # tissue on a thumbnail
+    tissue_ds = settings.tissue.thumbnail_downsample
+    thumb_image, _ = slide.image_at(downsample * tissue_ds)
+    tissue = detect_tissue(image_to_array(thumb_image), tissue_ds, assumed_mpp, settings.tissue)
+    report.tissue_area_px = round(tissue.area_px() * downsample**2, 1)
+    if analysis_mpp is not None:
+        report.tissue_area_mm2 = round(tissue.area_px() * analysis_mpp**2 / 1e6, 4)
+    if not tissue.mask.any():
+        raise SlideError("no tissue detected")
+
+    grid = TileGrid(image.width, image.height, settings.tile, settings.stride)
+    tiles = grid.tissue_tiles(tissue)
+    report.tiles_total, report.tiles_tissue = grid.n_rows * grid.n_cols, len(tiles)
+    log.info("%s: %dx%d level 0, level %d, analysis %dx%d px at %s µm/px, %d of %d tiles on tissue",
+             name, level0.width, level0.height, level.index, image.width, image.height,
+             f"{analysis_mpp:.3g}" if analysis_mpp else "unknown", len(tiles), report.tiles_total)
+
+    canvas = BlendingCanvas(grid, len(model.card.classes), settings.foreground_threshold)
+    labels_file = RawLabelFile(out_dir / ".mask.raw", image.width, image.height)
+    stream = InstanceStream(image.width, model.card.classes,
+                            min_area_px=settings.min_glomerulus_area_um2 / assumed_mpp**2,
+                            row_sink=labels_file.write_rows, max_pending_rows=settings.max_pending_rows)
+
+    def on_tile(tile: Tile, probabilities: np.ndarray) -> None:
+        for band in canvas.add(tile, probabilities):
+            stream.push(band)
+
+    reader = TileReader(image, settings.tile)
+    try:
+        with Progress(len(tiles), f"{name} tiles", quiet=quiet) as progress:
+            report.inference_s = round(predict_tiles(tiles, reader.read, engine, settings.batch_size,
+                                                     settings.workers, on_tile, progress), 3)
+        for band in canvas.finish():
+            stream.push(band)
+        instances = stream.finish()
+    finally:
+        labels_file.close()
+
+    write_mask_tiff(labels_file.image(), out_dir / "mask.tif", analysis_mpp)
+    (out_dir / ".mask.raw").unlink()
+    table = glomeruli_table(instances, downsample, analysis_mpp)
+    write_glomeruli_csv(table, out_dir / "glomeruli.csv")
+    write_geojson(glomeruli_geojson(instances, table, downsample), out_dir / "glomeruli.geojson")
+    overview_ds = max(1.0, max(image.width, image.height) / OVERVIEW_MAX_SIDE)
+    overview_image, _ = slide.image_at(downsample * overview_ds)
+    write_overview(image_to_array(overview_image), overview_ds, instances, out_dir / "overview.png")
+
+    report.n_normal = sum(g.class_name == "normal" for g in instances)
+    report.n_sclerosed = sum(g.class_name == "sclerosed" for g in instances)
+    report.n_glomeruli = len(instances)
+    report.dropped_small_components = stream.dropped_small
+    (report.percent_global_glomerulosclerosis, report.ci95_low,
+     report.ci95_high) = sclerosis_summary(report.n_normal, report.n_sclerosed)
+    report.status, report.reason = "ok", ""
+    report.runtime_s = round(time.perf_counter() - started, 3)
+    atomic_write_text(out_dir / "report.json", report.to_json())
+    return report

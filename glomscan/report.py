@@ -1,0 +1,204 @@
+"""Outputs: label mask TIFF, per-glomerulus CSV, QuPath GeoJSON, overview PNG, slide report.
+
+Coordinates in the CSV and GeoJSON are level-0 pixels of the input slide, so they overlay the
+slide in QuPath. ``mask.tif`` is at analysis resolution with its resolution tags set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyvips
+from scipy import ndimage
+from skimage.draw import polygon as fill_polygon
+
+from .postprocess import Glomerulus
+
+CLASS_COLOURS = {"normal": (0, 90, 255), "sclerosed": (230, 30, 30)}
+"""Blue normal, red sclerosed (overview and QuPath classification colours)."""
+QUPATH_CLASS_NAMES = {"normal": "Glomerulus normal", "sclerosed": "Glomerulus sclerosed"}
+Z_95 = 1.959963984540054
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float] | tuple[None, None]:
+    """Wilson score interval for a binomial proportion k/n (None, None when n == 0)."""
+    if n <= 0:
+        return None, None
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# -- atomic writes ----------------------------------------------------------------------------
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are for others to read
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# -- per-glomerulus table ---------------------------------------------------------------------
+GLOMERULI_COLUMNS = [
+    "id", "class", "class_probability", "p_normal", "p_sclerosed", "area_px", "area_um2",
+    "centroid_x", "centroid_y", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
+    "equivalent_diameter_px", "equivalent_diameter_um",
+]
+
+
+def glomeruli_table(instances: list[Glomerulus], scale: float, analysis_mpp: float | None) -> pd.DataFrame:
+    """One row per glomerulus. ``scale`` = level-0 pixels per analysis pixel. Pixel quantities
+    (area_px, centroid, bbox, equivalent_diameter_px) are in level-0 pixels; µm quantities are
+    empty when the slide's mpp is unknown."""
+    rows = []
+    for g in instances:
+        area0 = g.area_px * scale * scale
+        area_um2 = g.area_px * analysis_mpp**2 if analysis_mpp else None
+        rows.append({
+            "id": g.id,
+            "class": g.class_name,
+            "class_probability": round(g.probability, 4),
+            "p_normal": round(g.mean_probabilities[0], 4),
+            "p_sclerosed": round(g.mean_probabilities[1], 4),
+            "area_px": round(area0, 1),
+            "area_um2": round(area_um2, 1) if area_um2 is not None else None,
+            "centroid_x": round(g.centroid[0] * scale, 1),
+            "centroid_y": round(g.centroid[1] * scale, 1),
+            "bbox_x0": int(math.floor(g.bbox[0] * scale)),
+            "bbox_y0": int(math.floor(g.bbox[1] * scale)),
+            "bbox_x1": int(math.ceil(g.bbox[2] * scale)),
+            "bbox_y1": int(math.ceil(g.bbox[3] * scale)),
+            "equivalent_diameter_px": round(2 * math.sqrt(area0 / math.pi), 1),
+            "equivalent_diameter_um": round(2 * math.sqrt(area_um2 / math.pi), 1) if area_um2 is not None else None,
+        })
+    return pd.DataFrame(rows, columns=GLOMERULI_COLUMNS)
+
+
+def write_glomeruli_csv(table: pd.DataFrame, path: Path) -> None:
+    atomic_write_text(path, table.to_csv(index=False))
+
+
+# -- QuPath GeoJSON ---------------------------------------------------------------------------
+def glomeruli_geojson(instances: list[Glomerulus], table: pd.DataFrame, scale: float) -> dict:
+    """FeatureCollection of QuPath detections: one polygon per glomerulus in level-0 pixels,
+    classification name + colour, and the CSV's measurements."""
+    features = []
+    measurement_columns = [c for c in GLOMERULI_COLUMNS if c not in ("id", "class")]
+    for g, (_, row) in zip(instances, table.iterrows()):
+        ring = [[round(x * scale, 2), round(y * scale, 2)] for x, y in g.contour]
+        measurements = {c: float(row[c]) for c in measurement_columns if pd.notna(row[c])}
+        features.append({
+            "type": "Feature",
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"glomscan/{g.id}/{ring[:1]}")),
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {
+                "objectType": "detection",
+                "name": f"glomerulus {g.id}",
+                "classification": {"name": QUPATH_CLASS_NAMES[g.class_name],
+                                   "color": list(CLASS_COLOURS[g.class_name])},
+                "isLocked": False,
+                "measurements": {"glomscan id": g.id, **measurements},
+            },
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_geojson(collection: dict, path: Path) -> None:
+    atomic_write_text(path, json.dumps(collection))
+
+
+# -- label mask ------------------------------------------------------------------------------
+class RawLabelFile:
+    """Label rows streamed to a raw uint8 file with plain writes (not mmap, so the pages do not
+    count against the process). Untouched (all-background) rows stay holes in a sparse file."""
+
+    def __init__(self, path: Path, width: int, height: int):
+        self.path = Path(path)
+        self.width, self.height = width, height
+        with open(self.path, "wb") as f:
+            f.truncate(width * height)
+        self._fd = os.open(self.path, os.O_WRONLY)
+
+    def write_rows(self, y0: int, rows: np.ndarray) -> None:
+        if rows.shape[1] != self.width or y0 + rows.shape[0] > self.height:
+            raise ValueError("rows do not fit the mask")
+        nz = np.flatnonzero(rows.any(axis=1))
+        if nz.size == 0:
+            return
+        first, last = int(nz[0]), int(nz[-1]) + 1
+        os.pwrite(self._fd, np.ascontiguousarray(rows[first:last]).tobytes(), (y0 + first) * self.width)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    def image(self) -> pyvips.Image:
+        return pyvips.Image.rawload(str(self.path), self.width, self.height, 1)
+
+
+def write_mask_tiff(labels: pyvips.Image, path: Path, analysis_mpp: float | None) -> None:
+    """Tiled pyramidal TIFF (deflate), top-level IFD pyramid, levels downsampled by 'mode' so
+    labels are never averaged; resolution tags in pixels per cm when mpp is known."""
+    labels = labels.copy(interpretation="b-w")
+    kwargs = dict(tile=True, tile_width=256, tile_height=256, pyramid=True, compression="deflate",
+                  region_shrink="mode", bigtiff=labels.width * labels.height > 2**31)
+    if analysis_mpp:
+        ppmm = 1000.0 / analysis_mpp
+        kwargs.update(xres=ppmm, yres=ppmm, resunit="cm")
+    tmp = path.with_name(f".{path.name}.tmp")
+    labels.tiffsave(str(tmp), **kwargs)
+    os.replace(tmp, path)
+
+
+# -- overview --------------------------------------------------------------------------------
+def write_overview(thumbnail: np.ndarray, downsample: float, instances: list[Glomerulus], path: Path) -> None:
+    """Thumbnail (uint8 RGB at ``downsample`` analysis px per pixel) with each glomerulus
+    filled translucent and outlined in its class colour."""
+    canvas = thumbnail.astype(np.float32).copy()
+    h, w = canvas.shape[:2]
+    for g in instances:
+        if len(g.contour) < 3:
+            continue
+        pts = np.asarray(g.contour) / downsample
+        colour = np.asarray(CLASS_COLOURS[g.class_name], np.float32)
+        x0, y0 = max(int(pts[:, 0].min()) - 1, 0), max(int(pts[:, 1].min()) - 1, 0)
+        x1, y1 = min(int(pts[:, 0].max()) + 2, w), min(int(pts[:, 1].max()) + 2, h)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        inside = np.zeros((y1 - y0, x1 - x0), bool)
+        rr, cc = fill_polygon(pts[:, 1] - y0, pts[:, 0] - x0, shape=inside.shape)
+        inside[rr, cc] = True
+        if not inside.any():  # smaller than a thumbnail pixel: mark its centre
+            inside[min(int(g.centroid[1] / downsample) - y0, inside.shape[0] - 1),
+                   min(int(g.centroid[0] / downsample) - x0, inside.shape[1] - 1)] = True
+        outline = inside & ~ndimage.binary_erosion(inside, iterations=2)
+        box = canvas[y0:y1, x0:x1]
+        box[inside] = 0.55 * box[inside] + 0.45 * colour
+        box[outline] = colour
+    image = pyvips.Image.new_from_array(np.ascontiguousarray(canvas.astype(np.uint8)), interpretation="srgb")
+    atomic_write_bytes(path, image.pngsave_buffer(compression=6))

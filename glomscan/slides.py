@@ -1,0 +1,295 @@
+"""Whole-slide images: discovery, opening, pyramid levels, mpp, tissue detection.
+
+Everything is read through pyvips (libvips built with OpenSlide): vendor formats go through
+``openslideload``, pyramidal TIFFs through ``tiffload`` page by page, flat images as one level.
+Slides are opened read-only; nothing here ever writes to an input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyvips
+from scipy import ndimage
+
+from .config import TissueSettings
+
+log = logging.getLogger(__name__)
+
+OPENSLIDE_EXTENSIONS = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
+TIFF_EXTENSIONS = {".tif", ".tiff"}
+FLAT_EXTENSIONS = {".png", ".jpg", ".jpeg"}
+SLIDE_EXTENSIONS = OPENSLIDE_EXTENSIONS | TIFF_EXTENSIONS | FLAT_EXTENSIONS
+
+PLAUSIBLE_MPP = (0.05, 20.0)
+"""Metadata mpp outside this range is treated as absent (libvips reports 1 px/mm for TIFFs
+without resolution tags, i.e. 1000 µm/px)."""
+
+
+class SlideError(Exception):
+    """A slide cannot be used; the message is the reason shown in the batch summary."""
+
+
+def find_slides(folder: Path, recursive: bool = False) -> list[Path]:
+    """Slides in ``folder`` by extension, sorted. MIRAX companion folders are not descended."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"slide folder not found: {folder}")
+    pattern = "**/*" if recursive else "*"
+    found = [
+        p
+        for p in folder.glob(pattern)
+        if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS and not p.name.startswith(".")
+    ]
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class Level:
+    index: int
+    width: int
+    height: int
+    downsample: float
+    """Level-0 pixels per pixel of this level."""
+
+
+def _to_rgb(image: pyvips.Image) -> pyvips.Image:
+    """uint8 sRGB, 3 bands; alpha flattened onto white (glass)."""
+    if image.format != "uchar":
+        image = image.cast("uchar") if image.format == "char" else image.scaleimage()
+    if image.bands in (2, 4):
+        image = image.flatten(background=[255] * (image.bands - 1))
+    if image.bands == 1:
+        image = image.bandjoin([image, image])
+    elif image.bands > 3:
+        image = image.extract_band(0, n=3)
+    return image.copy(interpretation="srgb")
+
+
+class Slide:
+    """An opened whole-slide image.
+
+    ``levels[0]`` is full resolution. ``mpp`` is level-0 micrometres per pixel or None when the
+    file does not say (and no override was given).
+    """
+
+    def __init__(self, path: Path, mpp_override: float | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SlideError(f"file not found: {self.path}")
+        if self.path.stat().st_size == 0:
+            raise SlideError("empty file (0 bytes)")
+        ext = self.path.suffix.lower()
+        try:
+            if ext in OPENSLIDE_EXTENSIONS:
+                self._open_openslide()
+            elif ext in TIFF_EXTENSIONS:
+                self._open_tiff()
+            else:
+                self._open_flat()
+        except pyvips.Error as exc:
+            raise SlideError(f"cannot open slide: {_vips_reason(exc)}") from exc
+        if self.levels[0].width < 1 or self.levels[0].height < 1:
+            raise SlideError("slide has no pixels")
+        self.mpp_from_metadata = self.mpp
+        if self.mpp is None and mpp_override is not None:
+            self.mpp = float(mpp_override)
+        self._lock = threading.Lock()
+        self._level_images: dict[int, pyvips.Image] = {}
+
+    # -- opening -----------------------------------------------------------------------------
+    def _open_openslide(self) -> None:
+        base = pyvips.Image.openslideload(str(self.path), level=0)
+        self.vendor = base.get("openslide.vendor") if "openslide.vendor" in base.get_fields() else "openslide"
+        count = int(base.get("openslide.level-count"))
+        w0 = base.width
+        self.levels = []
+        for i in range(count):
+            w = int(base.get(f"openslide.level[{i}].width"))
+            h = int(base.get(f"openslide.level[{i}].height"))
+            ds = float(base.get(f"openslide.level[{i}].downsample"))
+            self.levels.append(Level(i, w, h, ds if ds > 0 else w0 / w))
+        mpp = None
+        if "openslide.mpp-x" in base.get_fields():
+            try:
+                mpp = float(base.get("openslide.mpp-x"))
+            except ValueError:
+                mpp = None
+        self.mpp = _plausible(mpp)
+        self._loader = "openslide"
+
+    def _open_tiff(self) -> None:
+        first = pyvips.Image.tiffload(str(self.path), page=0)
+        n_pages = first.get("n-pages") if "n-pages" in first.get_fields() else 1
+        w0, h0 = first.width, first.height
+        self.levels = [Level(0, w0, h0, 1.0)]
+        self._pages = [0]
+        # Keep further pages that continue the pyramid: smaller, same aspect ratio. Label and
+        # macro images (other aspect) are skipped.
+        for page in range(1, n_pages):
+            try:
+                im = pyvips.Image.tiffload(str(self.path), page=page)
+            except pyvips.Error:
+                break
+            prev = self.levels[-1]
+            ds = w0 / im.width
+            if im.width >= prev.width or abs(h0 / im.height - ds) / ds > 0.02:
+                continue
+            self.levels.append(Level(len(self.levels), im.width, im.height, ds))
+            self._pages.append(page)
+        self.vendor = "tiff-pyramid" if len(self.levels) > 1 else "tiff-flat"
+        self.mpp = _plausible(1000.0 / first.xres if first.xres > 0 else None)
+        self._loader = "tiff"
+
+    def _open_flat(self) -> None:
+        im = pyvips.Image.new_from_file(str(self.path))
+        self.levels = [Level(0, im.width, im.height, 1.0)]
+        self.vendor = "flat-image"
+        self.mpp = _plausible(1000.0 / im.xres if im.xres > 0 else None)
+        self._loader = "flat"
+
+    # -- pixels ------------------------------------------------------------------------------
+    def level_image(self, index: int) -> pyvips.Image:
+        """The level as a lazy uint8 RGB pyvips image (opened once, random access)."""
+        with self._lock:
+            if index not in self._level_images:
+                try:
+                    if self._loader == "openslide":
+                        im = pyvips.Image.openslideload(str(self.path), level=index)
+                    elif self._loader == "tiff":
+                        im = pyvips.Image.tiffload(str(self.path), page=self._pages[index], access="random")
+                    else:
+                        im = pyvips.Image.new_from_file(str(self.path), access="random")
+                except pyvips.Error as exc:
+                    raise SlideError(f"cannot read level {index}: {_vips_reason(exc)}") from exc
+                self._level_images[index] = _to_rgb(im)
+            return self._level_images[index]
+
+    def best_level(self, downsample: float) -> Level:
+        """Coarsest level that is at least as fine as ``downsample`` (2 % tolerance)."""
+        candidates = [lv for lv in self.levels if lv.downsample <= downsample * 1.02]
+        return max(candidates, key=lambda lv: lv.downsample) if candidates else self.levels[0]
+
+    def image_at(self, downsample: float) -> tuple[pyvips.Image, Level]:
+        """Lazy image at ``downsample`` relative to level 0, read from the best pyramid level
+        and resampled only for the residual factor (none when a level matches)."""
+        level = self.best_level(downsample)
+        image = self.level_image(level.index)
+        residual = downsample / level.downsample
+        if abs(residual - 1.0) > 0.02:
+            image = image.resize(1.0 / residual, kernel="linear" if residual < 4 else "lanczos3")
+        return image, level
+
+    def __repr__(self) -> str:
+        dims = "x".join(map(str, (self.levels[0].width, self.levels[0].height)))
+        return f"Slide({self.path.name}, {dims}, levels={len(self.levels)}, mpp={self.mpp})"
+
+
+def _plausible(mpp: float | None) -> float | None:
+    if mpp is None or not np.isfinite(mpp):
+        return None
+    return float(mpp) if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+
+
+def _vips_reason(exc: pyvips.Error) -> str:
+    text = (getattr(exc, "detail", "") or str(exc)).strip()
+    return " ".join(text.split())[:300]
+
+
+class TileReader:
+    """Reads fixed-size tiles from a lazy image; outside the image is padded with white.
+
+    One pyvips Region per thread, so several reader threads can fetch at once.
+    """
+
+    def __init__(self, image: pyvips.Image, tile: int):
+        self.image = image
+        self.tile = tile
+        self._local = threading.local()
+
+    def read(self, x: int, y: int) -> np.ndarray:
+        t = self.tile
+        out = np.full((t, t, 3), 255, dtype=np.uint8)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + t, self.image.width), min(y + t, self.image.height)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        region = getattr(self._local, "region", None)
+        if region is None:
+            region = self._local.region = pyvips.Region.new(self.image)
+        try:
+            data = region.fetch(x0, y0, x1 - x0, y1 - y0)
+        except pyvips.Error as exc:
+            raise SlideError(f"read failed at ({x0},{y0}): {_vips_reason(exc)}") from exc
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = np.frombuffer(data, np.uint8).reshape(y1 - y0, x1 - x0, 3)
+        return out
+
+
+@dataclass
+class TissueMask:
+    mask: np.ndarray
+    """bool (h, w) at ``downsample`` analysis pixels per mask pixel."""
+    downsample: float
+    """Analysis pixels per mask pixel."""
+    threshold: float
+    """Saturation threshold used."""
+
+    def area_px(self) -> float:
+        """Tissue area in analysis pixels."""
+        return float(self.mask.sum()) * self.downsample**2
+
+
+def detect_tissue(thumbnail: np.ndarray, downsample: float, analysis_mpp: float,
+                  settings: TissueSettings) -> TissueMask:
+    """Otsu on HSV saturation, clamped, then closing, hole filling and small-fragment removal.
+
+    ``thumbnail`` is uint8 RGB at ``downsample`` analysis pixels per pixel.
+    """
+    rgb = thumbnail.astype(np.float32)
+    mx = rgb.max(axis=2)
+    mn = rgb.min(axis=2)
+    saturation = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0)
+    threshold = float(np.clip(otsu_threshold(saturation), settings.min_saturation, settings.max_saturation))
+    mask = (saturation > threshold) & (mx > 20)  # pure black (scanner borders) is not tissue
+    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=2, border_value=0)
+    mask = ndimage.binary_fill_holes(mask)
+    thumb_px_um2 = (downsample * analysis_mpp) ** 2
+    min_px = settings.min_tissue_area_um2 / thumb_px_um2
+    labels, n = ndimage.label(mask)
+    if n:
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = sizes >= min_px
+        keep[0] = False
+        mask = keep[labels]
+    return TissueMask(mask=mask, downsample=downsample, threshold=threshold)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of values in [0, 1]."""
+    hist, edges = np.histogram(values.ravel(), bins=bins, range=(0.0, 1.0))
+    hist = hist.astype(np.float64)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
+    mu1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between)) + 1])  # values above this edge are the upper class
+
+
+def image_to_array(image: pyvips.Image) -> np.ndarray:
+    """Materialise a (small) pyvips image as a numpy array (h, w, bands)."""
+    data = image.write_to_memory()
+    return np.frombuffer(data, dtype=np.uint8).reshape(image.height, image.width, image.bands)
+
+
+def file_fingerprint(path: Path) -> dict:
+    """Identity of an input for resume decisions: size and modification time (ns)."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from glomscan.merge import WINDOW_FLOOR, BlendingCanvas, blending_window
+from glomscan.tiling import TileGrid
+
+
+def run_canvas(grid, tiles_probs, n_classes=2):
+    canvas = BlendingCanvas(grid, n_classes)
+    bands = []
+    for tile, p in tiles_probs:
+        bands += canvas.add(tile, p)
+    bands += canvas.finish()
+    return canvas, bands
+
+
+def assemble(bands, grid, n_classes=2):
+    probs = np.zeros((n_classes, grid.height, grid.width), np.uint8)
+    fg = np.zeros((grid.height, grid.width), bool)
+    y = 0
+    for b in bands:
+        assert b.y0 == y
+        probs[:, y:y + b.height] = b.probabilities
+        fg[y:y + b.height] = b.foreground
+        y += b.height
+    assert y == grid.height
+    return probs, fg
+
+
+def test_window_never_zero_and_partition_of_unity():
+    w = blending_window(64)
+    assert w.min() >= WINDOW_FLOOR**2
+    w1 = np.sqrt(np.diag(w))  # separable: diagonal = w1(i)^2
+    assert np.allclose(w, np.outer(w1, w1), rtol=1e-5)
+    assert np.allclose(w1[:32] + w1[32:], 1 + WINDOW_FLOOR, atol=1e-6)
+
+
+def test_constant_prediction_gives_constant_canvas_without_seams():
+    grid = TileGrid(700, 520, tile=128, stride=64)
+    p = np.empty((2, 128, 128), np.float32)
+    p[0], p[1] = 0.6, 0.25  # 153 and 63.75 -> 64 after quantisation: no rounding ties
+    _, bands = run_canvas(grid, [(t, p) for t in grid.tiles()])
+    probs, fg = assemble(bands, grid)
+    assert (probs[0] == 153).all() and (probs[1] == 64).all()
+    assert fg.all()
+
+
+def test_overlap_weights_sum_to_the_window_sum():
+    grid = TileGrid(512, 384, tile=128, stride=64)
+    canvas = BlendingCanvas(grid, 1)
+    ones = np.ones((1, 128, 128), np.float32)
+    expected = np.zeros((384, 512))
+    window = blending_window(128)
+    for t in grid.tiles():
+        expected[t.y:t.y + 128, t.x:t.x + 128] += window[: 384 - t.y, : 512 - t.x]
+    for t in grid.tiles()[: grid.n_cols]:  # first tile row only: cell row 0 is not yet emitted
+        canvas.add(t, ones)
+    for t in grid.tiles()[grid.n_cols: 2 * grid.n_cols]:
+        canvas.add(t, ones)
+    # cell row 1 is now complete (touched by tile rows 0 and 1) and still held in memory
+    row1 = np.concatenate([canvas._cells[(1, cx)][1] for cx in range(canvas.n_cell_cols)], axis=1)
+    assert np.allclose(row1, expected[64:128], rtol=1e-6)
+    assert np.allclose(expected[64:320, 64:448], (1 + WINDOW_FLOOR) ** 2, rtol=1e-6)
+
+
+def test_blending_equals_dense_reference_with_random_predictions_and_missing_tiles():
+    rng = np.random.default_rng(3)
+    grid = TileGrid(600, 450, tile=128, stride=64)
+    tiles = [t for t in grid.tiles() if rng.random() > 0.3]
+    preds = [rng.random((2, 128, 128), dtype=np.float32) for _ in tiles]
+    acc = np.zeros((2, 450 + 128, 600 + 128))
+    ws = np.zeros((450 + 128, 600 + 128))
+    window = blending_window(128).astype(np.float64)
+    for t, p in zip(tiles, preds):
+        acc[:, t.y:t.y + 128, t.x:t.x + 128] += p * window
+        ws[t.y:t.y + 128, t.x:t.x + 128] += window
+    ref = np.divide(acc, ws, out=np.zeros_like(acc), where=ws > 0)[:, :450, :600]
+    canvas, bands = run_canvas(grid, list(zip(tiles, preds)))
+    probs, fg = assemble(bands, grid)
+    assert np.abs(probs.astype(int) - np.rint(ref * 255)).max() <= 1
+    assert np.array_equal(fg, ref.max(0) >= 0.5)
+    assert canvas.peak_cells <= 3 * grid.n_cols  # never more than a band of cells
+
+
+def test_tiles_out_of_row_order_are_refused():
+    grid = TileGrid(256, 256, tile=128, stride=64)
+    canvas = BlendingCanvas(grid, 1)
+    tiles = grid.tiles()
+    canvas.add(tiles[-1], np.zeros((1, 128, 128), np.float32))
+    with pytest.raises(ValueError):
+        canvas.add(tiles[0], np.zeros((1, 128, 128), np.float32))

@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import openslide
+import pyvips
+import pytest
+
+from glomscan.postprocess import Glomerulus
+from glomscan.report import (
+    RawLabelFile,
+    glomeruli_geojson,
+    glomeruli_table,
+    wilson_interval,
+    write_mask_tiff,
+    write_overview,
+)
+
+
+@pytest.mark.parametrize("k,n,lo,hi", [(5, 10, 0.2366, 0.7634), (0, 10, 0.0, 0.2775), (10, 10, 0.7225, 1.0),
+                                       (1, 4, 0.0456, 0.6994)])
+def test_wilson_interval_known_values(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got[0] == pytest.approx(lo, abs=1e-4) and got[1] == pytest.approx(hi, abs=1e-4)
+
+
+def test_wilson_interval_without_glomeruli():
+    assert wilson_interval(0, 0) == (None, None)
+
+
+def test_label_tiff_reads_back_identically(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.zeros((900, 1300), np.uint8)
+    labels[100:300, 200:500] = 1
+    labels[500:800, 700:1000] = 2
+    labels[rng.random(labels.shape) > 0.999] = 2
+    raw = RawLabelFile(tmp_path / "m.raw", 1300, 900)
+    for y in range(0, 900, 256):
+        raw.write_rows(y, labels[y:y + 256])
+    raw.close()
+    out = tmp_path / "mask.tif"
+    write_mask_tiff(raw.image(), out, analysis_mpp=1.0)
+    via_vips = pyvips.Image.tiffload(str(out), page=0)
+    arr = np.frombuffer(via_vips.write_to_memory(), np.uint8).reshape(900, 1300)
+    assert np.array_equal(arr, labels)
+    assert via_vips.xres == pytest.approx(1000.0)  # pixels per mm = 1 µm/px
+    assert via_vips.get("n-pages") >= 3  # pyramid
+    # pyramid levels hold only label values (mode, never averaged)
+    level2 = pyvips.Image.tiffload(str(out), page=2)
+    assert set(np.unique(np.frombuffer(level2.write_to_memory(), np.uint8))) <= {0, 1, 2}
+    slide = openslide.OpenSlide(str(out))
+    assert slide.dimensions == (1300, 900) and slide.level_count >= 3
+    region = np.asarray(slide.read_region((0, 0), 0, (1300, 900)))
+    assert np.array_equal(region[..., 0], labels)
+    assert slide.properties["tiff.ResolutionUnit"] == "centimeter"
+    assert float(slide.properties["tiff.XResolution"]) == pytest.approx(10000.0)
+
+
+def square_glomerulus(gid, cls, x0, y0, size):
+    contour = [(x0, y0), (x0 + size, y0), (x0 + size, y0 + size), (x0, y0 + size), (x0, y0)]
+    label = 1 if cls == "normal" else 2
+    return Glomerulus(gid, label, cls, 0.9, (0.9, 0.1) if label == 1 else (0.1, 0.9), size * size,
+                      (x0 + size / 2, y0 + size / 2), (x0, y0, x0 + size, y0 + size),
+                      [(float(x), float(y)) for x, y in contour])
+
+
+def test_table_and_geojson_in_level0_pixels():
+    gloms = [square_glomerulus(1, "normal", 10, 20, 100), square_glomerulus(2, "sclerosed", 300, 50, 80)]
+    table = glomeruli_table(gloms, scale=2.0, analysis_mpp=1.0)
+    row = table.iloc[1]
+    assert row["class"] == "sclerosed"
+    assert row["area_px"] == 80 * 80 * 4 and row["area_um2"] == 6400
+    assert (row["centroid_x"], row["centroid_y"]) == (680, 180)
+    assert (row["bbox_x0"], row["bbox_y0"], row["bbox_x1"], row["bbox_y1"]) == (600, 100, 760, 260)
+    assert row["equivalent_diameter_um"] == pytest.approx(2 * np.sqrt(6400 / np.pi), abs=0.1)
+    gj = glomeruli_geojson(gloms, table, scale=2.0)
+    json.dumps(gj)
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 2
+    f = gj["features"][1]
+    assert f["geometry"]["type"] == "Polygon"
+    assert f["geometry"]["coordinates"][0][0] == [600.0, 100.0]
+    assert f["properties"]["objectType"] == "detection"
+    assert f["properties"]["classification"] == {"name": "Glomerulus sclerosed", "color": [230, 30, 30]}
+    assert f["properties"]["measurements"]["area_um2"] == 6400
+
+
+def test_table_without_mpp_leaves_um_empty():
+    table = glomeruli_table([square_glomerulus(1, "normal", 0, 0, 10)], scale=2.0, analysis_mpp=None)
+    assert np.isnan(table.iloc[0]["area_um2"]) and table.iloc[0]["area_px"] == 400
+
+
+def test_overview_draws_class_colours(tmp_path):
+    thumb = np.full((100, 120, 3), 240, np.uint8)
+    gloms = [square_glomerulus(1, "normal", 40, 40, 80), square_glomerulus(2, "sclerosed", 160, 40, 60)]
+    write_overview(thumb, 2.0, gloms, tmp_path / "o.png")
+    im = pyvips.Image.new_from_file(str(tmp_path / "o.png"))
+    arr = np.frombuffer(im.write_to_memory(), np.uint8).reshape(100, 120, 3)
+    assert arr[40, 40, 2] > arr[40, 40, 0]  # blue-ish inside the normal one
+    assert arr[35, 95, 0] > arr[35, 95, 2]  # red-ish inside the sclerosed one
+    assert (arr[5, 5] == 240).all()
