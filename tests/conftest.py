@@ -70,9 +70,9 @@ TEST_TISSUE = [(300, 250, 2600, 3000)]
 
 @pytest.fixture(scope="session")
 def small_slide(tmp_path_factory):
-    """3000 x 3200 px pyramidal TIFF at 0.5 µm/px (analysis 1500 x 1600 at 1 µm/px)."""
+    """3600 x 3200 px pyramidal TIFF at 0.5 µm/px (analysis 1800 x 1600 at 1 µm/px), glass on the right."""
     d = tmp_path_factory.mktemp("slides")
-    return write_synthetic_slide(d / "case01.tif", 3000, 3200, TEST_GLOMERULI, TEST_TISSUE, mpp=0.5, seed=1)
+    return write_synthetic_slide(d / "case01.tif", 3600, 3200, TEST_GLOMERULI, TEST_TISSUE, mpp=0.5, seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import openslide
+import pandas as pd
 import pyvips
 import pytest
 
@@ -85,7 +86,8 @@ def test_table_and_geojson_in_level0_pixels():
 
 def test_table_without_mpp_leaves_um_empty():
     table = glomeruli_table([square_glomerulus(1, "normal", 0, 0, 10)], scale=2.0, analysis_mpp=None)
-    assert np.isnan(table.iloc[0]["area_um2"]) and table.iloc[0]["area_px"] == 400
+    assert pd.isna(table.iloc[0]["area_um2"]) and table.iloc[0]["area_px"] == 400
+    assert ",," in table.to_csv(index=False).splitlines()[1]  # an empty cell, not nan or None
 
 
 def test_overview_draws_class_colours(tmp_path):

@@ -13,7 +13,7 @@ def test_pyramid_levels_and_mpp(small_slide):
     slide = Slide(small_slide.path)
     assert slide.mpp == pytest.approx(0.5)
     assert [lv.downsample for lv in slide.levels[:3]] == pytest.approx([1, 2, 4], rel=0.01)
-    assert (slide.levels[0].width, slide.levels[0].height) == (3000, 3200)
+    assert (slide.levels[0].width, slide.levels[0].height) == (3600, 3200)
 
 
 def test_level_selection_reads_level_without_resampling(small_slide):
@@ -21,7 +21,7 @@ def test_level_selection_reads_level_without_resampling(small_slide):
     # 0.5 µm/px slide, 1.0 µm/px target: downsample 2 is level 1 itself
     image, level = slide.image_at(2.0)
     assert level.index == 1
-    assert (image.width, image.height) == (1500, 1600)
+    assert (image.width, image.height) == (1800, 1600)
     # read from level 1 unchanged: identical pixels to the level image
     a = image_to_array(image.crop(100, 100, 64, 64))
     b = image_to_array(slide.level_image(1).crop(100, 100, 64, 64))
@@ -29,7 +29,7 @@ def test_level_selection_reads_level_without_resampling(small_slide):
     # downsample 4 -> level 2; downsample 3 -> level 1 resampled by 1.5
     assert slide.image_at(4.0)[1].index == 2
     image3, level3 = slide.image_at(3.0)
-    assert level3.index == 1 and image3.width == 1000
+    assert level3.index == 1 and image3.width == 1200
 
 
 def test_best_level_never_coarser_than_asked(small_slide):
