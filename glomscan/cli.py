@@ -48,12 +48,16 @@ def main() -> None:
 @click.option("--min-area-um2", type=float, default=1500.0, show_default=True,
               help="Drop glomerulus candidates smaller than this.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Tile reader threads.")
+@click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="ONNX exports and TensorRT engines cache [env GLOMSCAN_ENGINE_DIR, default ./engines].")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="TensorRT precision.")
 @click.option("--recursive", is_flag=True, help="Also look for slides in sub-folders.")
 @click.option("--force", is_flag=True, help="Redo slides whose outputs are complete and up to date.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging (tracebacks of failed slides).")
 def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap, target_mpp, downsample,
-            mpp_override, min_area_um2, workers, recursive, force, quiet, verbose):
+            mpp_override, min_area_um2, workers, engine_dir, precision, recursive, force, quiet, verbose):
     """Analyse every slide in SLIDES_DIR: masks, glomerulus tables, sclerosis reports.
 
     Exit code 0 when every slide succeeded, 1 when any failed (see summary.csv), 2 on usage
@@ -70,11 +74,13 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
     model = _load_model_or_exit(model_path)
 
     from .batch import run_batch
-    from .engines import create_engine
+    from .engines import EngineOptions, create_engine
 
+    options = EngineOptions(precision=precision, max_batch=max(batch_size, 1), tile=tile,
+                            **({"engine_dir": engine_dir} if engine_dir else {}))
     try:
-        engine, choice = create_engine(backend, model)
-    except (NotImplementedError, RuntimeError, ValueError) as exc:
+        engine, choice = create_engine(backend, model, options)
+    except (RuntimeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
     log.info("model %s (%s); backend %s: %s", model.model_id, model.card.trained_on, choice.backend, choice.reason)
     try:
@@ -123,6 +129,56 @@ def init_model(out_path, encoder, seed, analysis_mpp):
                      notes="Random weights: the output is meaningless. Demo/testing only.")
     sha = save_checkpoint(out_path, build_model(card), card)
     click.echo(f"wrote {out_path} ({card.name}, sha256 {sha[:12]})")
+
+
+@main.command("export-onnx")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="glomscan checkpoint (default: the shipped model).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare ONNX Runtime with torch on a random batch (max abs difference <= 1e-4).")
+def export_onnx_cmd(model_path, out_path, opset, check):
+    """Export the U-Net to ONNX (dynamic batch, height, width; sigmoid included)."""
+    _setup_logging(quiet=False)
+    from .engines.onnx import export_onnx
+
+    model = _load_model_or_exit(model_path)
+    try:
+        export_onnx(model, out_path, opset=opset)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(f"wrote {out_path} (opset {opset}, model {model.model_id})")
+    if check:
+        from .engines.onnx import onnx_parity
+
+        diff = onnx_parity(model, out_path)
+        click.echo(f"ONNX Runtime vs torch: max abs difference {diff:.2e}")
+        if diff > 1e-4:
+            raise click.ClickException(f"parity check failed: {diff:.2e} > 1e-4")
+
+
+@main.command("build-engine")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="glomscan checkpoint (default: the shipped model).")
+@click.option("--fp16/--fp32", "fp16", default=True, show_default=True, help="Engine precision.")
+@click.option("--max-batch", type=int, default=8, show_default=True)
+@click.option("--tile", type=int, default=None, help="Tile size of the profile (default: the model's).")
+@click.option("--workspace", "workspace_gb", type=float, default=4.0, show_default=True, help="Builder workspace, GiB.")
+@click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Engine cache [env GLOMSCAN_ENGINE_DIR, default ./engines].")
+def build_engine_cmd(model_path, fp16, max_batch, tile, workspace_gb, engine_dir):
+    """Build (or find) the TensorRT engine for this model on this GPU."""
+    _setup_logging(quiet=False)
+    from .engines.tensorrt import TensorRTUnavailable, default_engine_dir, prepare_tensorrt
+
+    model = _load_model_or_exit(model_path)
+    try:
+        _, how = prepare_tensorrt(model, engine_dir or default_engine_dir(), "fp16" if fp16 else "fp32", tile,
+                                  max_batch, workspace_gb)
+    except TensorRTUnavailable as exc:
+        raise click.ClickException(f"cannot build a TensorRT engine here: {exc}") from exc
+    click.echo(how)
 
 
 @main.command("demo-slide")

@@ -1,31 +1,91 @@
-"""Inference backends behind one small interface (see ``base.Engine``)."""
+"""Inference backends behind one small interface (see ``base.Engine``).
+
+``auto`` order: tensorrt (CUDA GPU + TensorRT >= 10) -> onnxruntime with CUDA -> torch CUDA ->
+onnxruntime CPU -> torch CPU. The choice and the reason go to the log and into report.json.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..model import LoadedModel
 from .base import Engine, EngineChoice
-from .torch_engine import TorchEngine
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
-def create_engine(backend: str, model: LoadedModel) -> tuple[Engine, EngineChoice]:
-    """Instantiate ``backend`` for ``model``. ``auto`` picks the fastest available and says why."""
+@dataclass(frozen=True)
+class EngineOptions:
+    engine_dir: Path = field(default_factory=lambda: _default_dir())
+    """Where ONNX exports, TensorRT engines, sidecars and the timing cache live."""
+    precision: str = "fp16"
+    max_batch: int = 8
+    workspace_gb: float = 4.0
+    tile: int | None = None
+    """Tile size the TensorRT profile is built for (default: the model card's)."""
+
+
+def _default_dir() -> Path:
+    from .tensorrt import default_engine_dir
+
+    return default_engine_dir()
+
+
+def create_engine(backend: str, model: LoadedModel, options: EngineOptions | None = None) -> tuple[Engine, EngineChoice]:
+    """Instantiate ``backend`` for ``model``. Explicit backends fail loudly when unavailable;
+    ``auto`` walks the order above and records why each earlier candidate was passed over."""
+    import torch
+
+    from .onnx import OnnxRuntimeEngine, cached_onnx, onnxruntime_providers
+    from .tensorrt import prepare_tensorrt, tensorrt_status
+    from .torch_engine import TorchEngine
+
+    options = options or EngineOptions()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        import torch
+    cuda = torch.cuda.is_available()
+    providers = onnxruntime_providers()
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        choice = EngineChoice("torch", f"auto: torch on {device} (the only backend built so far)")
-        return TorchEngine(model, device=device), choice
     if backend == "torch":
         engine = TorchEngine(model)
-        return engine, EngineChoice("torch", f"requested: torch on {engine.device}")
-    raise NotImplementedError(
-        f"backend {backend!r} is not available in this build yet; use --backend torch"
-    )
+        return engine, EngineChoice("torch", f"requested; torch on {engine.device}")
+    if backend == "onnxruntime":
+        if not providers:
+            raise RuntimeError("--backend onnxruntime: the onnxruntime package is not installed (pip install onnxruntime)")
+        engine = OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir))
+        return engine, EngineChoice("onnxruntime", f"requested; providers {engine.providers}")
+    if backend == "tensorrt":
+        ok, why = tensorrt_status()
+        if not ok:
+            raise RuntimeError(f"--backend tensorrt is not available here: {why}")
+        engine, how = prepare_tensorrt(model, options.engine_dir, options.precision, options.tile,
+                                       options.max_batch, options.workspace_gb)
+        return engine, EngineChoice("tensorrt", f"requested; {why}; {how}")
+
+    passed_over = []
+    ok, why = tensorrt_status()
+    if ok:
+        try:
+            engine, how = prepare_tensorrt(model, options.engine_dir, options.precision, options.tile,
+                                           options.max_batch, options.workspace_gb)
+            return engine, EngineChoice("tensorrt", f"auto: {why}; {how}")
+        except Exception as exc:  # a failed build must not stop the batch: fall back, loudly
+            log.warning("TensorRT unusable, falling back: %s", exc)
+            why = f"TensorRT failed: {exc}"
+    passed_over.append(f"tensorrt ({why})")
+    if "CUDAExecutionProvider" in providers:
+        engine = OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir))
+        return engine, EngineChoice("onnxruntime", f"auto: CUDA execution provider; passed over {passed_over}")
+    passed_over.append("onnxruntime-cuda (no CUDA execution provider)")
+    if cuda:
+        return TorchEngine(model, "cuda"), EngineChoice("torch", f"auto: torch CUDA; passed over {passed_over}")
+    passed_over.append("torch-cuda (no CUDA GPU)")
+    if providers:
+        engine = OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir))
+        return engine, EngineChoice("onnxruntime", f"auto: onnxruntime CPU; passed over {', '.join(passed_over)}")
+    passed_over.append("onnxruntime (not installed)")
+    return TorchEngine(model, "cpu"), EngineChoice("torch", f"auto: torch CPU; passed over {', '.join(passed_over)}")

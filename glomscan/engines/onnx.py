@@ -1,0 +1,145 @@
+"""ONNX export of the U-Net and the ONNX Runtime backend.
+
+The exported graph takes normalised float32 NCHW input named ``image`` and returns per-class
+probabilities (sigmoid included) named ``probabilities``; batch, height and width are dynamic
+(height and width must be multiples of 32 for the U-Net). The model card and checksum are kept
+in the ONNX metadata so an export can be matched to its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model import LoadedModel
+from .base import Engine, normalise
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+OPSET = 17
+
+
+class ProbabilityModel(nn.Module):
+    """The segmentation network followed by the sigmoid, as exported."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.network(image))
+
+
+def export_onnx(model: LoadedModel, out_path: Path, opset: int = OPSET, sample_size: int = 256) -> Path:
+    """Export atomically to ``out_path``. smp >= 0.5 builds EfficientNet with nn.SiLU, the
+    export-friendly swish; the older memory-efficient swish is switched off if present."""
+    if opset < 17:
+        raise ValueError("opset must be >= 17")
+    network = model.module.eval().cpu()
+    encoder = getattr(network, "encoder", None)
+    if hasattr(encoder, "set_swish"):
+        encoder.set_swish(memory_efficient=False)
+    wrapped = ProbabilityModel(network).eval()
+    sample = torch.zeros(1, 3, sample_size, sample_size)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter about shape inference
+            torch.onnx.export(
+                wrapped, (sample,), tmp, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                opset_version=opset, dynamo=False, do_constant_folding=True,
+                dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                              OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
+            )
+        import onnx
+
+        proto = onnx.load(tmp)
+        for key, value in (("glomscan.card", json.dumps(asdict(model.card))),
+                           ("glomscan.model_sha256", model.sha256)):
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out_path
+
+
+def onnx_parity(model: LoadedModel, onnx_path: Path, size: int = 256, batch: int = 2, seed: int = 0) -> float:
+    """Max absolute difference between ONNX Runtime (CPU) and torch probabilities on random input."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+    with torch.inference_mode():
+        reference = ProbabilityModel(model.module.eval().cpu()).eval()(torch.from_numpy(x)).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    return float(np.abs(got - reference).max())
+
+
+def onnx_model_sha256(path: Path) -> str | None:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}.get("glomscan.model_sha256")
+
+
+def cached_onnx(model: LoadedModel, engine_dir: Path) -> Path:
+    """The model's ONNX export in ``engine_dir``, exported on first use."""
+    path = Path(engine_dir) / f"{_slug(model.card.name)}-{model.sha256[:12]}.onnx"
+    if path.is_file() and onnx_model_sha256(path) == model.sha256:
+        return path
+    log.info("exporting %s to %s", model.model_id, path)
+    return export_onnx(model, path)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)[:60]
+
+
+def onnxruntime_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    return list(ort.get_available_providers())
+
+
+class OnnxRuntimeEngine(Engine):
+    backend = "onnxruntime"
+
+    def __init__(self, model: LoadedModel, onnx_path: Path, providers: list[str] | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        self.card = model.card
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        available = ort.get_available_providers()
+        wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=wanted)
+        self.providers = self.session.get_providers()
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: normalise(tiles, self.card)})[0]
+
+    @property
+    def description(self) -> str:
+        return f"onnxruntime ({self.providers[0]})"

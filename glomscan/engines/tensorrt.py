@@ -1,0 +1,288 @@
+"""TensorRT backend: ONNX -> serialized engine (cached in the engine folder) -> inference.
+
+Buffers are torch CUDA tensors and the engine runs on a torch CUDA stream, so there is one CUDA
+context (torch's) and no pycuda. Host tiles go through pinned memory with an asynchronous copy,
+and normalisation happens on the GPU.
+
+An engine is only valid for the model checksum, TensorRT version, GPU (name and compute
+capability), precision and batch profile it was built for. Each ``.engine`` file has a JSON
+sidecar recording those; ``select_engine`` uses an engine only when every field matches and
+otherwise rebuilds (or refuses, with the mismatch spelled out).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from ..model import LoadedModel
+from ..report import atomic_write_bytes, atomic_write_text
+from .base import Engine
+from .onnx import INPUT_NAME, OUTPUT_NAME, _slug, cached_onnx
+
+log = logging.getLogger(__name__)
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT or a CUDA GPU is missing."""
+
+
+class EngineMismatch(RuntimeError):
+    """A cached engine does not fit this model/GPU/TensorRT and rebuilding was not allowed."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine was (or must be) built for. Equality of these fields = reusable."""
+
+    model_sha256: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: str  # "fp16" or "fp32"
+    tile: int
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+
+    def file_stem(self, model_name: str) -> str:
+        gpu = _slug(self.gpu_name.replace(" ", "-"))
+        return (f"{_slug(model_name)}-{self.model_sha256[:12]}-{gpu}-sm{self.compute_capability.replace('.', '')}"
+                f"-trt{self.tensorrt_version}-{self.precision}-b{self.max_batch}-t{self.tile}")
+
+    def mismatches(self, other: "EngineSpec") -> list[str]:
+        return [f"{f.name}: engine has {getattr(other, f.name)!r}, need {getattr(self, f.name)!r}"
+                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+@dataclass
+class EngineSidecar:
+    spec: EngineSpec
+    built_at: str
+    build_seconds: float
+    workspace_gb: float
+    host: str
+    parity_mask_dice: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineSidecar":
+        data = json.loads(text)
+        data["spec"] = EngineSpec(**data["spec"])
+        return cls(**data)
+
+
+def engine_paths(engine_dir: Path, spec: EngineSpec, model_name: str) -> tuple[Path, Path]:
+    stem = spec.file_stem(model_name)
+    return Path(engine_dir) / f"{stem}.engine", Path(engine_dir) / f"{stem}.json"
+
+
+def check_cached_engine(engine_path: Path, sidecar_path: Path, wanted: EngineSpec) -> tuple[bool, list[str]]:
+    """(usable, reasons). Usable only when both files exist and every spec field matches."""
+    if not engine_path.is_file():
+        return False, [f"no engine at {engine_path}"]
+    if not sidecar_path.is_file():
+        return False, [f"engine {engine_path.name} has no sidecar {sidecar_path.name}; its origin is unknown"]
+    try:
+        sidecar = EngineSidecar.from_json(sidecar_path.read_text())
+    except (ValueError, TypeError, KeyError) as exc:
+        return False, [f"sidecar {sidecar_path.name} is unreadable: {exc}"]
+    problems = wanted.mismatches(sidecar.spec)
+    return not problems, problems
+
+
+def find_other_engines(engine_dir: Path, model_sha256: str, wanted: EngineSpec) -> list[str]:
+    """Explain engines for the same model that do not fit this machine (for the log)."""
+    notes = []
+    for sidecar_path in sorted(Path(engine_dir).glob("*.json")):
+        try:
+            spec = EngineSidecar.from_json(sidecar_path.read_text()).spec
+        except (ValueError, TypeError, KeyError, OSError):
+            continue
+        if spec.model_sha256 == model_sha256 and spec != wanted:
+            notes.append(f"{sidecar_path.stem}: " + "; ".join(wanted.mismatches(spec)))
+    return notes
+
+
+# -- GPU side --------------------------------------------------------------------------------
+def tensorrt_status() -> tuple[bool, str]:
+    """(available, reason)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False, "torch is not installed"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU visible to torch"
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return False, "the tensorrt Python package is not installed"
+    major = int(trt.__version__.split(".")[0])
+    if major < 10:
+        return False, f"TensorRT {trt.__version__} found, 10 or newer is needed"
+    return True, f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(0)}"
+
+
+def current_spec(model: LoadedModel, precision: str, tile: int, max_batch: int, opt_batch: int | None = None) -> EngineSpec:
+    import tensorrt as trt
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(0)
+    return EngineSpec(model_sha256=model.sha256, tensorrt_version=trt.__version__,
+                      gpu_name=torch.cuda.get_device_name(0), compute_capability=f"{major}.{minor}",
+                      precision=precision, tile=tile, min_batch=1, opt_batch=opt_batch or max_batch,
+                      max_batch=max_batch)
+
+
+def build_engine(onnx_path: Path, spec: EngineSpec, engine_path: Path, sidecar_path: Path,
+                 workspace_gb: float = 4.0, timing_cache: Path | None = None) -> EngineSidecar:
+    """ONNX -> serialized TensorRT engine with one optimisation profile (batch min/opt/max at the
+    spec's tile size), FP16 when asked, and a persisted timing cache."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if spec.precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    t = spec.tile
+    profile.set_shape(INPUT_NAME, (spec.min_batch, 3, t, t), (spec.opt_batch, 3, t, t), (spec.max_batch, 3, t, t))
+    config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    started = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT engine build failed (see the TensorRT log above)")
+    elapsed = time.perf_counter() - started
+    atomic_write_bytes(engine_path, bytes(serialized))
+    if timing_cache is not None:
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    sidecar = EngineSidecar(spec=spec, built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), build_seconds=round(elapsed, 1),
+                            workspace_gb=workspace_gb, host=platform.node())
+    atomic_write_text(sidecar_path, sidecar.to_json())
+    return sidecar
+
+
+class TensorRTEngine(Engine):
+    backend = "tensorrt"
+
+    def __init__(self, model: LoadedModel, engine_path: Path, max_batch: int):
+        import tensorrt as trt
+        import torch
+
+        self.card = model.card
+        self.max_batch = max_batch
+        self._torch = torch
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self._engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize {engine_path}")
+        self._context = self._engine.create_execution_context()
+        self._stream = torch.cuda.Stream()
+        self._mean = torch.tensor(self.card.mean, device="cuda").view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(self.card.std, device="cuda").view(1, 3, 1, 1) * 255.0
+        self._pinned: torch.Tensor | None = None
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        outputs = [self._predict_chunk(tiles[i:i + self.max_batch]) for i in range(0, len(tiles), self.max_batch)]
+        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _predict_chunk(self, tiles: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        n, h, w, _ = tiles.shape
+        if self._pinned is None or self._pinned.shape[1:] != tiles.shape[1:] or self._pinned.shape[0] < n:
+            self._pinned = torch.empty((max(n, self.max_batch), h, w, 3), dtype=torch.uint8).pin_memory()
+        host = self._pinned[:n]
+        host.numpy()[...] = tiles
+        with torch.cuda.stream(self._stream):
+            device_u8 = host.to("cuda", non_blocking=True)
+            image = ((device_u8.permute(0, 3, 1, 2).float() - self._mean) / self._std).contiguous()
+            out = torch.empty((n, len(self.card.classes), h, w), dtype=torch.float32, device="cuda")
+            self._context.set_input_shape(INPUT_NAME, tuple(image.shape))
+            self._context.set_tensor_address(INPUT_NAME, image.data_ptr())
+            self._context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+            result = out.to("cpu", non_blocking=False)
+        self._stream.synchronize()
+        return result.numpy()
+
+    @property
+    def description(self) -> str:
+        return "tensorrt (cuda)"
+
+
+def mask_dice(a: np.ndarray, b: np.ndarray, threshold: float = 0.5) -> float:
+    """Dice of the thresholded masks of two probability arrays (1.0 when both are empty)."""
+    ma, mb = a >= threshold, b >= threshold
+    total = ma.sum() + mb.sum()
+    return 1.0 if total == 0 else float(2 * (ma & mb).sum() / total)
+
+
+def prepare_tensorrt(model: LoadedModel, engine_dir: Path, precision: str = "fp16", tile: int | None = None,
+                     max_batch: int = 8, workspace_gb: float = 4.0, rebuild: bool = True,
+                     parity_tiles: np.ndarray | None = None) -> tuple[TensorRTEngine, str]:
+    """Find a matching cached engine or build one; returns the engine and a sentence saying which."""
+    ok, why = tensorrt_status()
+    if not ok:
+        raise TensorRTUnavailable(why)
+    engine_dir = Path(engine_dir)
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    tile = tile or model.card.tile
+    spec = current_spec(model, precision, tile, max_batch)
+    engine_path, sidecar_path = engine_paths(engine_dir, spec, model.card.name)
+    usable, reasons = check_cached_engine(engine_path, sidecar_path, spec)
+    if usable:
+        return TensorRTEngine(model, engine_path, max_batch), f"cached engine {engine_path.name}"
+    for note in find_other_engines(engine_dir, model.sha256, spec):
+        log.warning("not using engine %s", note)
+    if not rebuild:
+        raise EngineMismatch("no matching TensorRT engine (" + "; ".join(reasons) + "); run `glomscan build-engine`")
+    log.info("building TensorRT engine %s (%s): %s", engine_path.name, precision, "; ".join(reasons))
+    onnx_path = cached_onnx(model, engine_dir)
+    sidecar = build_engine(onnx_path, spec, engine_path, sidecar_path, workspace_gb,
+                           timing_cache=engine_dir / f"timing-sm{spec.compute_capability.replace('.', '')}-trt{spec.tensorrt_version}.cache")
+    engine = TensorRTEngine(model, engine_path, max_batch)
+    sidecar.parity_mask_dice = parity_check(model, engine, tile, parity_tiles)
+    atomic_write_text(sidecar_path, sidecar.to_json())
+    return engine, f"built engine {engine_path.name} in {sidecar.build_seconds:.0f} s"
+
+
+def parity_check(model: LoadedModel, engine: Engine, tile: int, tiles: np.ndarray | None = None,
+                 min_dice: float = 0.99) -> float:
+    """Compare the engine with torch on a few tiles; warn when the masks' Dice < ``min_dice``."""
+    from .torch_engine import TorchEngine
+
+    if tiles is None:
+        rng = np.random.default_rng(0)
+        tiles = rng.integers(0, 256, size=(2, tile, tile, 3), dtype=np.uint8)
+    reference = TorchEngine(model).predict(tiles)
+    dice = mask_dice(engine.predict(tiles), reference)
+    if dice < min_dice:
+        log.warning("TensorRT output differs from torch: mask Dice %.4f < %.2f", dice, min_dice)
+    else:
+        log.info("TensorRT vs torch mask Dice on %d tiles: %.4f", len(tiles), dice)
+    return dice
+
+
+def default_engine_dir() -> Path:
+    return Path(os.environ.get("GLOMSCAN_ENGINE_DIR", "engines"))

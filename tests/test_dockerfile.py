@@ -1,0 +1,59 @@
+"""No Docker engine here: check the Dockerfile's structure and that it installs like CI does."""
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def instructions():
+    text = (ROOT / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_base_image_is_a_pinned_nvidia_container():
+    ins = instructions()
+    args = {k.split("=")[0]: k.split("=", 1)[1] for kw, k in ins if kw == "ARG" and "=" in k}
+    froms = [rest for kw, rest in ins if kw == "FROM"]
+    assert len(froms) == 1
+    image = froms[0].replace("${BASE_IMAGE}", args.get("BASE_IMAGE", ""))
+    assert re.fullmatch(r"nvcr\.io/nvidia/(pytorch|tensorrt):\d\d\.\d\d-py3", image), image
+
+
+def test_entrypoint_user_volume_and_engine_dir():
+    ins = instructions()
+    entry = [rest for kw, rest in ins if kw == "ENTRYPOINT"]
+    assert len(entry) == 1 and json.loads(entry[0]) == ["glomscan"]
+    users = [rest for kw, rest in ins if kw == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    volumes = [v for kw, rest in ins if kw == "VOLUME" for v in json.loads(rest)]
+    assert "/engines" in volumes
+    env = " ".join(rest for kw, rest in ins if kw == "ENV")
+    assert "GLOMSCAN_ENGINE_DIR=/engines" in env
+
+
+def test_installs_like_ci_and_downloads_no_weights():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "scripts/install-system-deps.sh" in text
+    assert "install-system-deps.sh" in (ROOT / "Makefile").read_text()
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    assert "pyvips-binary" not in text
+    assert not re.search(r"(wget|curl)\s", text), "no downloads at build time"
+    for kw, rest in instructions():
+        if kw == "COPY":
+            for src in rest.split()[:-1]:
+                assert (ROOT / src).exists(), src
+
+
+def test_dockerignore_keeps_the_context_small():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv"):
+        assert entry in ignored

@@ -1,0 +1,194 @@
+"""ONNX export and ONNX Runtime parity, backend selection, and TensorRT's pure-Python parts.
+
+TensorRT itself needs a CUDA GPU and the tensorrt package: those tests skip with the reason."""
+
+import json
+
+import numpy as np
+import onnx
+import pyvips
+import pytest
+from click.testing import CliRunner
+
+from glomscan.cli import main
+from glomscan.engines import EngineOptions, create_engine
+from glomscan.engines.onnx import OnnxRuntimeEngine, cached_onnx, export_onnx, onnx_parity
+from glomscan.engines.tensorrt import (
+    EngineMismatch,
+    EngineSidecar,
+    EngineSpec,
+    TensorRTUnavailable,
+    check_cached_engine,
+    engine_paths,
+    find_other_engines,
+    mask_dice,
+    prepare_tensorrt,
+    tensorrt_status,
+)
+from glomscan.engines.torch_engine import TorchEngine
+from glomscan.model import ModelCard, build_model, load_checkpoint, save_checkpoint
+
+from conftest import copy_slide
+
+TRT_OK, TRT_WHY = tensorrt_status()
+
+
+@pytest.fixture(scope="module")
+def b3_checkpoint(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(1)
+    card = ModelCard(name="b3-test")
+    path = tmp_path_factory.mktemp("b3") / "b3.pt"
+    save_checkpoint(path, build_model(card), card)
+    return path
+
+
+def test_efficientnet_b3_onnx_export_matches_torch(b3_checkpoint, tmp_path):
+    model = load_checkpoint(b3_checkpoint)
+    path = export_onnx(model, tmp_path / "b3.onnx")
+    proto = onnx.load(str(path))
+    assert proto.opset_import[0].version >= 17
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "", "height", "width"]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["glomscan.model_sha256"] == model.sha256
+    assert json.loads(meta["glomscan.card"])["encoder"] == "efficientnet-b3"
+    assert onnx_parity(model, path, size=256, batch=2) <= 1e-4
+    # also at the paper's tile size through the engine interface (uint8 tiles in)
+    tiles = np.random.default_rng(0).integers(0, 256, (1, 512, 512, 3), dtype=np.uint8)
+    ort_out = OnnxRuntimeEngine(model, path).predict(tiles)
+    torch_out = TorchEngine(model, "cpu").predict(tiles)
+    assert ort_out.shape == (1, 2, 512, 512) and np.abs(ort_out - torch_out).max() <= 1e-4
+
+
+def test_export_onnx_cli_checks_parity(tiny_checkpoint, tmp_path):
+    res = CliRunner().invoke(main, ["export-onnx", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "max abs difference" in res.output and (tmp_path / "m.onnx").is_file()
+    res = CliRunner().invoke(main, ["export-onnx", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx"),
+                                    "--opset", "13"])
+    assert res.exit_code == 2 and "opset must be >= 17" in res.output
+
+
+def test_onnx_cache_reexports_only_for_another_model(tiny_checkpoint, b3_checkpoint, tmp_path):
+    tiny = load_checkpoint(tiny_checkpoint)
+    first = cached_onnx(tiny, tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert cached_onnx(tiny, tmp_path) == first and first.stat().st_mtime_ns == mtime
+    other = cached_onnx(load_checkpoint(b3_checkpoint), tmp_path)
+    assert other != first
+
+
+def test_auto_backend_on_this_cpu_machine(tiny_checkpoint, tmp_path):
+    engine, choice = create_engine("auto", load_checkpoint(tiny_checkpoint), EngineOptions(engine_dir=tmp_path))
+    if TRT_OK:
+        assert choice.backend == "tensorrt"
+    else:
+        assert choice.backend in ("onnxruntime", "torch")
+        assert "passed over" in choice.reason and "tensorrt" in choice.reason
+
+
+def test_tensorrt_backend_refused_clearly_without_gpu(tiny_checkpoint, small_slide, tmp_path):
+    if TRT_OK:
+        pytest.skip("TensorRT is available here")
+    with pytest.raises(TensorRTUnavailable):
+        prepare_tensorrt(load_checkpoint(tiny_checkpoint), tmp_path)
+    res = CliRunner().invoke(main, ["analyze", str(small_slide.path.parent), "--model", str(tiny_checkpoint),
+                                    "--backend", "tensorrt", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "--backend tensorrt is not available here" in res.output
+
+
+def labels_of(folder):
+    im = pyvips.Image.tiffload(str(folder / "mask.tif"), page=0)
+    return np.frombuffer(im.write_to_memory(), np.uint8).reshape(im.height, im.width)
+
+
+def test_analyze_onnxruntime_gives_the_torch_mask(small_slide, tiny_checkpoint, tmp_path):
+    slides = tmp_path / "slides"
+    copy_slide(small_slide.path, slides)
+    common = ["--model", str(tiny_checkpoint), "--tile", "256", "--overlap", "128", "--quiet",
+              "--engine-dir", str(tmp_path / "engines")]
+    for backend in ("torch", "onnxruntime"):
+        res = CliRunner().invoke(main, ["analyze", str(slides), "--out", str(tmp_path / backend), "--backend", backend, *common])
+        assert res.exit_code == 0, res.output
+    a, b = labels_of(tmp_path / "torch" / "case01"), labels_of(tmp_path / "onnxruntime" / "case01")
+    fa, fb = a > 0, b > 0
+    dice = 2 * (fa & fb).sum() / max(fa.sum() + fb.sum(), 1)
+    assert dice >= 0.999
+    assert json.loads((tmp_path / "onnxruntime" / "case01" / "report.json").read_text())["backend"] == "onnxruntime"
+
+
+# -- TensorRT engine cache: pure Python ------------------------------------------------------
+SPEC = EngineSpec(model_sha256="ab" * 32, tensorrt_version="10.7.0", gpu_name="NVIDIA H100 80GB HBM3",
+                  compute_capability="9.0", precision="fp16", tile=1024, min_batch=1, opt_batch=8, max_batch=8)
+
+
+def write_engine(tmp_path, spec, sidecar=True):
+    engine, side = engine_paths(tmp_path, spec, "model")
+    engine.write_bytes(b"serialized")
+    if sidecar:
+        side.write_text(EngineSidecar(spec, "2026-11-24T00:00:00", 12.0, 4.0, "host").to_json())
+    return engine, side
+
+
+def test_engine_file_names_carry_the_key():
+    stem = SPEC.file_stem("glom net")
+    assert stem == "glom-net-abababababab-NVIDIA-H100-80GB-HBM3-sm90-trt10.7.0-fp16-b8-t1024"
+
+
+def test_matching_engine_is_used(tmp_path):
+    engine, side = write_engine(tmp_path, SPEC)
+    assert check_cached_engine(engine, side, SPEC) == (True, [])
+
+
+@pytest.mark.parametrize("change", [{"gpu_name": "NVIDIA A100-SXM4-40GB", "compute_capability": "8.0"},
+                                    {"tensorrt_version": "10.3.0"}, {"model_sha256": "cd" * 32},
+                                    {"precision": "fp32"}, {"max_batch": 4}])
+def test_mismatched_engine_is_never_used(tmp_path, change):
+    from dataclasses import replace
+
+    other = replace(SPEC, **change)
+    engine, _ = write_engine(tmp_path, other)
+    # the wanted engine's own file names differ, so even a forced lookup at the other files fails
+    ok, reasons = check_cached_engine(engine, engine.with_suffix(".json"), SPEC)
+    assert not ok and all(any(k in r for k in change) for r in reasons)
+    notes = find_other_engines(tmp_path, other.model_sha256, SPEC) if "model_sha256" not in change else []
+    if "model_sha256" not in change:
+        assert notes and all(k in notes[0] for k in change)
+
+
+def test_engine_without_sidecar_or_with_broken_sidecar_is_not_used(tmp_path):
+    engine, side = write_engine(tmp_path, SPEC, sidecar=False)
+    ok, reasons = check_cached_engine(engine, side, SPEC)
+    assert not ok and "no sidecar" in reasons[0]
+    side.write_text("{not json")
+    ok, reasons = check_cached_engine(engine, side, SPEC)
+    assert not ok and "unreadable" in reasons[0]
+
+
+def test_sidecar_round_trip():
+    sidecar = EngineSidecar(SPEC, "2026-11-24T00:00:00", 12.0, 4.0, "host", parity_mask_dice=0.998)
+    assert EngineSidecar.from_json(sidecar.to_json()) == sidecar
+
+
+def test_mask_dice():
+    a = np.zeros((1, 2, 4, 4), np.float32)
+    b = a.copy()
+    assert mask_dice(a, b) == 1.0
+    a[0, 0, :2] = 0.9
+    b[0, 0, :1] = 0.8
+    assert mask_dice(a, b) == pytest.approx(2 * 4 / (8 + 4))
+
+
+@pytest.mark.skipif(not TRT_OK, reason=f"TensorRT path needs a CUDA GPU and TensorRT >= 10: {TRT_WHY}")
+def test_tensorrt_engine_builds_caches_and_matches_torch(tiny_checkpoint, tmp_path):
+    model = load_checkpoint(tiny_checkpoint)
+    engine, how = prepare_tensorrt(model, tmp_path, "fp32", tile=256, max_batch=2)
+    assert how.startswith("built")
+    tiles = np.random.default_rng(0).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
+    assert mask_dice(engine.predict(tiles), TorchEngine(model, "cuda").predict(tiles)) > 0.99
+    _, how = prepare_tensorrt(model, tmp_path, "fp32", tile=256, max_batch=2)
+    assert how.startswith("cached")
+    with pytest.raises(EngineMismatch):
+        prepare_tensorrt(model, tmp_path, "fp16", tile=256, max_batch=2, rebuild=False)
