@@ -8,6 +8,8 @@ that the next run deletes, never a half-written OUT/<slide>/ that looks done.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -127,6 +129,26 @@ def run_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, engine: Engin
     slides = find_slides(slides_dir, recursive=recursive)
     out_dir.mkdir(parents=True, exist_ok=True)
     _refuse_output_inside_inputs(slides_dir, out_dir, recursive)
+    with output_lock(out_dir):
+        return _run_locked(slides, slides_dir, out_dir, model, engine, choice, settings, force, quiet)
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path):
+    """One batch per output folder at a time (a second one would delete the first one's staging)."""
+    with open(out_dir / ".glomscan.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another glomscan batch is writing to {out_dir}; wait for it or use another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_locked(slides: list[Path], slides_dir: Path, out_dir: Path, model: LoadedModel, engine: Engine,
+                choice: EngineChoice, settings: AnalysisSettings, force: bool, quiet: bool) -> BatchOutcome:
     clean_staging(out_dir)
     (out_dir / STAGING).mkdir(exist_ok=True)
     names = output_names(slides, slides_dir)

@@ -68,6 +68,14 @@ TEST_GLOMERULI = [
 TEST_TISSUE = [(300, 250, 2600, 3000)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_dir(tmp_path_factory):
+    """ONNX exports made by tests (also in subprocesses) go to a temporary folder, not ./engines."""
+    path = tmp_path_factory.mktemp("engines")
+    os.environ["GLOMSCAN_ENGINE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def small_slide(tmp_path_factory):
     """3600 x 3200 px pyramidal TIFF at 0.5 µm/px (analysis 1800 x 1600 at 1 µm/px), glass on the right."""

@@ -168,3 +168,16 @@ def test_unknown_mpp_uses_downsample_and_pixel_areas(tmp_path):
     # with --mpp the areas come back in µm²
     analyze(slides, tmp_path / "out2", AnalysisSettings(tile=256, overlap=128, mpp_override=0.5))
     assert pd.read_csv(tmp_path / "out2" / "nompp" / "glomeruli.csv").area_um2.notna().all()
+
+
+def test_second_batch_into_the_same_output_is_refused(small_slide, tmp_path):
+    from glomscan.batch import output_lock
+
+    slides = tmp_path / "slides"
+    copy_slide(small_slide.path, slides)
+    (tmp_path / "out").mkdir()
+    with output_lock(tmp_path / "out"):
+        with pytest.raises(ValueError, match="another glomscan batch"):
+            analyze(slides, tmp_path / "out")
+    outcome, _ = analyze(slides, tmp_path / "out")  # free again afterwards
+    assert not outcome.failed

@@ -66,7 +66,10 @@ def test_analyze_cli_end_to_end_with_real_model_and_exit_codes(small_slide, tiny
     for name in ("mask.tif", "glomeruli.csv", "glomeruli.geojson", "overview.png", "report.json"):
         assert (folder / name).is_file()
     report = json.loads((folder / "report.json").read_text())
-    assert report["backend"] == "torch" and report["model_id"].startswith("tiny-test@")
+    assert report["model_id"].startswith("tiny-test@") and report["backend_reason"].startswith("auto:")
+    # no GPU here: auto picks onnxruntime (CPU) when installed, having passed over TensorRT
+    if not torch.cuda.is_available():
+        assert report["backend"] == "onnxruntime" and "tensorrt" in report["backend_reason"]
     # a broken file in the batch: the good slide is skipped as done, the bad one fails, exit 1
     (slides / "broken.svs").write_bytes(b"\x00" * 1000)
     res = glomscan("analyze", slides, "--out", tmp_path / "out", "--model", tiny_checkpoint, *FAST)
