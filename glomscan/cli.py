@@ -181,6 +181,130 @@ def build_engine_cmd(model_path, fp16, max_batch, tile, workspace_gb, engine_dir
     click.echo(how)
 
 
+@main.command("synth-slides")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--count", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth_slides(out_dir, count, seed):
+    """Write synthetic training slides (OUT/slides/*.tif) with QuPath GeoJSON annotations
+    (OUT/annotations/*.geojson)."""
+    import json
+
+    from .synthetic import training_slide
+
+    (out_dir / "slides").mkdir(parents=True, exist_ok=True)
+    (out_dir / "annotations").mkdir(exist_ok=True)
+    for i in range(count):
+        slide = training_slide(out_dir / "slides" / f"synthetic{i:03d}.tif", seed=seed + i)
+        (out_dir / "annotations" / f"synthetic{i:03d}.geojson").write_text(json.dumps(slide.qupath_geojson()))
+    click.echo(f"wrote {count} slides and annotations under {out_dir}")
+
+
+@main.command()
+@click.option("--slides", "slides_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--annotations", "annotations_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--tile", type=int, default=1024, show_default=True)
+@click.option("--stride", type=int, default=512, show_default=True)
+@click.option("--target-mpp", type=float, default=1.0, show_default=True)
+@click.option("--downsample", type=float, default=2.0, show_default=True, help="For slides without mpp.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of slides for validation.")
+@click.option("--class-map", default=None,
+              help='QuPath class names, e.g. "Glomerulus=normal,Sclerotic=sclerosed,Other=ignore" (default: common names).')
+@click.option("--seed", type=int, default=0, show_default=True)
+def prepare(slides_dir, annotations_dir, out_dir, tile, stride, target_mpp, downsample, val_fraction, class_map, seed):
+    """Cut annotated slides into a training set (patches + label masks + manifest.csv)."""
+    _setup_logging(quiet=False)
+    from .train.data import AnnotationError, PrepareSettings, parse_class_map, prepare_dataset
+
+    try:
+        settings = PrepareSettings(target_mpp=target_mpp, downsample=downsample, tile=tile, stride=stride,
+                                   validation_fraction=val_fraction, seed=seed, class_map=parse_class_map(class_map))
+        manifest = prepare_dataset(slides_dir, annotations_dir, out_dir, settings)
+    except (AnnotationError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    counts = manifest.groupby("split").size().to_dict()
+    click.echo(f"wrote {len(manifest)} patches to {out_dir} ({counts}); manifest {out_dir / 'manifest.csv'}")
+
+
+@main.group()
+def train():
+    """Train models (segmentation U-Net)."""
+
+
+@train.command("segment")
+@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--epochs", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--min-lr", type=float, default=1e-5, show_default=True)
+@click.option("--crop", type=int, default=None, help="Random training crops of this side (CPU-friendly).")
+@click.option("--encoder", default="efficientnet-b3", show_default=True)
+@click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local encoder state dict (no downloads).")
+@click.option("--max-steps-per-epoch", type=int, default=None)
+@click.option("--name", default="glomscan-unet", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, encoder, encoder_weights,
+                  max_steps_per_epoch, name, seed, quiet):
+    """Train the U-Net (0.5*BCE + Dice, Adam, cosine LR); resumes from OUT.last.pt if present."""
+    _setup_logging(quiet)
+    from .train.segment import TrainConfig, train_segmentation
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, crop=crop, encoder=encoder,
+                         encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch, name=name, seed=seed)
+    try:
+        best = train_segmentation(dataset_dir, out_path, config, quiet=quiet)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"best validation Dice {best.get('dice_mean', float('nan')):.4f} -> {out_path}")
+
+
+@main.command()
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None)
+@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
+@click.option("--results", "results_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--truth", "truth_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--out", "out_prefix", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
+              help="Writes OUT.csv and OUT.md.")
+def evaluate(model_path, dataset_dir, split, results_dir, truth_dir, out_prefix):
+    """Pixel precision/recall/F1/Dice per class, glomerulus detection (IoU >= 0.5) and, for
+    slides, sclerosis % error. Either --model + --data (patch set) or --results + --truth."""
+    from .train.evaluate import evaluate_patch_set, evaluate_results, markdown_table
+
+    if dataset_dir is not None and results_dir is None:
+        table = evaluate_patch_set(_load_model_or_exit(model_path).path, dataset_dir, split)
+    elif results_dir is not None and truth_dir is not None:
+        table = evaluate_results(results_dir, truth_dir)
+    else:
+        raise click.UsageError("give --data (with --model) or --results and --truth")
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_prefix.with_suffix(".csv"), index=False)
+    md = markdown_table(table)
+    out_prefix.with_suffix(".md").write_text(md)
+    click.echo(md)
+
+
+@main.command("pack-model")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", default=None, help="New model name for the card.")
+@click.option("--trained-on", default=None, help="Replace the card's training-data description.")
+def pack_model(checkpoint, out_path, name, trained_on):
+    """Rewrite a checkpoint with fp16 weights (half the size; loaded back as fp32)."""
+    from dataclasses import replace
+
+    from .model import save_checkpoint
+
+    model = _load_model_or_exit(checkpoint)
+    card = replace(model.card, **{k: v for k, v in (("name", name), ("trained_on", trained_on)) if v})
+    sha = save_checkpoint(out_path, model.module, card, half=True)
+    click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, sha256 {sha[:12]})")
+
+
 @main.command("demo-slide")
 @click.argument("out_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=7, show_default=True)

@@ -44,6 +44,22 @@ class SyntheticSlide:
     tissue: list[tuple[int, int, int, int]]
     """Tissue rectangles (x0, y0, x1, y1), level-0 pixels."""
     glomeruli: list[SyntheticGlomerulus] = field(default_factory=list)
+    colour_shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Per-slide stain variation added to every reference colour."""
+    distractors: list[tuple[float, float, float, float]] = field(default_factory=list)
+    """Tubule-like ellipses (x, y, rx, ry) in level-0 px: round, dense, but not glomeruli."""
+
+    def qupath_geojson(self) -> dict:
+        """The glomeruli as a QuPath annotation export (64-gon per glomerulus, level-0 px)."""
+        features = []
+        for g in self.glomeruli:
+            a = np.linspace(0, 2 * np.pi, 65)
+            ring = np.stack([g.x + g.radius * np.cos(a), g.y + g.radius * np.sin(a)], axis=1)
+            ring[-1] = ring[0]
+            features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring.round(2).tolist()]},
+                             "properties": {"objectType": "annotation", "classification": {
+                                 "name": "Glomerulus sclerosed" if g.sclerosed else "Glomerulus normal"}}})
+        return {"type": "FeatureCollection", "features": features}
 
     def label_image(self, downsample: float = 1.0) -> np.ndarray:
         """Ground-truth labels (0/1 normal/2 sclerosed) at level-0 / downsample."""
@@ -59,18 +75,26 @@ class SyntheticSlide:
 def _render_block(x0: int, y0: int, w: int, h: int, slide: SyntheticSlide, rng: np.random.Generator) -> np.ndarray:
     yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32) + 0.5
     img = np.empty((h, w, 3), np.float32)
+    shift = np.asarray(slide.colour_shift, np.float32)
     img[:] = GLASS
     tissue = np.zeros((h, w), bool)
     for tx0, ty0, tx1, ty1 in slide.tissue:
         tissue |= (xx >= tx0) & (xx < tx1) & (yy >= ty0) & (yy < ty1)
     # gentle low-frequency stain variation plus fine grain, pink tissue
     wave = 10 * np.sin(xx / 53.0) * np.cos(yy / 71.0)
-    img[tissue] = np.asarray(TISSUE, np.float32) + wave[tissue, None]
+    img[tissue] = np.asarray(TISSUE, np.float32) + shift + wave[tissue, None]
+    for dx, dy, rx, ry in slide.distractors:
+        if dx + rx < x0 or dx - rx > x0 + w or dy + ry < y0 or dy - ry > y0 + h:
+            continue
+        inside = ((xx - dx) / rx) ** 2 + ((yy - dy) / ry) ** 2 <= 1
+        ring = inside & (((xx - dx) / (0.6 * rx)) ** 2 + ((yy - dy) / (0.6 * ry)) ** 2 > 1)
+        img[ring] = np.asarray((196, 120, 170), np.float32) + shift  # tubular epithelium
+        img[inside & ~ring] = np.asarray((236, 214, 228), np.float32) + shift  # lumen
     for g in slide.glomeruli:
         if g.x + g.radius < x0 or g.x - g.radius > x0 + w or g.y + g.radius < y0 or g.y - g.radius > y0 + h:
             continue
         inside = (xx - g.x) ** 2 + (yy - g.y) ** 2 <= g.radius**2
-        img[inside] = SCLEROSED if g.sclerosed else NORMAL
+        img[inside] = np.asarray(SCLEROSED if g.sclerosed else NORMAL, np.float32) + shift
         if not g.sclerosed:  # capillary-loop texture in normal glomeruli
             img[inside] += (6 * np.sin(xx[inside] / 3.1) * np.sin(yy[inside] / 2.7))[:, None]
     img += rng.normal(0, 3, size=img.shape)
@@ -80,12 +104,13 @@ def _render_block(x0: int, y0: int, w: int, h: int, slide: SyntheticSlide, rng: 
 def write_synthetic_slide(path: Path, width: int, height: int, glomeruli: list[SyntheticGlomerulus],
                           tissue: list[tuple[int, int, int, int]] | None = None, mpp: float | None = 0.5,
                           seed: int = 0, compression: str = "deflate", block: int = 1024,
-                          pyramid: bool = True) -> SyntheticSlide:
+                          pyramid: bool = True, colour_shift: tuple[float, float, float] = (0.0, 0.0, 0.0),
+                          distractors: list[tuple[float, float, float, float]] | None = None) -> SyntheticSlide:
     """Write a tiled (pyramidal) TIFF. ``compression`` "jpeg" for big benchmark slides (small,
     lossy) or "deflate"/"lzw" for exact colours. ``mpp`` None writes no resolution tags."""
     path = Path(path)
     slide = SyntheticSlide(path, width, height, mpp, tissue if tissue is not None else [(0, 0, width, height)],
-                           list(glomeruli))
+                           list(glomeruli), tuple(colour_shift), list(distractors or []))
     rng = np.random.default_rng(seed)
     white = None
     rows = []
@@ -143,3 +168,22 @@ def demo_slide(path: Path, seed: int = 7) -> SyntheticSlide:
     tissue = [(300, 400, 2900, 4600), (3300, 800, 5700, 4300)]
     glomeruli = scatter_glomeruli(tissue, 14, (90, 160), sclerosed_fraction=0.3, seed=seed)
     return write_synthetic_slide(path, 6000, 5000, glomeruli, tissue, mpp=0.5, seed=seed, compression="jpeg")
+
+
+def training_slide(path: Path, seed: int, width: int = 4000, height: int = 3000) -> SyntheticSlide:
+    """A varied synthetic slide for training: stain shift, 1-2 tissue pieces, 6-14 glomeruli of
+    which 15-50 % sclerosed, and tubule-like distractors."""
+    rng = np.random.default_rng(seed)
+    tissue = [(int(width * 0.05), int(height * 0.08), int(width * rng.uniform(0.5, 0.95)), int(height * 0.92))]
+    if tissue[0][2] < width * 0.7:
+        tissue.append((int(width * 0.75), int(height * rng.uniform(0.1, 0.4)), int(width * 0.97), int(height * 0.9)))
+    glomeruli = scatter_glomeruli(tissue, int(rng.integers(6, 15)), (70, 160), float(rng.uniform(0.15, 0.5)), seed=seed)
+    distractors = []
+    for _ in range(int(rng.integers(15, 40))):
+        tx0, ty0, tx1, ty1 = tissue[int(rng.integers(len(tissue)))]
+        x, y = rng.uniform(tx0 + 40, tx1 - 40), rng.uniform(ty0 + 40, ty1 - 40)
+        if all(math.hypot(x - g.x, y - g.y) > g.radius + 60 for g in glomeruli):
+            distractors.append((x, y, rng.uniform(20, 45), rng.uniform(20, 45)))
+    shift = tuple(float(v) for v in rng.normal(0, 8, 3))
+    return write_synthetic_slide(path, width, height, glomeruli, tissue, mpp=0.5, seed=seed, compression="jpeg",
+                                 colour_shift=shift, distractors=distractors)

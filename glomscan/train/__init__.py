@@ -1,0 +1,1 @@
+"""Training: dataset preparation, the segmentation U-Net, evaluation (and, later, inpainting)."""

@@ -1,0 +1,120 @@
+"""`glomscan evaluate`: a model on a patch set, or analyze outputs against annotated slides."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyvips
+
+from ..model import load_checkpoint
+from ..engines.torch_engine import TorchEngine
+from ..slides import image_to_array
+from .data import DEFAULT_CLASS_MAP, AnnotationError, read_qupath_geojson, rasterise_polygons, load_patch, _resize_nearest
+from .metrics import confusion_counts, instance_matches, pixel_metrics, sclerosis_percent
+
+
+def _summarise(rows: list[dict], tp, fp, fn, detection: dict) -> dict:
+    overall = {"item": "ALL", **pixel_metrics(tp, fp, fn)}
+    p, r = detection["matched"] / max(detection["n_predicted"], 1), detection["matched"] / max(detection["n_true"], 1)
+    overall.update({"detection_precision": p, "detection_recall": r,
+                    "detection_f1": 2 * p * r / (p + r) if p + r else 0.0, **{k: detection[k] for k in detection}})
+    return overall
+
+
+def evaluate_patch_set(model_path: Path, dataset_dir: Path, split: str = "val", batch_size: int = 2) -> pd.DataFrame:
+    """Per-patch and overall pixel metrics and detection metrics of a checkpoint on a dataset split."""
+    model = load_checkpoint(model_path)
+    engine = TorchEngine(model)
+    manifest = pd.read_csv(Path(dataset_dir) / "manifest.csv")
+    if split != "all":
+        manifest = manifest[manifest.split == split]
+    if manifest.empty:
+        raise ValueError(f"no patches in split {split!r} of {dataset_dir}")
+    tp, fp, fn = np.zeros(2), np.zeros(2), np.zeros(2)
+    detection = {"n_predicted": 0, "n_true": 0, "matched": 0, "class_agreement": 0}
+    rows = []
+    records = manifest.to_dict("records")
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        patches = [load_patch(dataset_dir, r) for r in chunk]
+        probs = engine.predict(np.stack([p[0] for p in patches]))
+        for record, (_, truth), p in zip(chunk, patches, probs):
+            pred = predicted_labels(p)
+            t, f, n = confusion_counts(pred, truth)
+            tp, fp, fn = tp + t, fp + f, fn + n
+            inst = instance_matches(pred, truth)
+            for k in detection:
+                detection[k] += inst[k]
+            rows.append({"item": record["patch_id"], **pixel_metrics(t, f, n), **inst})
+    rows.append(_summarise(rows, tp, fp, fn, detection))
+    return pd.DataFrame(rows)
+
+
+def predicted_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """(2, H, W) probabilities -> labels 0/1/2 (foreground by max, class by larger probability)."""
+    fg = probabilities.max(axis=0) >= threshold
+    return np.where(fg, probabilities.argmax(axis=0) + 1, 0).astype(np.uint8)
+
+
+def slide_truth(truth_dir: Path, stem: str, width: int, height: int, downsample: float, class_map: dict) -> np.ndarray:
+    d = Path(truth_dir)
+    if (d / f"{stem}.geojson").is_file():
+        polygons, _ = read_qupath_geojson(d / f"{stem}.geojson", class_map)
+        return rasterise_polygons(polygons, 0, 0, width, height, downsample)
+    for name in (f"{stem}_labels.png", f"{stem}_labels.tif"):
+        if (d / name).is_file():
+            return image_to_array(_resize_nearest(pyvips.Image.new_from_file(str(d / name))[0], width, height))[..., 0]
+    if (d / f"{stem}_normal.png").is_file() and (d / f"{stem}_sclerosed.png").is_file():
+        n = image_to_array(_resize_nearest(pyvips.Image.new_from_file(str(d / f"{stem}_normal.png"))[0], width, height))[..., 0] > 127
+        s = image_to_array(_resize_nearest(pyvips.Image.new_from_file(str(d / f"{stem}_sclerosed.png"))[0], width, height))[..., 0] > 127
+        return np.where(s, 2, np.where(n, 1, 0)).astype(np.uint8)
+    raise AnnotationError(f"no truth for {stem} in {d}")
+
+
+def evaluate_results(results_dir: Path, truth_dir: Path, class_map: dict | None = None) -> pd.DataFrame:
+    """Compare analyze outputs (mask.tif, report.json per slide) with annotated slides."""
+    class_map = class_map or DEFAULT_CLASS_MAP
+    tp, fp, fn = np.zeros(2), np.zeros(2), np.zeros(2)
+    detection = {"n_predicted": 0, "n_true": 0, "matched": 0, "class_agreement": 0}
+    rows = []
+    for folder in sorted(p for p in Path(results_dir).iterdir() if (p / "mask.tif").is_file()):
+        report = json.loads((folder / "report.json").read_text())
+        mask = pyvips.Image.tiffload(str(folder / "mask.tif"), page=0)
+        pred = image_to_array(mask)[..., 0]
+        stem = Path(report["path"]).stem
+        truth = slide_truth(truth_dir, stem, mask.width, mask.height, report["analysis_downsample"], class_map)
+        t, f, n = confusion_counts(pred, truth)
+        tp, fp, fn = tp + t, fp + f, fn + n
+        inst = instance_matches(pred, truth)
+        for k in detection:
+            detection[k] += inst[k]
+        truth_pct = sclerosis_percent(truth)
+        reported = report.get("percent_global_glomerulosclerosis")
+        rows.append({"item": folder.name, **pixel_metrics(t, f, n), **inst, "sclerosis_pct_true": truth_pct,
+                     "sclerosis_pct_reported": reported,
+                     "sclerosis_pct_error": (reported - truth_pct) if reported is not None and not math.isnan(truth_pct) else None})
+    if not rows:
+        raise ValueError(f"no analyze outputs (mask.tif) under {results_dir}")
+    overall = _summarise(rows, tp, fp, fn, detection)
+    errors = [abs(r["sclerosis_pct_error"]) for r in rows if r["sclerosis_pct_error"] is not None]
+    overall["sclerosis_pct_mae"] = float(np.mean(errors)) if errors else None
+    rows.append(overall)
+    return pd.DataFrame(rows)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The paper-style summary: precision / recall / F1 / Dice per class and mean, plus detection."""
+    row = table[table["item"] == "ALL"].iloc[0]
+    lines = ["| class | precision | recall | F1 | Dice |", "|---|---|---|---|---|"]
+    for key in ("normal", "sclerosed", "mean"):
+        lines.append(f"| {key} | " + " | ".join(f"{row[f'{m}_{key}']:.3f}" for m in ("precision", "recall", "f1", "dice")) + " |")
+    lines += ["", "| glomerulus detection (IoU >= 0.5) | precision | recall | F1 |", "|---|---|---|---|",
+              f"| {int(row['matched'])} matched of {int(row['n_true'])} true, {int(row['n_predicted'])} predicted | "
+              f"{row['detection_precision']:.3f} | {row['detection_recall']:.3f} | {row['detection_f1']:.3f} |"]
+    if "sclerosis_pct_mae" in row and row["sclerosis_pct_mae"] is not None and not pd.isna(row["sclerosis_pct_mae"]):
+        lines += ["", f"Per-slide sclerosis % mean absolute error: {row['sclerosis_pct_mae']:.2f} percentage points"]
+    return "\n".join(lines) + "\n"

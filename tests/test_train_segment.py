@@ -1,0 +1,172 @@
+"""Dataset preparation, loss, metrics and the segmentation training loop (tiny sizes)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from glomscan.batch import run_batch
+from glomscan.config import AnalysisSettings
+from glomscan.engines.torch_engine import TorchEngine
+from glomscan.engines.base import EngineChoice
+from glomscan.model import load_checkpoint
+from glomscan.synthetic import SyntheticGlomerulus, write_synthetic_slide
+from glomscan.train.data import (
+    PolygonAnnotation,
+    PrepareSettings,
+    load_patch,
+    parse_class_map,
+    prepare_dataset,
+    rasterise_polygons,
+    read_qupath_geojson,
+    split_slides,
+)
+from glomscan.train.metrics import instance_matches, pixel_metrics, sclerosis_percent
+from glomscan.train.segment import BceDiceLoss, TrainConfig, targets_from_labels, train_segmentation
+
+TINY = dict(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8))
+
+
+def square(x0, y0, x1, y1):
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], float)
+
+
+def test_rasterise_square_with_hole_at_downsample():
+    poly = PolygonAnnotation(2, [square(20, 40, 60, 80), square(30, 50, 40, 60)])
+    labels = rasterise_polygons([poly], x0=0, y0=0, width=50, height=50, downsample=2.0)
+    # outline covers analysis px 10..29 x 20..39, the hole 15..19 x 25..29
+    expected = np.zeros((50, 50), np.uint8)
+    expected[20:40, 10:30] = 2
+    expected[25:30, 15:20] = 0
+    assert np.array_equal(labels, expected)
+    # window offset: the same polygon seen from level-0 (20, 40) starts at the corner
+    assert rasterise_polygons([poly], 20, 40, 5, 5, 2.0)[0, 0] == 2
+
+
+def test_sclerosed_wins_overlaps():
+    polys = [PolygonAnnotation(2, [square(0, 0, 10, 10)]), PolygonAnnotation(1, [square(0, 0, 20, 20)])]
+    labels = rasterise_polygons(polys, 0, 0, 20, 20, 1.0)
+    assert (labels[:10, :10] == 2).all() and (labels[15:, 15:] == 1).all()
+
+
+def test_qupath_geojson_reading_and_class_map(tmp_path):
+    gj = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square(0, 0, 5, 5).tolist()]},
+         "properties": {"classification": {"name": "Glomerulus sclerosed", "color": [1, 2, 3]}}},
+        {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [[square(0, 0, 5, 5).tolist()],
+                                                                                 [square(9, 9, 12, 12).tolist()]]},
+         "properties": {"classification": {"name": "Glomerulus"}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square(0, 0, 5, 5).tolist()]},
+         "properties": {"classification": {"name": "Tubule"}}},
+    ]}
+    (tmp_path / "a.geojson").write_text(json.dumps(gj))
+    polys, skipped = read_qupath_geojson(tmp_path / "a.geojson", parse_class_map(None))
+    assert [p.label for p in polys] == [2, 1, 1] and skipped == {"Tubule": 1}
+    polys, skipped = read_qupath_geojson(tmp_path / "a.geojson", parse_class_map("Tubule=sclerosed,Glomerulus=ignore"))
+    assert [p.label for p in polys] == [2] and "Glomerulus sclerosed" in skipped
+    with pytest.raises(ValueError):
+        parse_class_map("Glomerulus=kidney")
+
+
+def test_slide_level_split():
+    names = [f"s{i}" for i in range(10)]
+    split = split_slides(names, 0.2, seed=0)
+    assert sum(v == "val" for v in split.values()) == 2
+    assert split == split_slides(list(reversed(names)), 0.2, seed=0)  # order independent, deterministic
+    assert list(split_slides(["a", "b"], 0.2, 0).values()).count("val") == 1
+    assert split_slides(["a"], 0.2, 0) == {"a": "train"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    (root / "slides").mkdir()
+    (root / "ann").mkdir()
+    slides = []
+    for i in range(3):
+        g = [SyntheticGlomerulus(400 + 300 * i, 500, 120, sclerosed=False), SyntheticGlomerulus(900, 1100, 100, sclerosed=True)]
+        s = write_synthetic_slide(root / "slides" / f"s{i}.tif", 1600, 1400, g, [(100, 100, 1500, 1300)], mpp=0.5, seed=i)
+        (root / "ann" / f"s{i}.geojson").write_text(json.dumps(s.qupath_geojson()))
+        slides.append(s)
+    settings = PrepareSettings(tile=256, stride=128, validation_fraction=0.34)
+    manifest = prepare_dataset(root / "slides", root / "ann", root / "out", settings)
+    return root / "out", manifest, slides
+
+
+def test_prepare_cuts_patches_at_stride_with_true_masks(dataset):
+    out, manifest, slides = dataset
+    assert set(manifest.slide) == {"s0", "s1", "s2"}
+    assert manifest.groupby("slide").split.nunique().max() == 1  # no slide in two splits
+    assert (manifest.x % 128 == 0).all() and (manifest.y % 128 == 0).all()
+    assert (manifest.x0 == manifest.x * 2).all()
+    truth = slides[0].label_image(2.0)
+    for _, row in manifest[manifest.slide == "s0"].iterrows():
+        image, mask = load_patch(out, row)
+        assert image.shape == (256, 256, 3) and mask.shape == (256, 256)
+        window = np.zeros((256, 256), np.uint8)
+        part = truth[row.y:row.y + 256, row.x:row.x + 256]
+        window[:part.shape[0], :part.shape[1]] = part
+        assert (mask != window).mean() < 0.01  # 64-gon vs disc: boundary pixels only
+        assert row.n_normal_px == (mask == 1).sum() and row.n_sclerosed_px == (mask == 2).sum()
+    # 800 x 700 analysis px with tissue 50..750 x 50..650: every grid tile touches tissue
+    assert (manifest.slide == "s0").sum() == 6 * 5
+
+
+def test_loss_dice_part_is_zero_for_perfect_prediction():
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    labels[0, 2:8, 2:8] = 1
+    labels[1, 5:12, 5:12] = 2
+    target = targets_from_labels(labels)
+    perfect = (target * 2 - 1) * 30.0
+    loss = BceDiceLoss()
+    assert loss.dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    wrong = -perfect
+    assert loss(wrong, target).item() > 1.0
+    # 0.5 * BCE + Dice exactly
+    logits = torch.randn(2, 2, 16, 16)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    assert loss(logits, target).item() == pytest.approx(0.5 * bce.item() + loss.dice_loss(logits, target).item(), rel=1e-6)
+
+
+def test_pixel_metrics_hand_computed():
+    m = pixel_metrics(np.array([8, 0]), np.array([2, 0]), np.array([8, 4]))
+    assert m["precision_normal"] == 0.8 and m["recall_normal"] == 0.5
+    assert m["dice_normal"] == pytest.approx(16 / 26) and m["f1_normal"] == pytest.approx(2 * 0.4 / 1.3)
+    assert m["dice_sclerosed"] == 0.0 and np.isnan(m["precision_sclerosed"])
+    assert m["dice_mean"] == pytest.approx(8 / 26)
+
+
+def test_instance_matching_and_sclerosis_percent():
+    truth = np.zeros((40, 40), np.uint8)
+    truth[2:12, 2:12] = 1
+    truth[20:30, 20:30] = 2
+    truth[2:6, 30:34] = 1
+    pred = np.zeros_like(truth)
+    pred[3:12, 2:12] = 1  # IoU 0.9 -> match
+    pred[20:30, 25:35] = 2  # IoU 50/150 -> no match
+    m = instance_matches(pred, truth)
+    assert (m["n_true"], m["n_predicted"], m["matched"]) == (3, 2, 1)
+    assert m["detection_precision"] == 0.5 and m["detection_recall"] == pytest.approx(1 / 3)
+    assert sclerosis_percent(truth) == pytest.approx(100 / 3)
+
+
+def test_training_checkpoint_resume_and_analyze(dataset, tmp_path):
+    out, manifest, _ = dataset
+    config = TrainConfig(epochs=1, batch_size=2, crop=128, max_steps_per_epoch=2, name="tiny-trained", **TINY)
+    best = train_segmentation(out, tmp_path / "m.pt", config, quiet=True)
+    assert 0.0 <= best["dice_mean"] <= 1.0
+    metrics = pd.read_csv(tmp_path / "m.metrics.csv")
+    assert list(metrics.epoch) == [1] and {"train_loss", "val_dice_mean", "lr"} <= set(metrics.columns)
+    # resume: a longer run continues from the last epoch instead of starting over
+    train_segmentation(out, tmp_path / "m.pt", TrainConfig(**{**config.__dict__, "epochs": 2}), quiet=True)
+    assert list(pd.read_csv(tmp_path / "m.metrics.csv").epoch) == [1, 2]
+    model = load_checkpoint(tmp_path / "m.pt")
+    assert model.card.encoder == "resnet18" and model.card.tile == 256
+    assert model.card.metrics["epoch"] in (1, 2) and "dice_mean" in model.card.metrics
+    assert "s" in model.card.trained_on
+    outcome = run_batch(out.parent / "slides", tmp_path / "res", model, TorchEngine(model), EngineChoice("torch", "test"),
+                        AnalysisSettings(tile=256, overlap=128), quiet=True)
+    assert not outcome.failed
