@@ -48,6 +48,8 @@ def main() -> None:
 @click.option("--min-area-um2", type=float, default=1500.0, show_default=True,
               help="Drop glomerulus candidates smaller than this.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Tile reader threads.")
+@click.option("--blend", type=click.Choice(["cosine", "gaussian"]), default="cosine", show_default=True,
+              help="Blending window of overlapping tiles.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="ONNX exports and TensorRT engines cache [env GLOMSCAN_ENGINE_DIR, default ./engines].")
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
@@ -57,7 +59,7 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging (tracebacks of failed slides).")
 def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap, target_mpp, downsample,
-            mpp_override, min_area_um2, workers, engine_dir, precision, recursive, force, quiet, verbose):
+            mpp_override, min_area_um2, workers, blend, engine_dir, precision, recursive, force, quiet, verbose):
     """Analyse every slide in SLIDES_DIR: masks, glomerulus tables, sclerosis reports.
 
     Exit code 0 when every slide succeeded, 1 when any failed (see summary.csv), 2 on usage
@@ -66,7 +68,7 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
     _setup_logging(quiet, verbose)
     settings = AnalysisSettings(target_mpp=target_mpp, downsample=downsample, mpp_override=mpp_override,
                                 tile=tile, overlap=overlap, batch_size=batch_size, workers=workers,
-                                min_glomerulus_area_um2=min_area_um2)
+                                min_glomerulus_area_um2=min_area_um2, blend=blend)
     try:
         settings.validate()
     except ValueError as exc:

@@ -34,6 +34,8 @@ class AnalysisSettings:
     batch_size: int = 2
     workers: int = 2
     """Reader threads that prefetch tiles while the model runs."""
+    blend: str = "cosine"
+    """Blending window for overlapping tiles: cosine (raised cosine) or gaussian (MONAI-like)."""
     foreground_threshold: float = 0.5
     """A pixel belongs to a glomerulus when max(p_normal, p_sclerosed) >= this."""
     min_glomerulus_area_um2: float = 1500.0
@@ -56,6 +58,8 @@ class AnalysisSettings:
             )
         if self.batch_size < 1 or self.workers < 1:
             raise ValueError("batch size and workers must be >= 1")
+        if self.blend not in ("cosine", "gaussian"):
+            raise ValueError(f"blend must be cosine or gaussian, got {self.blend!r}")
         if self.downsample <= 0:
             raise ValueError("downsample must be > 0")
 

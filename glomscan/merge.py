@@ -21,41 +21,55 @@ WINDOW_FLOOR = 1e-3
 still gets that tile's prediction."""
 
 
-def blending_window(tile: int, floor: float = WINDOW_FLOOR) -> np.ndarray:
-    """2-D separable raised-cosine (Hann) window, floor + (1 - floor) * sin^2(pi (i + 0.5) / T).
+WINDOWS = ("cosine", "gaussian")
 
-    With stride T/2 the sin^2 parts of overlapping windows sum to exactly 1 along each axis,
-    so interior weight sums are (1 + floor)^2 everywhere: no seams.
+
+def blending_window(tile: int, floor: float = WINDOW_FLOOR, kind: str = "cosine") -> np.ndarray:
+    """2-D separable blending window, never below ``floor`` (relative to its peak of 1).
+
+    cosine: floor + (1 - floor) * sin^2(pi (i + 0.5) / T) (raised cosine / Hann). With stride T/2
+    the sin^2 parts of overlapping windows sum to exactly 1 along each axis, so interior weight
+    sums are (1 + floor)^2 everywhere: no seams.
+    gaussian: exp(-d^2 / (2 (0.125 T)^2)) around the tile centre, clamped below at ``floor``
+    (MONAI's default importance map, for like-for-like comparisons).
     """
     i = np.arange(tile, dtype=np.float64)
-    w1 = floor + (1.0 - floor) * np.sin(np.pi * (i + 0.5) / tile) ** 2
+    if kind == "cosine":
+        w1 = floor + (1.0 - floor) * np.sin(np.pi * (i + 0.5) / tile) ** 2
+    elif kind == "gaussian":
+        sigma = 0.125 * tile
+        w1 = np.maximum(np.exp(-((i + 0.5 - tile / 2) ** 2) / (2 * sigma**2)), np.sqrt(floor))
+    else:
+        raise ValueError(f"unknown blending window {kind!r}; choose {WINDOWS}")
     return np.outer(w1, w1).astype(np.float32)
 
 
 @dataclass
 class Band:
-    """Finished rows [y0, y0 + height) of the canvas at analysis resolution."""
+    """Finished rows [y0, y0 + height) of the canvas at analysis resolution. A band under which
+    no tile was inferred is ``empty``: it carries no arrays (glass costs no memory or time)."""
 
     y0: int
-    probabilities: np.ndarray
+    height: int
+    probabilities: np.ndarray | None
     """uint8 (C, h, W): probability * 255, rounded."""
-    foreground: np.ndarray
+    foreground: np.ndarray | None
     """bool (h, W): max class probability >= threshold (decided before quantisation)."""
 
     @property
-    def height(self) -> int:
-        return self.foreground.shape[0]
+    def empty(self) -> bool:
+        return self.foreground is None
 
 
 class BlendingCanvas:
-    def __init__(self, grid: TileGrid, n_classes: int, foreground_threshold: float = 0.5):
+    def __init__(self, grid: TileGrid, n_classes: int, foreground_threshold: float = 0.5, window: str = "cosine"):
         if grid.tile % grid.stride:
             raise ValueError("tile must be a multiple of stride")
         self.grid = grid
         self.n_classes = n_classes
         self.threshold = foreground_threshold
         self.k = grid.tile // grid.stride
-        self.window = blending_window(grid.tile)
+        self.window = blending_window(grid.tile, kind=window)
         self.n_cell_rows = -(-grid.height // grid.stride)
         self.n_cell_cols = -(-grid.width // grid.stride)
         self._cells: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -110,6 +124,8 @@ class BlendingCanvas:
     def _emit_row(self, cy: int) -> Band:
         s, g = self.grid.stride, self.grid
         h = min(s, g.height - cy * s)
+        if not any((cy, cx) in self._cells for cx in range(self.n_cell_cols)):
+            return Band(y0=cy * s, height=h, probabilities=None, foreground=None)
         probs = np.zeros((self.n_classes, h, g.width), np.uint8)
         foreground = np.zeros((h, g.width), bool)
         for cx in range(self.n_cell_cols):
@@ -124,4 +140,4 @@ class BlendingCanvas:
             xs = slice(cx * s, cx * s + w)
             foreground[:, xs] = p.max(axis=0) >= self.threshold
             probs[:, :, xs] = np.rint(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8)
-        return Band(y0=cy * s, probabilities=probs, foreground=foreground)
+        return Band(y0=cy * s, height=h, probabilities=probs, foreground=foreground)

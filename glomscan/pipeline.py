@@ -173,7 +173,7 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
              name, level0.width, level0.height, level.index, image.width, image.height,
              f"{analysis_mpp:.3g}" if analysis_mpp else "unknown", len(tiles), report.tiles_total)
 
-    canvas = BlendingCanvas(grid, len(model.card.classes), settings.foreground_threshold)
+    canvas = BlendingCanvas(grid, len(model.card.classes), settings.foreground_threshold, settings.blend)
     labels_file = RawLabelFile(out_dir / ".mask.raw", image.width, image.height)
     stream = InstanceStream(image.width, model.card.classes,
                             min_area_px=settings.min_glomerulus_area_um2 / assumed_mpp**2,

@@ -68,6 +68,10 @@ class InstanceStream:
     def push(self, band: Band) -> None:
         if band.y0 != self._y0 + self._fg.shape[0]:
             raise ValueError(f"bands must be contiguous: expected y0={self._y0 + self._fg.shape[0]}, got {band.y0}")
+        if band.empty:  # nothing can continue through it: close what is pending, skip its rows
+            self._resolve(final=True)
+            self._y0 += band.height
+            return
         self._fg = np.concatenate([self._fg, band.foreground], axis=0)
         self._probs = np.concatenate([self._probs, band.probabilities], axis=1)
         self._paint = np.concatenate([self._paint, np.zeros_like(band.foreground, np.uint8)], axis=0)

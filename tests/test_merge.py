@@ -89,3 +89,26 @@ def test_tiles_out_of_row_order_are_refused():
     canvas.add(tiles[-1], np.zeros((1, 128, 128), np.float32))
     with pytest.raises(ValueError):
         canvas.add(tiles[0], np.zeros((1, 128, 128), np.float32))
+
+
+def test_gaussian_window_is_floored_and_peaks_in_the_centre():
+    w = blending_window(128, kind="gaussian")
+    assert w.min() >= WINDOW_FLOOR * 0.999 and w[63, 63] == w.max()
+    grid = TileGrid(300, 300, tile=128, stride=64)
+    p = np.full((1, 128, 128), 0.6, np.float32)
+    canvas = BlendingCanvas(grid, 1, window="gaussian")
+    bands = []
+    for t in grid.tiles():
+        bands += canvas.add(t, p)
+    bands += canvas.finish()
+    probs, _ = assemble(bands, grid, n_classes=1)
+    assert (probs == 153).all()
+
+
+def test_rows_without_tiles_are_empty_bands():
+    grid = TileGrid(256, 1024, tile=128, stride=64)
+    tiles = [t for t in grid.tiles() if t.row in (0, 10)]
+    _, bands = run_canvas(grid, [(t, np.ones((2, 128, 128), np.float32)) for t in tiles])
+    # 16 cell rows; tile rows 0 and 10 cover cell rows 0-1 and 10-11
+    assert [i for i, b in enumerate(bands) if not b.empty] == [0, 1, 10, 11]
+    assert sum(b.height for b in bands) == 1024

@@ -14,7 +14,7 @@ def stream_image(fg, probs, band_height, min_area=0, max_pending=10_000):
 
     stream = InstanceStream(w, ("normal", "sclerosed"), min_area, sink, max_pending_rows=max_pending)
     for y in range(0, h, band_height):
-        stream.push(Band(y, probs[:, y:y + band_height], fg[y:y + band_height]))
+        stream.push(Band(y, min(band_height, h - y), probs[:, y:y + band_height], fg[y:y + band_height]))
     return stream.finish(), painted, stream
 
 
@@ -93,3 +93,19 @@ def test_contour_hugs_a_square():
     area = 0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(y[:-1], x[1:]))
     assert 15 <= area <= 20
     assert x.min() >= 3 and x.max() <= 8 and y.min() >= 2 and y.max() <= 6
+
+
+def test_empty_band_closes_pending_components():
+    from glomscan.merge import Band
+
+    fg = np.zeros((20, 30), bool)
+    fg[10:20, 5:9] = True  # touches the bottom of band 0
+    probs = np.full((2, 20, 30), 200, np.uint8)
+    painted = np.zeros((60, 30), np.uint8)
+    stream = InstanceStream(30, ("normal", "sclerosed"), 0, lambda y0, rows: painted.__setitem__(slice(y0, y0 + len(rows)), rows))
+    stream.push(Band(0, 20, probs, fg))
+    assert stream.instances == []  # still pending
+    stream.push(Band(20, 20, None, None))
+    assert len(stream.instances) == 1 and (painted[10:20, 5:9] == 1).all()
+    stream.push(Band(40, 20, probs, fg))
+    assert len(stream.finish()) == 2 and (painted[50:60, 5:9] == 1).all()
