@@ -36,11 +36,15 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python benchmarks/pipeline_efficiency.py
+	$(BIN)/pip install -q $(TORCH) monai pyinstrument
+	$(BIN)/python benchmarks/backends.py
+	$(BIN)/python benchmarks/pipeline_efficiency.py --backend onnxruntime
+	$(BIN)/python benchmarks/vs_monai.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/scaling.py
 
 bench-quick: setup
-	$(BIN)/python benchmarks/pipeline_efficiency.py --quick
+	$(BIN)/python benchmarks/pipeline_efficiency.py --quick --backend onnxruntime
 	$(BIN)/python benchmarks/memory.py --quick
 
 clean:

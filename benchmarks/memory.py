@@ -28,10 +28,11 @@ def islands(size: int, n: int = 3, side: int = 2500) -> list[tuple[int, int, int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="10k and 40k slides, tiny model, 512 px tiles")
+    ap.add_argument("--quick", action="store_true", help="6k and 24k slides, small islands, tiny model, 512 px tiles")
     ap.add_argument("--sizes", type=int, nargs="+", default=None)
     args = ap.parse_args()
-    sizes = args.sizes or ([10_000, 40_000] if args.quick else [10_000, 40_000])
+    sizes = args.sizes or ([6_000, 24_000] if args.quick else [10_000, 40_000, 100_000])
+    side = 1200 if args.quick else 2500
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = tmp / "model.pt"
@@ -44,7 +45,7 @@ def main() -> None:
         for size in sizes:
             slides = tmp / f"s{size}"
             slides.mkdir()
-            tissue = islands(size)
+            tissue = islands(size, side=side)
             t0 = time.perf_counter()
             write_synthetic_slide(slides / f"slide{size}.tif", size, size, scatter_glomeruli(tissue, 12, (80, 150), 0.3),
                                   tissue, mpp=0.5, compression="jpeg")
