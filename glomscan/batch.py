@@ -27,7 +27,7 @@ from .engines.base import Engine, EngineChoice
 from .model import LoadedModel
 from .pipeline import OUTPUT_FILES, SlideReport, analyze_slide
 from .progress import Progress
-from .report import atomic_write_text
+from .atomic import atomic_write_text
 from .slides import SlideError, file_fingerprint, find_slides
 
 log = logging.getLogger(__name__)

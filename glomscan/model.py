@@ -11,8 +11,6 @@ needs: architecture, classes, input normalisation, analysis mpp, tile size.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 from . import CLASS_NAMES
+from .atomic import atomic_file
 
 CHECKPOINT_FORMAT = "glomscan-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -92,17 +91,8 @@ def save_checkpoint(path: Path, module: nn.Module, card: ModelCard, half: bool =
                "state_dict": state}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        torch.save(payload, f)
     return sha256_file(path)
 
 

@@ -18,10 +18,10 @@ from .engines.base import Engine, EngineChoice
 from .merge import BlendingCanvas
 from .model import LoadedModel
 from .postprocess import InstanceStream
+from .atomic import atomic_write_text
 from .progress import Progress
 from .report import (
     RawLabelFile,
-    atomic_write_text,
     glomeruli_geojson,
     glomeruli_table,
     wilson_interval,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -19,14 +18,13 @@ import pyvips
 from scipy import ndimage
 from skimage.draw import polygon as fill_polygon
 
+from .atomic import atomic_write_bytes, atomic_write_text
 from .postprocess import Glomerulus
 
 CLASS_COLOURS = {"normal": (0, 90, 255), "sclerosed": (230, 30, 30)}
 """Blue normal, red sclerosed (overview and QuPath classification colours)."""
 QUPATH_CLASS_NAMES = {"normal": "Glomerulus normal", "sclerosed": "Glomerulus sclerosed"}
 Z_95 = 1.959963984540054
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float] | tuple[None, None]:
@@ -38,27 +36,6 @@ def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float] | tu
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-# -- atomic writes ----------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are for others to read
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # -- per-glomerulus table ---------------------------------------------------------------------

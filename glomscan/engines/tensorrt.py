@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model import LoadedModel
-from ..report import atomic_write_bytes, atomic_write_text
+from ..atomic import atomic_write_bytes, atomic_write_text
 from .base import Engine
 from .onnx import INPUT_NAME, OUTPUT_NAME, _slug, cached_onnx
 
