@@ -97,20 +97,28 @@ def sclerosis_summary(n_normal: int, n_sclerosed: int) -> tuple[float | None, fl
 def predict_tiles(tiles: list[Tile], read: Callable[[int, int], np.ndarray], engine: Engine,
                   batch_size: int, workers: int, on_tile: Callable[[Tile, np.ndarray], None],
                   progress: Progress | None = None) -> float:
-    """Stream ``tiles`` through ``engine`` in order. Reader threads prefetch upcoming tiles while
-    the engine runs. Returns seconds spent inside ``engine.predict``."""
+    """Stream ``tiles`` through ``engine`` in order. Reader threads prefetch upcoming tiles and
+    one merge thread blends finished predictions (in order) while the engine runs the next
+    batch. Returns seconds spent inside ``engine.predict``."""
     inference_s = 0.0
     pending: deque = deque()
+    merges: deque = deque()
     remaining: Iterable[Tile] = iter(tiles)
     max_in_flight = batch_size * (workers + 2)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader")
+    readers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader")
+    merger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-merge")  # one thread: order kept
+
+    def merge(batch_tiles: list[Tile], probabilities: np.ndarray) -> None:
+        for tile, p in zip(batch_tiles, probabilities):
+            on_tile(tile, p)
+
     try:
         def refill() -> None:
             while len(pending) < max_in_flight:
                 tile = next(remaining, None)
                 if tile is None:
                     return
-                pending.append((tile, pool.submit(read, tile.x, tile.y)))
+                pending.append((tile, readers.submit(read, tile.x, tile.y)))
 
         refill()
         while pending:
@@ -120,12 +128,16 @@ def predict_tiles(tiles: list[Tile], read: Callable[[int, int], np.ndarray], eng
             t0 = time.perf_counter()
             probabilities = engine.predict(pixels)
             inference_s += time.perf_counter() - t0
-            for (tile, _), p in zip(batch, probabilities):
-                on_tile(tile, p)
+            merges.append(merger.submit(merge, [tile for tile, _ in batch], probabilities))
+            while len(merges) > 2:  # bound the predictions waiting to be merged
+                merges.popleft().result()
             if progress is not None:
                 progress.update(len(batch))
+        while merges:
+            merges.popleft().result()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        readers.shutdown(wait=True, cancel_futures=True)
+        merger.shutdown(wait=True, cancel_futures=True)
     return inference_s
 
 
