@@ -161,7 +161,7 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
         model.train()
         t0, losses = time.perf_counter(), []
         steps = len(train_loader) if config.max_steps_per_epoch is None else min(len(train_loader), config.max_steps_per_epoch)
-        with Progress(steps, f"epoch {epoch + 1}/{config.epochs}", quiet=quiet, unit="batch") as progress:
+        with Progress(steps, f"epoch {epoch + 1}/{config.epochs}", quiet=quiet, unit="step") as progress:
             for step, (x, labels) in enumerate(train_loader):
                 if step >= steps:
                     break
