@@ -246,17 +246,20 @@ def train():
 @click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local encoder state dict (no downloads).")
 @click.option("--max-steps-per-epoch", type=int, default=None)
+@click.option("--bn-recalibration-steps", type=int, default=20, show_default=True,
+              help="Exact BatchNorm statistics over this many batches before each validation (0: off).")
 @click.option("--name", default="glomscan-unet", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
 def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, encoder, encoder_weights,
-                  max_steps_per_epoch, name, seed, quiet):
+                  max_steps_per_epoch, bn_recalibration_steps, name, seed, quiet):
     """Train the U-Net (0.5*BCE + Dice, Adam, cosine LR); resumes from OUT.last.pt if present."""
     _setup_logging(quiet)
     from .train.segment import TrainConfig, train_segmentation
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, crop=crop, encoder=encoder,
-                         encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch, name=name, seed=seed)
+                         encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch,
+                         bn_recalibration_steps=bn_recalibration_steps, name=name, seed=seed)
     try:
         best = train_segmentation(dataset_dir, out_path, config, quiet=quiet)
     except ValueError as exc:

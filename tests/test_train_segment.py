@@ -170,3 +170,17 @@ def test_training_checkpoint_resume_and_analyze(dataset, tmp_path):
     outcome = run_batch(out.parent / "slides", tmp_path / "res", model, TorchEngine(model), EngineChoice("torch", "test"),
                         AnalysisSettings(tile=256, overlap=128), quiet=True)
     assert not outcome.failed
+
+
+def test_batchnorm_recalibration_gives_exact_statistics():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from glomscan.train.segment import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3, momentum=0.01)
+    data = torch.randn(16, 3, 8, 8) * 2 + 5
+    loader = DataLoader(TensorDataset(data, torch.zeros(16)), batch_size=4)
+    recalibrate_batchnorm(torch.nn.Sequential(bn), loader, "cpu", steps=4)
+    assert torch.allclose(bn.running_mean, data.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert bn.momentum == 0.01  # restored

@@ -40,6 +40,10 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     max_steps_per_epoch: int | None = None
+    bn_recalibration_steps: int = 20
+    """Before each validation, re-estimate BatchNorm statistics exactly over this many training
+    batches (smp's EfficientNet uses momentum 0.01, so short runs otherwise validate with stale
+    running statistics). 0 disables."""
     name: str = "glomscan-unet"
     trained_on: str = ""
 
@@ -96,6 +100,25 @@ class PatchDataset(Dataset):
                 image, labels = image[::-1], labels[::-1]
         x = (image.transpose(2, 0, 1).astype(np.float32) / 255.0 - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))
+
+
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: str, steps: int) -> None:
+    """Replace BatchNorm running statistics by their exact average over ``steps`` batches."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or steps <= 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for step, (x, _) in enumerate(loader):
+            if step >= steps:
+                break
+            model(x.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
 
 
 def evaluate_model(model: nn.Module, loader: DataLoader, device: str) -> dict:
@@ -175,6 +198,7 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
                 losses.append(loss.item())
                 progress.update()
         scheduler.step()
+        recalibrate_batchnorm(model, train_loader, device, config.bn_recalibration_steps)
         val = evaluate_model(model, val_loader, device)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"],
                "seconds": round(time.perf_counter() - t0, 1), **{f"val_{k}": v for k, v in val.items()}}
