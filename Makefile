@@ -8,7 +8,7 @@ BIN     = $(VENV)/bin
 # second (multi-GB) torch build.
 TORCH   = torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup system-deps demo test bench bench-quick clean
+.PHONY: setup system-deps demo test bench bench-quick default-model clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -46,6 +46,9 @@ bench: setup
 bench-quick: setup
 	$(BIN)/python benchmarks/pipeline_efficiency.py --quick --backend onnxruntime
 	$(BIN)/python benchmarks/memory.py --quick
+
+default-model: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/train_default_model.sh
 
 clean:
 	rm -rf demo demo-out .pytest_cache

@@ -27,7 +27,8 @@ def pixel_metrics(tp, fp, fn) -> dict:
         out[f"f1_{key}"] = _ratio(2 * p * r, p + r) if not (np.isnan(p) or np.isnan(r)) else float("nan")
         out[f"dice_{key}"] = _ratio(2 * tp[c], 2 * tp[c] + fp[c] + fn[c])
     for m in ("precision", "recall", "f1", "dice"):
-        out[f"{m}_mean"] = float(np.nanmean([out[f"{m}_{k}"] for k in CLASS_KEYS]))
+        defined = [out[f"{m}_{k}"] for k in CLASS_KEYS if not np.isnan(out[f"{m}_{k}"])]
+        out[f"{m}_mean"] = float(np.mean(defined)) if defined else float("nan")
     return out
 
 
