@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -36,7 +37,8 @@ def main() -> None:
               help="glomscan checkpoint (.pt). Default: the model shipped with the package.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True)
-@click.option("--batch-size", type=int, default=2, show_default=True, help="Tiles per inference call.")
+@click.option("--batch-size", type=int, default=0, show_default=True,
+              help="Tiles per inference call; 0: the backend's choice (1 on CPU, 8 on GPU).")
 @click.option("--tile", type=int, default=1024, show_default=True, help="Tile side, analysis pixels.")
 @click.option("--overlap", type=int, default=512, show_default=True, help="Tile overlap, analysis pixels.")
 @click.option("--target-mpp", type=float, default=None,
@@ -67,7 +69,7 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
     """
     _setup_logging(quiet, verbose)
     settings = AnalysisSettings(target_mpp=target_mpp, downsample=downsample, mpp_override=mpp_override,
-                                tile=tile, overlap=overlap, batch_size=batch_size, workers=workers,
+                                tile=tile, overlap=overlap, batch_size=max(batch_size, 1), workers=workers,
                                 min_glomerulus_area_um2=min_area_um2, blend=blend)
     try:
         settings.validate()
@@ -78,13 +80,16 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
     from .batch import run_batch
     from .engines import EngineOptions, create_engine
 
-    options = EngineOptions(precision=precision, max_batch=max(batch_size, 1), tile=tile,
+    options = EngineOptions(precision=precision, max_batch=batch_size or 8, tile=tile,
                             **({"engine_dir": engine_dir} if engine_dir else {}))
     try:
         engine, choice = create_engine(backend, model, options)
     except (RuntimeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
-    log.info("model %s (%s); backend %s: %s", model.model_id, model.card.trained_on, choice.backend, choice.reason)
+    if batch_size == 0:
+        settings = dataclasses.replace(settings, batch_size=engine.preferred_batch_size)
+    log.info("model %s (%s); backend %s: %s; batch size %d", model.model_id, model.card.trained_on, choice.backend,
+             choice.reason, settings.batch_size)
     try:
         outcome = run_batch(slides_dir, out_dir, model, engine, choice, settings, force=force,
                             recursive=recursive, quiet=quiet)

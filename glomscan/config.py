@@ -32,6 +32,7 @@ class AnalysisSettings:
     overlap: int = 512
     """Overlap between neighbouring tiles, pixels (stride = tile - overlap)."""
     batch_size: int = 2
+    """Tiles per inference call (the CLI's 0 means: the engine's preferred size)."""
     workers: int = 2
     """Reader threads that prefetch tiles while the model runs."""
     blend: str = "cosine"

@@ -186,7 +186,7 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
              f"{analysis_mpp:.3g}" if analysis_mpp else "unknown", len(tiles), report.tiles_total)
 
     canvas = BlendingCanvas(grid, len(model.card.classes), settings.foreground_threshold, settings.blend)
-    labels_file = RawLabelFile(out_dir / ".mask.raw", image.width, image.height)
+    labels_file = RawLabelFile(out_dir / ".mask.pgm", image.width, image.height)
     stream = InstanceStream(image.width, model.card.classes,
                             min_area_px=settings.min_glomerulus_area_um2 / assumed_mpp**2,
                             row_sink=labels_file.write_rows, max_pending_rows=settings.max_pending_rows)
@@ -203,11 +203,10 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
         for band in canvas.finish():
             stream.push(band)
         instances = stream.finish()
+        write_mask_tiff(labels_file.image(), out_dir / "mask.tif", analysis_mpp)
     finally:
         labels_file.close()
-
-    write_mask_tiff(labels_file.image(), out_dir / "mask.tif", analysis_mpp)
-    (out_dir / ".mask.raw").unlink()
+    (out_dir / ".mask.pgm").unlink()
     table = glomeruli_table(instances, downsample, analysis_mpp)
     write_glomeruli_csv(table, out_dir / "glomeruli.csv")
     write_geojson(glomeruli_geojson(instances, table, downsample), out_dir / "glomeruli.geojson")

@@ -109,15 +109,19 @@ def write_geojson(collection: dict, path: Path) -> None:
 
 # -- label mask ------------------------------------------------------------------------------
 class RawLabelFile:
-    """Label rows streamed to a raw uint8 file with plain writes (not mmap, so the pages do not
-    count against the process). Untouched (all-background) rows stay holes in a sparse file."""
+    """Label rows streamed to a binary PGM file with plain writes (not mmap, so the pages do not
+    count against the process). Untouched (all-background) rows stay holes in a sparse file.
+    ``image()`` reads it back through a custom pyvips source: sequential reads, never mapped."""
 
     def __init__(self, path: Path, width: int, height: int):
         self.path = Path(path)
         self.width, self.height = width, height
+        self._header = f"P5\n{width} {height}\n255\n".encode()
         with open(self.path, "wb") as f:
-            f.truncate(width * height)
+            f.write(self._header)
+            f.truncate(len(self._header) + width * height)
         self._fd = os.open(self.path, os.O_WRONLY)
+        self._reader = None
 
     def write_rows(self, y0: int, rows: np.ndarray) -> None:
         if rows.shape[1] != self.width or y0 + rows.shape[0] > self.height:
@@ -126,16 +130,23 @@ class RawLabelFile:
         if nz.size == 0:
             return
         first, last = int(nz[0]), int(nz[-1]) + 1
-        os.pwrite(self._fd, np.ascontiguousarray(rows[first:last]).tobytes(), (y0 + first) * self.width)
+        offset = len(self._header) + (y0 + first) * self.width
+        os.pwrite(self._fd, np.ascontiguousarray(rows[first:last]).tobytes(), offset)
 
     def close(self) -> None:
         if self._fd is not None:
-            os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def image(self) -> pyvips.Image:
-        return pyvips.Image.rawload(str(self.path), self.width, self.height, 1)
+        """The labels as a sequential pyvips image (valid until ``close``)."""
+        self._reader = open(self.path, "rb")
+        source = pyvips.SourceCustom()
+        source.on_read(self._reader.read)
+        return pyvips.Image.new_from_source(source, "", access="sequential")
 
 
 def write_mask_tiff(labels: pyvips.Image, path: Path, analysis_mpp: float | None) -> None:

@@ -34,12 +34,12 @@ def test_label_tiff_reads_back_identically(tmp_path):
     labels[100:300, 200:500] = 1
     labels[500:800, 700:1000] = 2
     labels[rng.random(labels.shape) > 0.999] = 2
-    raw = RawLabelFile(tmp_path / "m.raw", 1300, 900)
+    raw = RawLabelFile(tmp_path / "m.pgm", 1300, 900)
     for y in range(0, 900, 256):
         raw.write_rows(y, labels[y:y + 256])
-    raw.close()
     out = tmp_path / "mask.tif"
     write_mask_tiff(raw.image(), out, analysis_mpp=1.0)
+    raw.close()
     via_vips = pyvips.Image.tiffload(str(out), page=0)
     arr = np.frombuffer(via_vips.write_to_memory(), np.uint8).reshape(900, 1300)
     assert np.array_equal(arr, labels)

@@ -30,6 +30,12 @@ class Engine(ABC):
         pass
 
     @property
+    def preferred_batch_size(self) -> int:
+        """Tiles per call when the user does not say: 1 on a CPU (same speed, half the memory
+        of 2 for a 1024 px EfficientNet-B3 U-Net), more on a GPU."""
+        return 1
+
+    @property
     def description(self) -> str:
         return self.backend
 

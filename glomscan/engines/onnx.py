@@ -143,3 +143,7 @@ class OnnxRuntimeEngine(Engine):
     @property
     def description(self) -> str:
         return f"onnxruntime ({self.providers[0]})"
+
+    @property
+    def preferred_batch_size(self) -> int:
+        return 8 if self.providers[0] == "CUDAExecutionProvider" else 1

@@ -230,6 +230,10 @@ class TensorRTEngine(Engine):
     def description(self) -> str:
         return "tensorrt (cuda)"
 
+    @property
+    def preferred_batch_size(self) -> int:
+        return self.max_batch
+
 
 def mask_dice(a: np.ndarray, b: np.ndarray, threshold: float = 0.5) -> float:
     """Dice of the thresholded masks of two probability arrays (1.0 when both are empty)."""

@@ -26,3 +26,7 @@ class TorchEngine(Engine):
     @property
     def description(self) -> str:
         return f"torch ({self.device})"
+
+    @property
+    def preferred_batch_size(self) -> int:
+        return 8 if self.device == "cuda" else 1
