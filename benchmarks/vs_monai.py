@@ -110,8 +110,11 @@ def main() -> None:
             card = ModelCard(name="bench-random-b3", tile=tile)
             model = tmp / "model.pt"
             save_checkpoint(model, build_model(card), card)
-        # a biopsy-like layout: two tissue cores, about 40 % of the slide area
-        tissue = [(int(w * 0.05), int(h * 0.1), int(w * 0.4), int(h * 0.9)), (int(w * 0.55), int(h * 0.25), int(w * 0.9), int(h * 0.75))]
+        # a transplant needle-biopsy layout: three cores about 0.9 mm wide (1800 px at 0.5 µm/px),
+        # 4-5 mm long, lying across the region with glass between them
+        tissue = [(int(w * 0.06), int(h * 0.08), int(w * 0.94), int(h * 0.08) + 1800),
+                  (int(w * 0.12), int(h * 0.42), int(w * 0.88), int(h * 0.42) + 1800),
+                  (int(w * 0.04), int(h * 0.76), int(w * 0.70), int(h * 0.76) + 1800)]
         slides = tmp / "slides"
         slides.mkdir()
         slide = write_synthetic_slide(slides / "region.tif", w, h, scatter_glomeruli(tissue, 25, (80, 150), 0.3), tissue,

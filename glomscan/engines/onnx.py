@@ -74,6 +74,7 @@ def export_onnx(model: LoadedModel, out_path: Path, opset: int = OPSET, sample_s
             entry.key, entry.value = key, value
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):
