@@ -42,7 +42,9 @@ class Engine(ABC):
 
 def normalise(tiles: np.ndarray, card: ModelCard) -> np.ndarray:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalised with the card's mean/std."""
-    x = tiles.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-    mean = np.asarray(card.mean, np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(card.std, np.float32).reshape(1, 3, 1, 1)
-    return np.ascontiguousarray((x - mean) / std)
+    scale = (1.0 / (255.0 * np.asarray(card.std, np.float32))).reshape(1, 3, 1, 1)
+    offset = (-np.asarray(card.mean, np.float32) / np.asarray(card.std, np.float32)).reshape(1, 3, 1, 1)
+    x = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2), dtype=np.float32)  # one pass: layout + type
+    x *= scale
+    x += offset
+    return x
