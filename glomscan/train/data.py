@@ -129,23 +129,11 @@ class LabelSource:
         self.skipped: dict[str, int] = {}
         d = Path(annotations_dir)
         geojson = d / f"{stem}.geojson"
-        labels = next((p for p in (d / f"{stem}_labels.png", d / f"{stem}_labels.tif") if p.is_file()), None)
-        normal, sclerosed = d / f"{stem}_normal.png", d / f"{stem}_sclerosed.png"
-        w, h = analysis_size
         if geojson.is_file():
             self.polygons, self.skipped = read_qupath_geojson(geojson, class_map)
             self.source = geojson.name
-        elif labels is not None:
-            self.label_image = _resize_nearest(pyvips.Image.new_from_file(str(labels))[0], w, h)
-            self.source = labels.name
-        elif normal.is_file() and sclerosed.is_file():
-            n = _resize_nearest(pyvips.Image.new_from_file(str(normal))[0], w, h) > 127
-            s = _resize_nearest(pyvips.Image.new_from_file(str(sclerosed))[0], w, h) > 127
-            self.label_image = (s.ifthenelse(2, n.ifthenelse(1, 0))).cast("uchar")
-            self.source = f"{normal.name} + {sclerosed.name}"
         else:
-            raise AnnotationError(f"no annotations for {slide.path.name} in {d} "
-                                  f"(looked for {stem}.geojson, {stem}_labels.png/.tif, {stem}_normal.png + {stem}_sclerosed.png)")
+            self.label_image, self.source = label_image_from_masks(d, stem, *analysis_size)
 
     def window(self, x: int, y: int, tile: int) -> np.ndarray:
         """Labels of the analysis-resolution window at (x, y), padded with background."""
@@ -157,6 +145,22 @@ class LabelSource:
         if x1 > x and y1 > y:
             out[: y1 - y, : x1 - x] = image_to_array(img.crop(x, y, x1 - x, y1 - y))[..., 0]
         return out
+
+
+def label_image_from_masks(folder: Path, stem: str, width: int, height: int) -> tuple[pyvips.Image, str]:
+    """Labels (lazy, width x height, nearest-scaled) from ``<stem>_labels.png/.tif`` or from
+    ``<stem>_normal.png`` + ``<stem>_sclerosed.png``; and which file(s) it came from."""
+    d = Path(folder)
+    labels = next((p for p in (d / f"{stem}_labels.png", d / f"{stem}_labels.tif") if p.is_file()), None)
+    normal, sclerosed = d / f"{stem}_normal.png", d / f"{stem}_sclerosed.png"
+    if labels is not None:
+        return _resize_nearest(pyvips.Image.new_from_file(str(labels))[0], width, height), labels.name
+    if normal.is_file() and sclerosed.is_file():
+        n = _resize_nearest(pyvips.Image.new_from_file(str(normal))[0], width, height) > 127
+        s = _resize_nearest(pyvips.Image.new_from_file(str(sclerosed))[0], width, height) > 127
+        return s.ifthenelse(2, n.ifthenelse(1, 0)).cast("uchar"), f"{normal.name} + {sclerosed.name}"
+    raise AnnotationError(f"no annotations for {stem} in {d} (looked for {stem}.geojson, {stem}_labels.png/.tif, "
+                          f"{stem}_normal.png + {stem}_sclerosed.png)")
 
 
 def _resize_nearest(image: pyvips.Image, width: int, height: int) -> pyvips.Image:

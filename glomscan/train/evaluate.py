@@ -13,7 +13,7 @@ import pyvips
 from ..model import load_checkpoint
 from ..engines.torch_engine import TorchEngine
 from ..slides import image_to_array
-from .data import DEFAULT_CLASS_MAP, AnnotationError, read_qupath_geojson, rasterise_polygons, load_patch, _resize_nearest
+from .data import DEFAULT_CLASS_MAP, label_image_from_masks, load_patch, rasterise_polygons, read_qupath_geojson
 from .metrics import confusion_counts, instance_matches, pixel_metrics, sclerosis_percent
 
 
@@ -61,18 +61,13 @@ def predicted_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.nd
 
 
 def slide_truth(truth_dir: Path, stem: str, width: int, height: int, downsample: float, class_map: dict) -> np.ndarray:
-    d = Path(truth_dir)
-    if (d / f"{stem}.geojson").is_file():
-        polygons, _ = read_qupath_geojson(d / f"{stem}.geojson", class_map)
+    """Truth labels of a whole slide at analysis resolution (GeoJSON, label image or masks)."""
+    geojson = Path(truth_dir) / f"{stem}.geojson"
+    if geojson.is_file():
+        polygons, _ = read_qupath_geojson(geojson, class_map)
         return rasterise_polygons(polygons, 0, 0, width, height, downsample)
-    for name in (f"{stem}_labels.png", f"{stem}_labels.tif"):
-        if (d / name).is_file():
-            return image_to_array(_resize_nearest(pyvips.Image.new_from_file(str(d / name))[0], width, height))[..., 0]
-    if (d / f"{stem}_normal.png").is_file() and (d / f"{stem}_sclerosed.png").is_file():
-        n = image_to_array(_resize_nearest(pyvips.Image.new_from_file(str(d / f"{stem}_normal.png"))[0], width, height))[..., 0] > 127
-        s = image_to_array(_resize_nearest(pyvips.Image.new_from_file(str(d / f"{stem}_sclerosed.png"))[0], width, height))[..., 0] > 127
-        return np.where(s, 2, np.where(n, 1, 0)).astype(np.uint8)
-    raise AnnotationError(f"no truth for {stem} in {d}")
+    image, _ = label_image_from_masks(truth_dir, stem, width, height)
+    return image_to_array(image)[..., 0]
 
 
 def evaluate_results(results_dir: Path, truth_dir: Path, class_map: dict | None = None) -> pd.DataFrame:
