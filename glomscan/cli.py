@@ -286,7 +286,7 @@ def evaluate(model_path, dataset_dir, split, results_dir, truth_dir, out_prefix)
     from .train.evaluate import evaluate_patch_set, evaluate_results, markdown_table
 
     if dataset_dir is not None and results_dir is None:
-        table = evaluate_patch_set(_load_model_or_exit(model_path).path, dataset_dir, split)
+        table = evaluate_patch_set(_load_model_or_exit(model_path), dataset_dir, split)
     elif results_dir is not None and truth_dir is not None:
         table = evaluate_results(results_dir, truth_dir)
     else:

@@ -208,3 +208,17 @@ def test_prepare_from_mask_images_matches_geojson(dataset, tmp_path, style):
         _, a = load_patch(tmp_path / "out", row)
         _, b = load_patch(out, theirs.loc[row.patch_id])
         assert (a != b).mean() < 0.01
+
+
+def test_evaluate_patch_set_cli(dataset, tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from glomscan.cli import main
+
+    out, manifest, _ = dataset
+    res = CliRunner().invoke(main, ["evaluate", "--model", str(tiny_checkpoint), "--data", str(out), "--split", "all",
+                                    "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(tmp_path / "ev.csv")
+    assert len(table) == len(manifest) + 1 and table.iloc[-1]["item"] == "ALL"
+    assert "| mean |" in (tmp_path / "ev.md").read_text()

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pyvips
 
-from ..model import load_checkpoint
+from ..model import LoadedModel
 from ..engines.torch_engine import TorchEngine
 from ..slides import image_to_array
 from .data import DEFAULT_CLASS_MAP, label_image_from_masks, load_patch, rasterise_polygons, read_qupath_geojson
@@ -25,9 +25,8 @@ def _summarise(rows: list[dict], tp, fp, fn, detection: dict) -> dict:
     return overall
 
 
-def evaluate_patch_set(model_path: Path, dataset_dir: Path, split: str = "val", batch_size: int = 2) -> pd.DataFrame:
-    """Per-patch and overall pixel metrics and detection metrics of a checkpoint on a dataset split."""
-    model = load_checkpoint(model_path)
+def evaluate_patch_set(model: LoadedModel, dataset_dir: Path, split: str = "val", batch_size: int = 2) -> pd.DataFrame:
+    """Per-patch and overall pixel metrics and detection metrics of a model on a dataset split."""
     engine = TorchEngine(model)
     manifest = pd.read_csv(Path(dataset_dir) / "manifest.csv")
     if split != "all":
