@@ -21,7 +21,7 @@ from glomscan.batch import run_batch
 from glomscan.config import AnalysisSettings
 from glomscan.engines import EngineOptions, create_engine
 from glomscan.model import ModelCard, build_model, load_checkpoint, save_checkpoint
-from glomscan.slides import Slide, TileReader, detect_tissue, image_to_array
+from glomscan.slides import Slide, TileReader
 from glomscan.synthetic import scatter_glomeruli, write_synthetic_slide
 from glomscan.tiling import TileGrid
 
@@ -53,8 +53,7 @@ def main() -> None:
         # the tiles analyze will infer, read once into memory for the model-only timing
         slide = Slide(slides / "bench.tif")
         image, _ = slide.image_at(2.0)
-        thumb, _ = slide.image_at(2.0 * settings.tissue.thumbnail_downsample)
-        tissue_mask = detect_tissue(image_to_array(thumb), settings.tissue.thumbnail_downsample, 1.0, settings.tissue)
+        tissue_mask = slide.tissue(2.0, 1.0, settings.tissue)
         tiles = TileGrid(image.width, image.height, tile, settings.stride).tissue_tiles(tissue_mask)
         reader = TileReader(image, tile)
         pixels = [reader.read(t.x, t.y) for t in tiles]

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import AnalysisSettings
+from .config import BACKENDS, BLEND_WINDOWS, AnalysisSettings
 
 log = logging.getLogger("glomscan")
 
@@ -35,7 +35,7 @@ def main() -> None:
               show_default=True, help="Output folder (one sub-folder per slide, plus summary.csv).")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="glomscan checkpoint (.pt). Default: the model shipped with the package.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
               show_default=True)
 @click.option("--batch-size", type=int, default=0, show_default=True,
               help="Tiles per inference call; 0: the backend's choice (1 on CPU, 8 on GPU).")
@@ -50,7 +50,7 @@ def main() -> None:
 @click.option("--min-area-um2", type=float, default=1500.0, show_default=True,
               help="Drop glomerulus candidates smaller than this.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Tile reader threads.")
-@click.option("--blend", type=click.Choice(["cosine", "gaussian"]), default="cosine", show_default=True,
+@click.option("--blend", type=click.Choice(BLEND_WINDOWS), default="cosine", show_default=True,
               help="Blending window of overlapping tiles.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="ONNX exports and TensorRT engines cache [env GLOMSCAN_ENGINE_DIR, default ./engines].")

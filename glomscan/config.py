@@ -7,6 +7,12 @@ import json
 from dataclasses import asdict, dataclass, field
 
 
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+"""Inference backends ``analyze --backend`` accepts."""
+BLEND_WINDOWS = ("cosine", "gaussian")
+"""Blending windows for overlapping tiles (see ``merge.blending_window``)."""
+
+
 @dataclass(frozen=True)
 class TissueSettings:
     thumbnail_downsample: float = 16.0
@@ -59,8 +65,8 @@ class AnalysisSettings:
             )
         if self.batch_size < 1 or self.workers < 1:
             raise ValueError("batch size and workers must be >= 1")
-        if self.blend not in ("cosine", "gaussian"):
-            raise ValueError(f"blend must be cosine or gaussian, got {self.blend!r}")
+        if self.blend not in BLEND_WINDOWS:
+            raise ValueError(f"blend must be one of {BLEND_WINDOWS}, got {self.blend!r}")
         if self.downsample <= 0:
             raise ValueError("downsample must be > 0")
 

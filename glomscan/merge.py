@@ -14,14 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import BLEND_WINDOWS
 from .tiling import Tile, TileGrid
 
 WINDOW_FLOOR = 1e-3
 """Smallest blending weight; weights are never zero, so an edge pixel seen by one tile only
 still gets that tile's prediction."""
-
-
-WINDOWS = ("cosine", "gaussian")
 
 
 def blending_window(tile: int, floor: float = WINDOW_FLOOR, kind: str = "cosine") -> np.ndarray:
@@ -40,7 +38,7 @@ def blending_window(tile: int, floor: float = WINDOW_FLOOR, kind: str = "cosine"
         sigma = 0.125 * tile
         w1 = np.maximum(np.exp(-((i + 0.5 - tile / 2) ** 2) / (2 * sigma**2)), np.sqrt(floor))
     else:
-        raise ValueError(f"unknown blending window {kind!r}; choose {WINDOWS}")
+        raise ValueError(f"unknown blending window {kind!r}; choose {BLEND_WINDOWS}")
     return np.outer(w1, w1).astype(np.float32)
 
 

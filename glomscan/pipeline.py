@@ -21,7 +21,7 @@ from .postprocess import InstanceStream
 from .atomic import atomic_write_text
 from .progress import Progress
 from .report import (
-    RawLabelFile,
+    StreamedLabelFile,
     glomeruli_geojson,
     glomeruli_table,
     wilson_interval,
@@ -30,7 +30,7 @@ from .report import (
     write_mask_tiff,
     write_overview,
 )
-from .slides import Slide, SlideError, TileReader, detect_tissue, image_to_array
+from .slides import Slide, SlideError, TileReader, image_to_array
 from .tiling import Tile, TileGrid
 
 log = logging.getLogger(__name__)
@@ -168,10 +168,7 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     report.analysis_mpp, report.analysis_downsample, report.pyramid_level = analysis_mpp, downsample, level.index
     assumed_mpp = analysis_mpp or target_mpp
 
-    # tissue on a thumbnail
-    tissue_ds = settings.tissue.thumbnail_downsample
-    thumb_image, _ = slide.image_at(downsample * tissue_ds)
-    tissue = detect_tissue(image_to_array(thumb_image), tissue_ds, assumed_mpp, settings.tissue)
+    tissue = slide.tissue(downsample, assumed_mpp, settings.tissue)
     report.tissue_area_px = round(tissue.area_px() * downsample**2, 1)
     if analysis_mpp is not None:
         report.tissue_area_mm2 = round(tissue.area_px() * analysis_mpp**2 / 1e6, 4)
@@ -186,7 +183,7 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
              f"{analysis_mpp:.3g}" if analysis_mpp else "unknown", len(tiles), report.tiles_total)
 
     canvas = BlendingCanvas(grid, len(model.card.classes), settings.foreground_threshold, settings.blend)
-    labels_file = RawLabelFile(out_dir / ".mask.pgm", image.width, image.height)
+    labels_file = StreamedLabelFile(out_dir / ".mask.pgm", image.width, image.height)
     stream = InstanceStream(image.width, model.card.classes,
                             min_area_px=settings.min_glomerulus_area_um2 / assumed_mpp**2,
                             row_sink=labels_file.write_rows, max_pending_rows=settings.max_pending_rows)
@@ -206,7 +203,7 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
         write_mask_tiff(labels_file.image(), out_dir / "mask.tif", analysis_mpp)
     finally:
         labels_file.close()
-    (out_dir / ".mask.pgm").unlink()
+    labels_file.path.unlink()
     table = glomeruli_table(instances, downsample, analysis_mpp)
     write_glomeruli_csv(table, out_dir / "glomeruli.csv")
     write_geojson(glomeruli_geojson(instances, table, downsample), out_dir / "glomeruli.geojson")

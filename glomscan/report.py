@@ -108,7 +108,7 @@ def write_geojson(collection: dict, path: Path) -> None:
 
 
 # -- label mask ------------------------------------------------------------------------------
-class RawLabelFile:
+class StreamedLabelFile:
     """Label rows streamed to a binary PGM file with plain writes (not mmap, so the pages do not
     count against the process). Untouched (all-background) rows stay holes in a sparse file.
     ``image()`` reads it back through a custom pyvips source: sequential reads, never mapped."""

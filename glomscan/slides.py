@@ -185,6 +185,12 @@ class Slide:
             image = image.resize(1.0 / residual, kernel="linear" if residual < 4 else "lanczos3")
         return image, level
 
+    def tissue(self, downsample: float, analysis_mpp: float, settings: TissueSettings) -> "TissueMask":
+        """Tissue of the image at ``downsample`` (level-0 px per analysis px), detected on a
+        thumbnail ``settings.thumbnail_downsample`` times coarser."""
+        thumb, _ = self.image_at(downsample * settings.thumbnail_downsample)
+        return detect_tissue(image_to_array(thumb), settings.thumbnail_downsample, analysis_mpp, settings)
+
     def __repr__(self) -> str:
         dims = "x".join(map(str, (self.levels[0].width, self.levels[0].height)))
         return f"Slide({self.path.name}, {dims}, levels={len(self.levels)}, mpp={self.mpp})"

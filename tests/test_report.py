@@ -8,7 +8,7 @@ import pytest
 
 from glomscan.postprocess import Glomerulus
 from glomscan.report import (
-    RawLabelFile,
+    StreamedLabelFile,
     glomeruli_geojson,
     glomeruli_table,
     wilson_interval,
@@ -34,7 +34,7 @@ def test_label_tiff_reads_back_identically(tmp_path):
     labels[100:300, 200:500] = 1
     labels[500:800, 700:1000] = 2
     labels[rng.random(labels.shape) > 0.999] = 2
-    raw = RawLabelFile(tmp_path / "m.pgm", 1300, 900)
+    raw = StreamedLabelFile(tmp_path / "m.pgm", 1300, 900)
     for y in range(0, 900, 256):
         raw.write_rows(y, labels[y:y + 256])
     out = tmp_path / "mask.tif"

@@ -10,12 +10,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import BACKENDS
 from ..model import LoadedModel
 from .base import Engine, EngineChoice
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -50,42 +50,45 @@ def create_engine(backend: str, model: LoadedModel, options: EngineOptions | Non
     cuda = torch.cuda.is_available()
     providers = onnxruntime_providers()
 
+    def onnxruntime_engine() -> OnnxRuntimeEngine:
+        return OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir))
+
+    def tensorrt_engine():
+        return prepare_tensorrt(model, options.engine_dir, options.precision, options.tile, options.max_batch,
+                                options.workspace_gb)
+
     if backend == "torch":
         engine = TorchEngine(model)
         return engine, EngineChoice("torch", f"requested; torch on {engine.device}")
     if backend == "onnxruntime":
         if not providers:
             raise RuntimeError("--backend onnxruntime: the onnxruntime package is not installed (pip install onnxruntime)")
-        engine = OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir))
+        engine = onnxruntime_engine()
         return engine, EngineChoice("onnxruntime", f"requested; providers {engine.providers}")
     if backend == "tensorrt":
         ok, why = tensorrt_status()
         if not ok:
             raise RuntimeError(f"--backend tensorrt is not available here: {why}")
-        engine, how = prepare_tensorrt(model, options.engine_dir, options.precision, options.tile,
-                                       options.max_batch, options.workspace_gb)
+        engine, how = tensorrt_engine()
         return engine, EngineChoice("tensorrt", f"requested; {why}; {how}")
 
     passed_over = []
     ok, why = tensorrt_status()
     if ok:
         try:
-            engine, how = prepare_tensorrt(model, options.engine_dir, options.precision, options.tile,
-                                           options.max_batch, options.workspace_gb)
+            engine, how = tensorrt_engine()
             return engine, EngineChoice("tensorrt", f"auto: {why}; {how}")
         except Exception as exc:  # a failed build must not stop the batch: fall back, loudly
             log.warning("TensorRT unusable, falling back: %s", exc)
             why = f"TensorRT failed: {exc}"
     passed_over.append(f"tensorrt ({why})")
     if "CUDAExecutionProvider" in providers:
-        engine = OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir))
-        return engine, EngineChoice("onnxruntime", f"auto: CUDA execution provider; passed over {passed_over}")
+        return onnxruntime_engine(), EngineChoice("onnxruntime", f"auto: CUDA execution provider; passed over {', '.join(passed_over)}")
     passed_over.append("onnxruntime-cuda (no CUDA execution provider)")
     if cuda:
-        return TorchEngine(model, "cuda"), EngineChoice("torch", f"auto: torch CUDA; passed over {passed_over}")
+        return TorchEngine(model, "cuda"), EngineChoice("torch", f"auto: torch CUDA; passed over {', '.join(passed_over)}")
     passed_over.append("torch-cuda (no CUDA GPU)")
     if providers:
-        engine = OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir))
-        return engine, EngineChoice("onnxruntime", f"auto: onnxruntime CPU; passed over {', '.join(passed_over)}")
+        return onnxruntime_engine(), EngineChoice("onnxruntime", f"auto: onnxruntime CPU; passed over {', '.join(passed_over)}")
     passed_over.append("onnxruntime (not installed)")
     return TorchEngine(model, "cpu"), EngineChoice("torch", f"auto: torch CPU; passed over {', '.join(passed_over)}")

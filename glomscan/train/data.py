@@ -26,7 +26,7 @@ import pyvips
 from skimage.draw import polygon as fill_polygon
 
 from ..config import TissueSettings
-from ..slides import Slide, TileReader, detect_tissue, find_slides, image_to_array
+from ..slides import Slide, TileReader, find_slides, image_to_array
 from ..tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -207,9 +207,7 @@ def prepare_dataset(slides_dir: Path, annotations_dir: Path, out_dir: Path, sett
         labels = LabelSource(slide, annotations_dir, settings.class_map, (image.width, image.height), downsample)
         for name, count in labels.skipped.items():
             log.warning("%s: %d annotation(s) classified %r are not in the class map; skipped", path.name, count, name)
-        thumb, _ = slide.image_at(downsample * settings.tissue.thumbnail_downsample)
-        tissue = detect_tissue(image_to_array(thumb), settings.tissue.thumbnail_downsample,
-                               settings.target_mpp if slide.mpp else 1.0, settings.tissue)
+        tissue = slide.tissue(downsample, settings.target_mpp if slide.mpp else 1.0, settings.tissue)
         grid = TileGrid(image.width, image.height, settings.tile, settings.stride)
         reader = TileReader(image, settings.tile)
         for t in grid.tissue_tiles(tissue):

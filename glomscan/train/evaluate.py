@@ -17,12 +17,29 @@ from .data import DEFAULT_CLASS_MAP, label_image_from_masks, load_patch, rasteri
 from .metrics import confusion_counts, instance_matches, pixel_metrics, sclerosis_percent
 
 
-def _summarise(rows: list[dict], tp, fp, fn, detection: dict) -> dict:
-    overall = {"item": "ALL", **pixel_metrics(tp, fp, fn)}
-    p, r = detection["matched"] / max(detection["n_predicted"], 1), detection["matched"] / max(detection["n_true"], 1)
-    overall.update({"detection_precision": p, "detection_recall": r,
-                    "detection_f1": 2 * p * r / (p + r) if p + r else 0.0, **{k: detection[k] for k in detection}})
-    return overall
+class _Scores:
+    """Pixel and detection counts summed over items; one row per item plus an ALL row."""
+
+    def __init__(self):
+        self.tp, self.fp, self.fn = np.zeros(2), np.zeros(2), np.zeros(2)
+        self.detection = {"n_predicted": 0, "n_true": 0, "matched": 0, "class_agreement": 0}
+        self.rows: list[dict] = []
+
+    def add(self, item: str, pred: np.ndarray, truth: np.ndarray, **extra) -> dict:
+        t, f, n = confusion_counts(pred, truth)
+        self.tp, self.fp, self.fn = self.tp + t, self.fp + f, self.fn + n
+        inst = instance_matches(pred, truth)
+        for k in self.detection:
+            self.detection[k] += inst[k]
+        row = {"item": item, **pixel_metrics(t, f, n), **inst, **extra}
+        self.rows.append(row)
+        return row
+
+    def overall(self) -> dict:
+        d = self.detection
+        p, r = d["matched"] / max(d["n_predicted"], 1), d["matched"] / max(d["n_true"], 1)
+        return {"item": "ALL", **pixel_metrics(self.tp, self.fp, self.fn), "detection_precision": p,
+                "detection_recall": r, "detection_f1": 2 * p * r / (p + r) if p + r else 0.0, **d}
 
 
 def evaluate_patch_set(model: LoadedModel, dataset_dir: Path, split: str = "val", batch_size: int = 2) -> pd.DataFrame:
@@ -33,24 +50,15 @@ def evaluate_patch_set(model: LoadedModel, dataset_dir: Path, split: str = "val"
         manifest = manifest[manifest.split == split]
     if manifest.empty:
         raise ValueError(f"no patches in split {split!r} of {dataset_dir}")
-    tp, fp, fn = np.zeros(2), np.zeros(2), np.zeros(2)
-    detection = {"n_predicted": 0, "n_true": 0, "matched": 0, "class_agreement": 0}
-    rows = []
+    scores = _Scores()
     records = manifest.to_dict("records")
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         patches = [load_patch(dataset_dir, r) for r in chunk]
         probs = engine.predict(np.stack([p[0] for p in patches]))
         for record, (_, truth), p in zip(chunk, patches, probs):
-            pred = predicted_labels(p)
-            t, f, n = confusion_counts(pred, truth)
-            tp, fp, fn = tp + t, fp + f, fn + n
-            inst = instance_matches(pred, truth)
-            for k in detection:
-                detection[k] += inst[k]
-            rows.append({"item": record["patch_id"], **pixel_metrics(t, f, n), **inst})
-    rows.append(_summarise(rows, tp, fp, fn, detection))
-    return pd.DataFrame(rows)
+            scores.add(record["patch_id"], predicted_labels(p), truth)
+    return pd.DataFrame([*scores.rows, scores.overall()])
 
 
 def predicted_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -72,32 +80,24 @@ def slide_truth(truth_dir: Path, stem: str, width: int, height: int, downsample:
 def evaluate_results(results_dir: Path, truth_dir: Path, class_map: dict | None = None) -> pd.DataFrame:
     """Compare analyze outputs (mask.tif, report.json per slide) with annotated slides."""
     class_map = class_map or DEFAULT_CLASS_MAP
-    tp, fp, fn = np.zeros(2), np.zeros(2), np.zeros(2)
-    detection = {"n_predicted": 0, "n_true": 0, "matched": 0, "class_agreement": 0}
-    rows = []
+    scores = _Scores()
     for folder in sorted(p for p in Path(results_dir).iterdir() if (p / "mask.tif").is_file()):
         report = json.loads((folder / "report.json").read_text())
         mask = pyvips.Image.tiffload(str(folder / "mask.tif"), page=0)
         pred = image_to_array(mask)[..., 0]
         stem = Path(report["path"]).stem
         truth = slide_truth(truth_dir, stem, mask.width, mask.height, report["analysis_downsample"], class_map)
-        t, f, n = confusion_counts(pred, truth)
-        tp, fp, fn = tp + t, fp + f, fn + n
-        inst = instance_matches(pred, truth)
-        for k in detection:
-            detection[k] += inst[k]
         truth_pct = sclerosis_percent(truth)
         reported = report.get("percent_global_glomerulosclerosis")
-        rows.append({"item": folder.name, **pixel_metrics(t, f, n), **inst, "sclerosis_pct_true": truth_pct,
-                     "sclerosis_pct_reported": reported,
-                     "sclerosis_pct_error": (reported - truth_pct) if reported is not None and not math.isnan(truth_pct) else None})
-    if not rows:
+        error = (reported - truth_pct) if reported is not None and not math.isnan(truth_pct) else None
+        scores.add(folder.name, pred, truth, sclerosis_pct_true=truth_pct, sclerosis_pct_reported=reported,
+                   sclerosis_pct_error=error)
+    if not scores.rows:
         raise ValueError(f"no analyze outputs (mask.tif) under {results_dir}")
-    overall = _summarise(rows, tp, fp, fn, detection)
-    errors = [abs(r["sclerosis_pct_error"]) for r in rows if r["sclerosis_pct_error"] is not None]
+    overall = scores.overall()
+    errors = [abs(r["sclerosis_pct_error"]) for r in scores.rows if r["sclerosis_pct_error"] is not None]
     overall["sclerosis_pct_mae"] = float(np.mean(errors)) if errors else None
-    rows.append(overall)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([*scores.rows, overall])
 
 
 def markdown_table(table: pd.DataFrame) -> str:
