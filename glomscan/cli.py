@@ -272,7 +272,7 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
     click.echo(f"best validation Dice {best.get('dice_mean', float('nan')):.4f} -> {out_path}")
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None)
 @click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
@@ -280,9 +280,13 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
 @click.option("--truth", "truth_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
 @click.option("--out", "out_prefix", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
               help="Writes OUT.csv and OUT.md.")
-def evaluate(model_path, dataset_dir, split, results_dir, truth_dir, out_prefix):
-    """Pixel precision/recall/F1/Dice per class, glomerulus detection (IoU >= 0.5) and, for
-    slides, sclerosis % error. Either --model + --data (patch set) or --results + --truth."""
+@click.pass_context
+def evaluate(ctx, model_path, dataset_dir, split, results_dir, truth_dir, out_prefix):
+    """Segmentation: pixel precision/recall/F1/Dice per class, glomerulus detection (IoU >= 0.5)
+    and, for slides, sclerosis % error. Either --model + --data (patch set) or --results + --truth.
+    `glomscan evaluate inpaint ...` judges an inpainting generator instead."""
+    if ctx.invoked_subcommand is not None:
+        return
     from .train.evaluate import evaluate_patch_set, evaluate_results, markdown_table
 
     if dataset_dir is not None and results_dir is None:
@@ -327,6 +331,13 @@ def demo_slide_cmd(out_path, seed):
     n_scl = sum(g.sclerosed for g in slide.glomeruli)
     click.echo(f"wrote {out_path}: {slide.width}x{slide.height} px, {len(slide.glomeruli)} glomeruli "
                f"({n_scl} sclerosed, {100 * n_scl / max(len(slide.glomeruli), 1):.1f}%)")
+
+
+# --- inpainting model (issue #5): `train inpaint`, `evaluate inpaint` ---------------------------
+
+
+# --- sclerosed-glomerulus crops, mask GAN, synthesis (issue #5): `crops`, `train masks`,
+# `masks generate`, `synthesize` ----------------------------------------------------------------
 
 
 if __name__ == "__main__":  # pragma: no cover
