@@ -9,6 +9,7 @@ that the next run deletes, never a half-written OUT/<slide>/ that looks done.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -45,10 +46,40 @@ SUMMARY_COLUMNS = [
 class BatchOutcome:
     reports: list[SlideReport]
     skipped: list[str]
+    output_error: str | None = None
+    """Set when the output folder stopped accepting writes (read-only, full): the batch stopped."""
 
     @property
     def failed(self) -> list[SlideReport]:
         return [r for r in self.reports if r.status != "ok"]
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide to analyse: where it is, its output folder name, and what makes its result current."""
+
+    path: Path
+    name: str
+    fingerprint: dict
+
+
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+"""Errors that mean the output folder, not the slide, is the problem: the batch stops."""
+
+
+class OutputNotWritable(Exception):
+    """The output folder no longer accepts writes (read-only, disk full, quota). Carries the
+    failed report of the slide that hit it, if any."""
+
+    def __init__(self, message: str, report: SlideReport | None = None):
+        super().__init__(message, report)
+
+    @property
+    def report(self) -> SlideReport | None:
+        return self.args[1]
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def output_names(slides: list[Path], root: Path) -> dict[Path, str]:
@@ -65,8 +96,9 @@ def output_names(slides: list[Path], root: Path) -> dict[Path, str]:
     return names
 
 
-def slide_fingerprint(path: Path, model: LoadedModel, settings: AnalysisSettings) -> dict:
-    return {"input": file_fingerprint(path), "model_sha256": model.sha256, "settings": settings.fingerprint()}
+def slide_fingerprint(path: Path, model_sha256: str, settings: AnalysisSettings) -> dict:
+    """What makes a slide's result current: the input file, the model and the result-changing settings."""
+    return {"input": file_fingerprint(path), "model_sha256": model_sha256, "settings": settings.fingerprint()}
 
 
 def is_complete(folder: Path, fingerprint: dict) -> bool:
@@ -125,18 +157,131 @@ def write_summary(out_dir: Path, reports: list[SlideReport], skipped: set[str]) 
 def run_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, engine: Engine, choice: EngineChoice,
               settings: AnalysisSettings, force: bool = False, recursive: bool = False,
               quiet: bool = False) -> BatchOutcome:
+    """The single-process batch: every slide in this process, one after the other."""
     slides_dir, out_dir = Path(slides_dir), Path(out_dir)
-    slides = find_slides(slides_dir, recursive=recursive)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _refuse_output_inside_inputs(slides_dir, out_dir, recursive)
+    slides = prepare_output(slides_dir, out_dir, recursive)
     with output_lock(out_dir):
-        return _run_locked(slides, slides_dir, out_dir, model, engine, choice, settings, force, quiet)
+        clean_staging(out_dir)
+        log.info("%d slide(s) in %s -> %s (backend %s: %s)", len(slides), slides_dir, out_dir,
+                 choice.backend, choice.reason)
+        jobs, recorder = plan_batch(slides, slides_dir, out_dir, model.sha256, settings, force)
+        with Progress(len(slides), "batch", quiet=quiet, unit="slide") as progress:
+            progress.update(len(recorder.skipped))
+            try:
+                for job in jobs:
+                    recorder.add(process_slide(job, out_dir, model, engine, choice, settings, quiet))
+                    progress.update()
+            except OutputNotWritable as exc:
+                recorder.stop(exc, [j for j in jobs if j.name not in recorder.reports])
+            except KeyboardInterrupt:
+                recorder.finish(interrupted=True)
+                raise
+        return recorder.finish()
+
+
+def prepare_output(slides_dir: Path, out_dir: Path, recursive: bool) -> list[Path]:
+    """The slides to analyse; creates OUT (raising OutputNotWritable when it cannot be written)."""
+    slides = find_slides(slides_dir, recursive=recursive)
+    _refuse_output_inside_inputs(slides_dir, out_dir, recursive)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / STAGING).mkdir(exist_ok=True)
+    except OSError as exc:
+        raise OutputNotWritable(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}") from exc
+    return slides
+
+
+def plan_batch(slides: list[Path], slides_dir: Path, out_dir: Path, model_sha256: str,
+               settings: AnalysisSettings, force: bool) -> tuple[list[SlideJob], "BatchRecorder"]:
+    """Resume rule (shared by the local loop and the cluster): a slide whose OUT/<slide>/ is
+    complete for the same input, model and settings is skipped; every other slide is a job."""
+    names = output_names(slides, slides_dir)
+    recorder = BatchRecorder(out_dir, [names[p] for p in slides])
+    jobs = []
+    for path in slides:
+        name = names[path]
+        fingerprint = slide_fingerprint(path, model_sha256, settings)
+        if not force and is_complete(out_dir / name, fingerprint):
+            log.info("%s: outputs complete and up to date, skipping (--force to redo)", name)
+            recorder.add(load_report(out_dir / name), skipped=True)
+        else:
+            jobs.append(SlideJob(path, name, fingerprint))
+    return jobs, recorder
+
+
+class BatchRecorder:
+    """Collects slide reports in whatever order they finish (local loop or cluster), rewrites
+    summary.csv (in slide order) after each one, and index.html at the end."""
+
+    def __init__(self, out_dir: Path, order: list[str]):
+        self.out_dir = out_dir
+        self.order = order
+        self.reports: dict[str, SlideReport] = {}
+        self.skipped: set[str] = set()
+        self.output_error: str | None = None
+
+    def ordered(self) -> list[SlideReport]:
+        return [self.reports[n] for n in self.order if n in self.reports]
+
+    def add(self, report: SlideReport, skipped: bool = False) -> None:
+        self.reports[report.slide] = report
+        if skipped:
+            self.skipped.add(report.slide)
+        elif report.status == "ok":
+            log.info("%s: %d glomeruli (%d normal, %d sclerosed), %s%% sclerosed, %.1f s", report.slide,
+                     report.n_glomeruli, report.n_normal, report.n_sclerosed,
+                     report.percent_global_glomerulosclerosis, report.runtime_s)
+        else:
+            log.error("%s failed: %s", report.slide, report.reason)
+        try:
+            write_summary(self.out_dir, self.ordered(), self.skipped)
+        except OSError as exc:
+            if exc.errno in OUTPUT_ERRNOS:
+                raise OutputNotWritable(f"cannot write summary.csv in {self.out_dir}: {exc.strerror}") from exc
+            raise
+
+    def stop(self, exc: OutputNotWritable, not_started: list[SlideJob]) -> None:
+        """The output folder stopped taking writes: the slide that hit it and every slide not
+        yet analysed are failed with the reason (kept in memory if summary.csv cannot be written)."""
+        self.output_error = str(exc)
+        log.error("stopping the batch: %s", exc)
+        if exc.report is not None:
+            self.reports[exc.report.slide] = exc.report
+        for job in not_started:
+            if job.name not in self.reports:
+                self.reports[job.name] = SlideReport(
+                    slide=job.name, path=str(job.path), status="failed",
+                    reason=f"not analysed: the batch stopped because {exc}", fingerprint=job.fingerprint)
+
+    def finish(self, interrupted: bool = False) -> BatchOutcome:
+        """Final summary.csv and index.html (best effort when the output folder is failing)."""
+        from .batch_report import write_index
+
+        reports = self.ordered()
+        try:
+            write_summary(self.out_dir, reports, self.skipped)
+            write_index(self.out_dir, reports, self.skipped, interrupted=interrupted)
+        except OSError as exc:
+            if exc.errno not in OUTPUT_ERRNOS and self.output_error is None:
+                raise
+            self.output_error = self.output_error or f"cannot write summary.csv/index.html: {exc.strerror}"
+            log.error("%s; the slides' results are in the log above", self.output_error)
+        failed = [r for r in reports if r.status != "ok"]
+        log.info("batch %s: %d ok (%d skipped as up to date), %d failed", "interrupted" if interrupted else "done",
+                 len(reports) - len(failed), len(self.skipped), len(failed))
+        for r in failed:
+            log.error("FAILED %s: %s", r.slide, r.reason)
+        return BatchOutcome(reports=reports, skipped=sorted(self.skipped), output_error=self.output_error)
 
 
 @contextlib.contextmanager
 def output_lock(out_dir: Path):
     """One batch per output folder at a time (a second one would delete the first one's staging)."""
-    with open(out_dir / ".glomscan.lock", "a+") as handle:
+    try:
+        handle = open(out_dir / ".glomscan.lock", "a+")
+    except OSError as exc:
+        raise OutputNotWritable(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}") from exc
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -147,49 +292,24 @@ def output_lock(out_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_locked(slides: list[Path], slides_dir: Path, out_dir: Path, model: LoadedModel, engine: Engine,
-                choice: EngineChoice, settings: AnalysisSettings, force: bool, quiet: bool) -> BatchOutcome:
-    clean_staging(out_dir)
-    (out_dir / STAGING).mkdir(exist_ok=True)
-    names = output_names(slides, slides_dir)
-    log.info("%d slide(s) in %s -> %s (backend %s: %s)", len(slides), slides_dir, out_dir,
-             choice.backend, choice.reason)
-    reports: list[SlideReport] = []
-    skipped: set[str] = set()
-    with Progress(len(slides), "batch", quiet=quiet, unit="slide") as progress:
-        for path in slides:
-            name = names[path]
-            final_dir = out_dir / name
-            fingerprint = slide_fingerprint(path, model, settings)
-            if not force and is_complete(final_dir, fingerprint):
-                log.info("%s: outputs complete and up to date, skipping (--force to redo)", name)
-                reports.append(load_report(final_dir))
-                skipped.add(name)
-            else:
-                reports.append(_analyze_one(path, name, out_dir, final_dir, model, engine, choice,
-                                            settings, fingerprint, quiet))
-            write_summary(out_dir, reports, skipped)
-            progress.update()
-    failed = [r for r in reports if r.status != "ok"]
-    log.info("batch done: %d ok (%d skipped as up to date), %d failed", len(reports) - len(failed),
-             len(skipped), len(failed))
-    for r in failed:
-        log.error("FAILED %s: %s", r.slide, r.reason)
-    return BatchOutcome(reports=reports, skipped=sorted(skipped))
-
-
-def _analyze_one(path: Path, name: str, out_dir: Path, final_dir: Path, model: LoadedModel,
-                 engine: Engine, choice: EngineChoice, settings: AnalysisSettings,
-                 fingerprint: dict, quiet: bool) -> SlideReport:
-    staging_dir = out_dir / STAGING / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    staging_dir.mkdir(parents=True)
+def process_slide(job: SlideJob, out_dir: Path, model: LoadedModel, engine: Engine, choice: EngineChoice,
+                  settings: AnalysisSettings, quiet: bool = True) -> SlideReport:
+    """Analyse one slide into a private staging folder, publish it by rename, or record why it
+    failed. The one per-slide step of both the local loop and the cluster task (which runs it
+    on a worker, writing straight into the shared OUT). Raises OutputNotWritable when the
+    output folder is read-only or full; every other error becomes a failed report."""
+    final_dir = out_dir / job.name
+    staging_dir = out_dir / STAGING / f"{job.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        staging_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise OutputNotWritable(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}",
+                                _failed_report(job, model, choice, f"output folder: {exc.strerror or exc}", 0.0)) from exc
     started = time.perf_counter()
     try:
-        report = analyze_slide(path, name, staging_dir, model, engine, choice, settings, fingerprint, quiet)
+        report = analyze_slide(job.path, job.name, staging_dir, model, engine, choice, settings,
+                               job.fingerprint, quiet)
         publish(staging_dir, final_dir)
-        log.info("%s: %d glomeruli (%d normal, %d sclerosed), %s%% sclerosed, %.1f s", name,
-                 report.n_glomeruli, report.n_normal, report.n_sclerosed,
-                 report.percent_global_glomerulosclerosis, report.runtime_s)
         return report
     except KeyboardInterrupt:
         shutil.rmtree(staging_dir, ignore_errors=True)
@@ -197,16 +317,30 @@ def _analyze_one(path: Path, name: str, out_dir: Path, final_dir: Path, model: L
     except Exception as exc:  # one slide's failure must not end the overnight batch
         shutil.rmtree(staging_dir, ignore_errors=True)
         reason = str(exc) if isinstance(exc, SlideError) else f"{type(exc).__name__}: {exc}"
-        log.debug("%s failed:\n%s", name, traceback.format_exc())
-        report = SlideReport(slide=name, path=str(path), status="failed", reason=reason,
-                             backend=choice.backend, backend_reason=choice.reason, model_id=model.model_id,
-                             model_sha256=model.sha256, fingerprint=fingerprint,
-                             runtime_s=round(time.perf_counter() - started, 3))
-        _record_failure(final_dir, report)
+        log.debug("%s failed:\n%s", job.name, traceback.format_exc())
+        report = _failed_report(job, model, choice, reason, time.perf_counter() - started)
+        output_side = isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS
+        if output_side:
+            report.reason = f"output folder: {exc.strerror} (while writing {getattr(exc, 'filename', None) or 'outputs'})"
+        try:
+            record_failure(final_dir, report)
+        except OSError as write_exc:
+            if write_exc.errno not in OUTPUT_ERRNOS:
+                raise
+            output_side = True
+        if output_side:
+            raise OutputNotWritable(f"the output folder {out_dir} does not accept writes: "
+                                    f"{getattr(exc, 'strerror', None) or exc}", report) from exc
         return report
 
 
-def _record_failure(final_dir: Path, report: SlideReport) -> None:
+def _failed_report(job: SlideJob, model: LoadedModel, choice: EngineChoice, reason: str, seconds: float) -> SlideReport:
+    return SlideReport(slide=job.name, path=str(job.path), status="failed", reason=reason,
+                       backend=choice.backend, backend_reason=choice.reason, model_id=model.model_id,
+                       model_sha256=model.sha256, fingerprint=job.fingerprint, runtime_s=round(seconds, 3))
+
+
+def record_failure(final_dir: Path, report: SlideReport) -> None:
     """A failed slide gets OUT/<slide>/report.json saying why, unless that folder holds an
     earlier complete result, which is kept (the summary row still says this run failed)."""
     if (final_dir / "report.json").exists():

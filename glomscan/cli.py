@@ -49,7 +49,13 @@ def main() -> None:
               help="Level-0 µm/px for slides that carry none in their metadata.")
 @click.option("--min-area-um2", type=float, default=1500.0, show_default=True,
               help="Drop glomerulus candidates smaller than this.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Tile reader threads.")
+@click.option("--readers", type=int, default=2, show_default=True,
+              help="Tile reader threads per slide (prefetch tiles while the model runs).")
+@click.option("--cluster", default=None, metavar="local|tcp://HOST:8786",
+              help="Spread slides over Dask workers: 'local' starts one worker process per visible GPU "
+                   "(or --workers on CPU); tcp://... uses a running Dask scheduler.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes of --cluster local (default: one per visible GPU; 2 without GPU).")
 @click.option("--blend", type=click.Choice(BLEND_WINDOWS), default="cosine", show_default=True,
               help="Blending window of overlapping tiles.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -61,15 +67,24 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging (tracebacks of failed slides).")
 def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap, target_mpp, downsample,
-            mpp_override, min_area_um2, workers, blend, engine_dir, precision, recursive, force, quiet, verbose):
-    """Analyse every slide in SLIDES_DIR: masks, glomerulus tables, sclerosis reports.
+            mpp_override, min_area_um2, readers, cluster, workers, blend, engine_dir, precision, recursive, force,
+            quiet, verbose):
+    """Analyse every slide in SLIDES_DIR: masks, glomerulus tables, sclerosis reports, and the
+    batch report OUT/index.html.
 
-    Exit code 0 when every slide succeeded, 1 when any failed (see summary.csv), 2 on usage
-    errors (bad model, bad settings) before any slide is touched.
+    Exit codes: 0 every slide ok; 1 some slide failed (reasons in summary.csv); 2 usage error
+    (bad model, bad settings, output folder busy) before any slide is touched; 3 the output
+    folder does not accept writes (read-only, disk full): the batch stopped, finished outputs
+    kept; 130 interrupted (Ctrl-C): rerun the same command to resume.
     """
     _setup_logging(quiet, verbose)
+    if workers is not None and cluster != "local":
+        raise click.UsageError("--workers sets the worker processes of --cluster local "
+                               "(tile reader threads are --readers)")
+    if cluster not in (None, "local") and "://" not in cluster:
+        raise click.UsageError(f"--cluster {cluster!r}: use 'local' or a scheduler address such as tcp://host:8786")
     settings = AnalysisSettings(target_mpp=target_mpp, downsample=downsample, mpp_override=mpp_override,
-                                tile=tile, overlap=overlap, batch_size=max(batch_size, 1), workers=workers,
+                                tile=tile, overlap=overlap, batch_size=max(batch_size, 1), workers=readers,
                                 min_glomerulus_area_um2=min_area_um2, blend=blend)
     try:
         settings.validate()
@@ -77,29 +92,49 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
         raise click.UsageError(str(exc)) from exc
     model = _load_model_or_exit(model_path)
 
-    from .batch import run_batch
+    from .batch import OutputNotWritable, run_batch
     from .engines import EngineOptions, create_engine
 
     options = EngineOptions(precision=precision, max_batch=batch_size or 8, tile=tile,
                             **({"engine_dir": engine_dir} if engine_dir else {}))
     try:
-        engine, choice = create_engine(backend, model, options)
-    except (RuntimeError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from exc
-    if batch_size == 0:
-        settings = dataclasses.replace(settings, batch_size=engine.preferred_batch_size)
-    log.info("model %s (%s); backend %s: %s; batch size %d", model.model_id, model.card.trained_on, choice.backend,
-             choice.reason, settings.batch_size)
-    try:
-        outcome = run_batch(slides_dir, out_dir, model, engine, choice, settings, force=force,
-                            recursive=recursive, quiet=quiet)
+        if cluster is not None:
+            from .cluster import BackendEngine, run_cluster_batch
+
+            log.info("model %s (%s); backend %s chosen on each Dask worker", model.model_id, model.card.trained_on,
+                     backend)
+            outcome = run_cluster_batch(slides_dir, out_dir, model, BackendEngine(backend, options, batch_size == 0),
+                                        settings, cluster=cluster, workers=workers, force=force,
+                                        recursive=recursive, quiet=quiet)
+        else:
+            try:
+                engine, choice = create_engine(backend, model, options)
+            except (RuntimeError, ValueError) as exc:
+                raise click.UsageError(str(exc)) from exc
+            if batch_size == 0:
+                settings = dataclasses.replace(settings, batch_size=engine.preferred_batch_size)
+            log.info("model %s (%s); backend %s: %s; batch size %d", model.model_id, model.card.trained_on,
+                     choice.backend, choice.reason, settings.batch_size)
+            try:
+                outcome = run_batch(slides_dir, out_dir, model, engine, choice, settings, force=force,
+                                    recursive=recursive, quiet=quiet)
+            finally:
+                engine.close()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    finally:
-        engine.close()
+    except OutputNotWritable as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted: finished slides are published in {out_dir}; rerun the same command to resume.",
+                   err=True)
+        sys.exit(130)
     if not quiet:
         click.echo(f"{len(outcome.reports)} slide(s): {len(outcome.reports) - len(outcome.failed)} ok, "
-                   f"{len(outcome.failed)} failed. Summary: {out_dir / 'summary.csv'}")
+                   f"{len(outcome.failed)} failed. Summary: {out_dir / 'summary.csv'}, report: {out_dir / 'index.html'}")
+    if outcome.output_error:
+        click.echo(f"Error: {outcome.output_error}", err=True)
+        sys.exit(3)
     sys.exit(1 if outcome.failed else 0)
 
 

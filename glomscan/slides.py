@@ -26,6 +26,13 @@ TIFF_EXTENSIONS = {".tif", ".tiff"}
 FLAT_EXTENSIONS = {".png", ".jpg", ".jpeg"}
 SLIDE_EXTENSIONS = OPENSLIDE_EXTENSIONS | TIFF_EXTENSIONS | FLAT_EXTENSIONS
 
+MULTI_FILE_EXTENSIONS = {".mrxs", ".vms", ".vmu"}
+"""Formats whose pixels live in companion files (the named file alone is small)."""
+MAX_PIXELS_PER_FILE_BYTE = 20_000
+"""Even blank glass compresses to well under 1000 level-0 pixels per byte (JPEG or deflate tiles);
+a header claiming far more pixels than the file could hold is truncated or corrupt, and reading
+it would only spin on (or allocate for) pixels that are not there."""
+
 PLAUSIBLE_MPP = (0.05, 20.0)
 """Metadata mpp outside this range is treated as absent (libvips reports 1 px/mm for TIFFs
 without resolution tags, i.e. 1000 µm/px)."""
@@ -96,6 +103,7 @@ class Slide:
             raise SlideError(f"cannot open slide: {_vips_reason(exc)}") from exc
         if self.levels[0].width < 1 or self.levels[0].height < 1:
             raise SlideError("slide has no pixels")
+        _refuse_implausible_size(self.path, self.levels[0])
         self.mpp_from_metadata = self.mpp
         if self.mpp is None and mpp_override is not None:
             self.mpp = float(mpp_override)
@@ -194,6 +202,15 @@ class Slide:
     def __repr__(self) -> str:
         dims = "x".join(map(str, (self.levels[0].width, self.levels[0].height)))
         return f"Slide({self.path.name}, {dims}, levels={len(self.levels)}, mpp={self.mpp})"
+
+
+def _refuse_implausible_size(path: Path, level0: Level) -> None:
+    if path.suffix.lower() in MULTI_FILE_EXTENSIONS:
+        return
+    size = path.stat().st_size
+    if level0.width * level0.height > MAX_PIXELS_PER_FILE_BYTE * size:
+        raise SlideError(f"header claims {level0.width} x {level0.height} px but the file has only {size} bytes: "
+                         "truncated or corrupt, not read")
 
 
 def _plausible(mpp: float | None) -> float | None:

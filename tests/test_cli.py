@@ -85,7 +85,7 @@ def test_sigkill_mid_batch_then_resume(small_slide, tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "glomscan.cli", "analyze", str(slides), "--out", str(out),
                              "--model", str(tiny_checkpoint), "--tile", "256", "--overlap", "128",
-                             "--batch-size", "1", "--workers", "1", "--quiet"],
+                             "--batch-size", "1", "--readers", "1", "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # kill while slide b is being analysed (a is published, b's staging folder exists)
     deadline = time.time() + 300

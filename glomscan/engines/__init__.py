@@ -27,6 +27,8 @@ class EngineOptions:
     workspace_gb: float = 4.0
     tile: int | None = None
     """Tile size the TensorRT profile is built for (default: the model card's)."""
+    cpu_threads: int | None = None
+    """ONNX Runtime CPU threads (default: all cores; a Dask worker sharing the CPU sets its share)."""
 
 
 def _default_dir() -> Path:
@@ -51,7 +53,7 @@ def create_engine(backend: str, model: LoadedModel, options: EngineOptions | Non
     providers = onnxruntime_providers()
 
     def onnxruntime_engine() -> OnnxRuntimeEngine:
-        return OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir))
+        return OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir), threads=options.cpu_threads)
 
     def tensorrt_engine():
         return prepare_tensorrt(model, options.engine_dir, options.precision, options.tile, options.max_batch,
