@@ -1,0 +1,74 @@
+"""Scale-out pieces that need no running cluster: worker environments, CLI option rules, the
+compose recipe. (Running clusters: tests/reliability/test_cluster_runs.py.)"""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from glomscan.cli import main
+from glomscan.cluster import resource_name, visible_gpus, worker_environments
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_one_worker_per_visible_gpu_each_pinned_to_its_own():
+    envs = worker_environments(["0", "1", "3"], None, cpu_count=12)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "3"]
+    assert all(e["OMP_NUM_THREADS"] == "4" for e in envs)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_environments(["0", "1", "3"], 2, 12)] == ["0", "1"]
+    # asking for more workers than GPUs still gives one per GPU (two slides never share a GPU)
+    assert len(worker_environments(["5"], 4, 8)) == 1
+    assert resource_name(["0"]) == "GPU"
+
+
+def test_cpu_only_workers_see_no_gpu_and_share_the_cores():
+    envs = worker_environments([], 3, cpu_count=8)
+    assert len(envs) == 3 and all(e == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"} for e in envs)
+    assert len(worker_environments([], None, 2)) == 2 and worker_environments([], 4, 2)[0]["OMP_NUM_THREADS"] == "1"
+    assert resource_name([]) == "SLOT"
+    with pytest.raises(ValueError):
+        worker_environments([], 0, 2)
+
+
+def test_visible_gpus_follow_cuda_visible_devices():
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-1a2b, MIG-4"}) == ["GPU-1a2b", "MIG-4"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == [] and visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+
+
+def test_workers_option_means_processes_and_needs_cluster_local(small_slide, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["analyze", str(small_slide.path.parent), "--out", str(tmp_path / "o"), "--workers", "2"])
+    assert res.exit_code == 2 and "--readers" in res.output
+    res = runner.invoke(main, ["analyze", str(small_slide.path.parent), "--out", str(tmp_path / "o"),
+                               "--cluster", "scheduler:8786"])
+    assert res.exit_code == 2 and "tcp://" in res.output
+    help_text = runner.invoke(main, ["analyze", "--help"]).output
+    assert "--readers" in help_text and "Tile reader threads" in help_text and "Worker processes" in help_text
+    assert not (tmp_path / "o").exists()
+
+
+def test_compose_recipe_parses_and_uses_the_right_commands():
+    yaml = pytest.importorskip("yaml", reason="pyyaml not installed")
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    scheduler = services["scheduler"]
+    assert scheduler["entrypoint"][0] == "dask" and scheduler["command"][0] == "scheduler"
+    assert scheduler["environment"]["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] == "1"
+    workers = [s for name, s in services.items() if name.startswith("worker")]
+    assert len(workers) >= 2
+    devices = set()
+    for w in workers:
+        cmd = w["command"]
+        assert w["entrypoint"][0] == "dask" and cmd[0] == "worker" and cmd[1] == "tcp://scheduler:8786"
+        assert cmd[cmd.index("--resources") + 1] == "GPU=1" and cmd[cmd.index("--nthreads") + 1] == "1"
+        reservation = w["deploy"]["resources"]["reservations"]["devices"][0]
+        assert reservation["capabilities"] == ["gpu"] and len(reservation["device_ids"]) == 1
+        devices.add(reservation["device_ids"][0])
+        assert any(v.endswith(":/results") for v in w["volumes"]) and any(":/slides:ro" in v for v in w["volumes"])
+    assert len(devices) == len(workers), "one GPU each"
+    client = services["analyze"]
+    assert client["command"][:2] == ["analyze", "/slides"] and "tcp://scheduler:8786" in client["command"]
+    for s in [scheduler, client, *workers]:
+        assert s["image"] == workers[0]["image"], "same image everywhere"
