@@ -158,9 +158,10 @@ def write_mask_tiff(labels: pyvips.Image, path: Path, analysis_mpp: float | None
     if analysis_mpp:
         ppmm = 1000.0 / analysis_mpp
         kwargs.update(xres=ppmm, yres=ppmm, resunit="cm")
-    tmp = path.with_name(f".{path.name}.tmp")
-    labels.tiffsave(str(tmp), **kwargs)
-    os.replace(tmp, path)
+    # Encoded in memory (labels deflate to a few % of the pixels), then written by Python: libvips
+    # 8.14's pyramidal tiffsave crashes the process (SIGSEGV) when the disk fills up mid-write,
+    # where a Python write raises ENOSPC and the batch records it.
+    atomic_write_bytes(path, labels.tiffsave_buffer(**kwargs))
 
 
 # -- overview --------------------------------------------------------------------------------
