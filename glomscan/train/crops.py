@@ -149,6 +149,8 @@ class GlomerulusInstance:
     area_px: int
     border_distance: float
     """Distance of the circle centre to the nearest patch border (px)."""
+    pixel: tuple[int, int]
+    """(row, col) of one of its pixels in the patch."""
 
     @property
     def slide_centre(self) -> tuple[float, float]:
@@ -205,9 +207,10 @@ def sclerosed_census(dataset_dir: Path, manifest: pd.DataFrame, split: str = "tr
             component = comps[sl] == index
             cx, cy, radius = component_circle(component)
             cx, cy = cx + c0, cy + r0
+            rr, cc = np.nonzero(component)
             whole.append(GlomerulusInstance(str(row.slide), str(row.patch_id), int(row.x), int(row.y),
                                             (r0, c0, r1, c1), cx, cy, radius, int(component.sum()),
-                                            min(cx, cy, w - cx, h - cy)))
+                                            min(cx, cy, w - cx, h - cy), (int(r0 + rr[0]), int(c0 + cc[0]))))
     whole.sort(key=lambda g: (g.slide, -g.border_distance, g.patch_id))
     for g in whole:
         sx, sy = g.slide_centre
@@ -295,8 +298,7 @@ def make_crops(dataset_dir: Path, out_dir: Path, settings: CropSettings = CropSe
         h, w = labels.shape
         x0, y0 = crop_origin(g.cx, g.cy, settings.size, w, h)
         comps, _ = sclerosed_components(labels)
-        r0, c0 = g.bbox[:2]
-        index = comps[r0:g.bbox[2], c0:g.bbox[3]].max()  # the bbox holds this component's pixels
+        index = comps[g.pixel]
         window = comps[y0:y0 + settings.size, x0:x0 + settings.size]
         mask = window == index
         sx, sy = g.slide_centre
