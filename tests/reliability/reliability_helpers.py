@@ -11,7 +11,22 @@ from pathlib import Path
 
 import pandas as pd
 
+from glomscan.batch import STAGING
+
 FAST = ["--tile", "256", "--overlap", "128", "--batch-size", "4"]
+
+
+def staging_entries(out, slide):
+    """(pid, entry) of the staging folders of ``slide``: <slide>.<pid of the analysing process>.<random>."""
+    folder = out / STAGING
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        parts = p.name.rsplit(".", 2)
+        if len(parts) == 3 and parts[0] == slide and parts[1].isdigit():
+            found.append((int(parts[1]), p))
+    return found
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:

@@ -1,0 +1,46 @@
+"""Killing things mid-slide: Ctrl-C (SIGINT) of a whole batch, and SIGKILL of a Dask worker.
+Nothing finished is lost or changed, the interrupted slide is redone, exit codes say what
+happened. (SIGKILL of the single-process batch: tests/test_cli.py::test_sigkill_mid_batch_then_resume.)"""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from glomscan.cli import main
+
+from conftest import copy_slide
+from reliability_helpers import FAST, STAGING, glomscan_cmd, published, staging_entries, summary
+
+def test_sigint_of_the_batch_then_resume(small_slide, tiny_checkpoint, tmp_path):
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    copy_slide(small_slide.path, slides, "a.tif")
+    copy_slide(small_slide.path, slides, "b.tif")
+    proc = subprocess.Popen(glomscan_cmd("analyze", slides, "--out", out, "--model", tiny_checkpoint, *FAST,
+                                         "--readers", "1", "--quiet"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((out / "a" / "report.json").exists() and staging_entries(out, "b")):
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"analyze ended before it could be interrupted: {proc.communicate()}")
+        time.sleep(0.02)
+    done = published(out, "a")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "rerun the same command to resume" in stderr
+    assert published(out, "a") == done and not (out / "b").exists()
+    assert list((out / STAGING).iterdir()) == []  # the interrupted slide's staging is removed
+    s = summary(out)
+    assert list(s.index) == ["a"] and s.loc["a", "status"] == "ok"
+    assert "interrupted" in (out / "index.html").read_text()
+
+    res = CliRunner().invoke(main, ["analyze", str(slides), "--out", str(out), "--model", str(tiny_checkpoint),
+                                    *FAST, "--quiet"])
+    assert res.exit_code == 0, res.output
+    s = summary(out)
+    assert list(s.status) == ["ok", "ok"] and list(s.skipped) == [True, False]
+    assert published(out, "a") == done
