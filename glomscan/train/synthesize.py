@@ -1,0 +1,294 @@
+"""Synthetic sclerosed glomeruli pasted into training patches by inpainting (issue #5, step 6).
+
+For each synthetic glomerulus: a generated mask (``glomscan masks generate``), a training
+patch, and a crop position where the whole mask lies on tissue and at least
+``min_distance_px`` away from every labelled glomerulus (real or synthetic). The crop's
+gapped image ``X * (1 - mask)`` goes through the inpainting generator, the result is pasted
+back only inside the mask (optionally feathered inwards from its border) and the mask's pixels
+become label 2 (sclerosed).
+
+Tissue here is a fixed, documented threshold at patch resolution: HSV saturation above
+``TissueSettings.min_saturation`` (0.05, the floor of the slide-level detector: blank glass
+stays below it) and not black, closed and hole-filled. The slide-level Otsu threshold is not
+used because a patch can be all tissue, where Otsu splits the tissue itself.
+
+The output is a full dataset: every original patch (hard-linked, or copied where links are
+impossible; never modified) plus one new patch per source patch that received glomeruli
+(``<patch_id>_syn``; ``synthetic`` True, split "train"), ``synthesis.csv`` (one row per
+synthetic glomerulus) and ``examples.png`` (before | after | mask).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.signal import fftconvolve
+from skimage.transform import resize
+
+from ..config import TissueSettings
+from .crops import sclerosed_census, training_rows, write_png
+from .data import MANIFEST_COLUMNS, load_patch
+from .maskgan import equivalent_diameter
+
+log = logging.getLogger(__name__)
+
+
+class Inpainter(Protocol):
+    """(N, S, S, 3) uint8 RGB + (N, S, S) bool masks -> (N, S, S, 3) uint8, the whole
+    reconstructed crop. ``size``: the side it was trained at (optional)."""
+
+    def __call__(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray: ...
+
+
+class SynthesisError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SynthesisSettings:
+    amount: float = 1.0
+    """Synthetic glomeruli per real sclerosed glomerulus of the training split (paper: 0.3, 0.6, 1.0)."""
+    feather_px: float = 0.0
+    """Blend width inside the mask's border (0: hard paste). Never outside the mask."""
+    min_distance_px: int = 16
+    """Gap kept to every labelled glomerulus (real or synthetic)."""
+    seed: int = 0
+    min_saturation: float = TissueSettings.min_saturation
+    examples: int = 8
+    """Placements shown in examples.png."""
+
+
+@dataclass
+class Placement:
+    index: int
+    source_patch: str
+    x0: int
+    y0: int
+    """Crop origin in the patch."""
+    mask_index: int
+    area_px: int
+    before: np.ndarray = field(repr=False)
+    after: np.ndarray = field(repr=False)
+    mask: np.ndarray = field(repr=False)
+
+
+@dataclass
+class SynthesisSummary:
+    real_sclerosed: int
+    placements: list[Placement]
+    manifest: pd.DataFrame
+    examples_path: Path
+
+
+def patch_tissue(image: np.ndarray, min_saturation: float = TissueSettings.min_saturation) -> np.ndarray:
+    """Tissue pixels of a patch (see module doc)."""
+    rgb = image.astype(np.float32)
+    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
+    saturation = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0)
+    tissue = (saturation > min_saturation) & (mx > 20)
+    tissue = ndimage.binary_closing(tissue, structure=np.ones((3, 3)), iterations=2, border_value=1)
+    return ndimage.binary_fill_holes(tissue)
+
+
+def near_glomeruli(labels: np.ndarray, min_distance_px: float) -> np.ndarray:
+    """Pixels within min_distance_px (Euclidean) of a labelled glomerulus, the glomeruli included."""
+    glomeruli = labels > 0
+    if min_distance_px <= 0 or not glomeruli.any():
+        return glomeruli
+    return ndimage.distance_transform_edt(~glomeruli) <= min_distance_px
+
+
+def forbidden_pixels(image: np.ndarray, labels: np.ndarray, min_distance_px: float,
+                     min_saturation: float = TissueSettings.min_saturation) -> np.ndarray:
+    """Pixels a synthetic glomerulus must not cover: off tissue, or within min_distance_px of a
+    labelled glomerulus."""
+    return near_glomeruli(labels, min_distance_px) | ~patch_tissue(image, min_saturation)
+
+
+def candidate_origins(forbidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """bool (H - S + 1, W - S + 1): True where a crop of side S at that origin puts no mask
+    pixel on a forbidden pixel."""
+    s = mask.shape[0]
+    h, w = forbidden.shape
+    rows, cols = np.nonzero(mask)
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    part = mask[r0:r1, c0:c1].astype(np.float32)
+    # hits[y, x] = forbidden pixels under the mask's bounding part placed at (y, x)
+    hits = fftconvolve(forbidden.astype(np.float32), part[::-1, ::-1], mode="valid")
+    ok = hits < 0.5
+    # part at (y, x) <=> crop origin (y - r0, x - c0), which must stay within the patch
+    return ok[r0:r0 + h - s + 1, c0:c0 + w - s + 1]
+
+
+def feather_weights(mask: np.ndarray, feather_px: float) -> np.ndarray:
+    """Paste weight per pixel: 0 outside the mask; inside min(1, distance to the outside /
+    feather_px) (1 everywhere inside when feather_px is 0)."""
+    if feather_px <= 0:
+        return mask.astype(np.float32)
+    return np.clip(ndimage.distance_transform_edt(mask) / feather_px, 0, 1).astype(np.float32) * mask
+
+
+def composite(original: np.ndarray, generated: np.ndarray, mask: np.ndarray, feather_px: float = 0.0) -> np.ndarray:
+    """The original with the generated pixels pasted inside the mask only."""
+    w = feather_weights(mask, feather_px)[..., None]
+    out = original.astype(np.float32) * (1 - w) + generated.astype(np.float32) * w
+    out = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    out[~mask] = original[~mask]  # bit-exact outside
+    return out
+
+
+def inpaint_crop(inpainter: Callable, crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The inpainter's reconstruction of ``X_gap = X * (1 - mask)`` at the crop's size (resized
+    to and from the inpainter's own size when they differ)."""
+    size = crop.shape[0]
+    gap = crop * (~mask)[..., None]
+    own = getattr(inpainter, "size", None) or size
+    if own != size:
+        gap_in = np.clip(resize(gap, (own, own), order=1, preserve_range=True, anti_aliasing=own < size) + 0.5,
+                         0, 255).astype(np.uint8)
+        mask_in = resize(mask, (own, own), order=0, anti_aliasing=False).astype(bool)
+        out = inpainter(gap_in[None], mask_in[None])[0]
+        return np.clip(resize(out, (size, size), order=1, preserve_range=True) + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(inpainter(gap[None], mask[None])[0], np.uint8)
+
+
+def _prepare_output(dataset_dir: Path, out_dir: Path) -> None:
+    if out_dir.resolve() == dataset_dir.resolve():
+        raise SynthesisError("the output folder must differ from the dataset (originals are never modified)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise SynthesisError(f"{out_dir} exists and is not empty; choose a new folder")
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "masks").mkdir(exist_ok=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def synthesize(dataset_dir: Path, out_dir: Path, inpainter: Callable, masks: list[np.ndarray],
+               settings: SynthesisSettings = SynthesisSettings()) -> SynthesisSummary:
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    if not masks:
+        raise SynthesisError("no glomerulus masks given (make them with 'glomscan masks generate')")
+    size = masks[0].shape[0]
+    if any(m.shape != (size, size) or not m.any() for m in masks):
+        raise SynthesisError("masks must be non-empty, square and all the same size")
+    if settings.amount < 0:
+        raise SynthesisError("--amount must not be negative")
+    manifest = pd.read_csv(dataset_dir / "manifest.csv", dtype={"patch_id": str, "slide": str})
+    census = sclerosed_census(dataset_dir, manifest, "train")
+    if census.total == 0:
+        raise SynthesisError(f"{dataset_dir}: no sclerosed glomeruli in the training patches, so --amount has "
+                             "nothing to be relative to")
+    count = round(settings.amount * census.total)
+    if count == 0:
+        raise SynthesisError(f"--amount {settings.amount} x {census.total} real sclerosed glomeruli rounds to 0")
+    sources = training_rows(manifest, "train")
+    sources = sources[sources.tile >= size] if "tile" in sources else sources
+    if sources.empty:
+        raise SynthesisError(f"{dataset_dir}: no training patches of at least {size} px")
+    _prepare_output(dataset_dir, out_dir)
+    rng = np.random.default_rng(settings.seed)
+    rows_by_id = {str(r.patch_id): r for _, r in sources.iterrows()}
+    patch_ids = sorted(rows_by_id)
+    work: dict[str, list] = {}  # patch id -> [image, labels, forbidden]
+    placements: list[Placement] = []
+    for i in range(count):
+        mask_index = i % len(masks)
+        mask = masks[mask_index]
+        if i >= len(masks):  # reused shape: a random flip/rotation
+            mask = np.rot90(mask, int(rng.integers(4)))
+            mask = mask[:, ::-1] if rng.random() < 0.5 else mask
+            mask = np.ascontiguousarray(mask)
+        for patch_id in rng.permutation(patch_ids):
+            if patch_id not in work:
+                image, labels = load_patch(dataset_dir, rows_by_id[patch_id])
+                image, labels = np.array(image), np.array(labels)
+                off_tissue = ~patch_tissue(image, settings.min_saturation)
+                work[patch_id] = [image, labels, off_tissue | near_glomeruli(labels, settings.min_distance_px), False,
+                                  off_tissue]
+            image, labels, forbidden = work[patch_id][:3]
+            ok = candidate_origins(forbidden, mask)
+            if ok.any():
+                break
+        else:
+            raise SynthesisError(
+                f"no position fits synthetic glomerulus {i + 1} of {count} (equivalent diameter "
+                f"{equivalent_diameter(mask.sum()):.0f} px) in any of the {len(patch_ids)} training patches: it must lie "
+                f"on tissue and {settings.min_distance_px} px from every glomerulus (lower --amount or --min-distance-px)")
+        ys, xs = np.nonzero(ok)
+        k = int(rng.integers(len(ys)))
+        y0, x0 = int(ys[k]), int(xs[k])
+        window = (slice(y0, y0 + size), slice(x0, x0 + size))
+        before = image[window].copy()
+        generated = inpaint_crop(inpainter, before, mask)
+        after = composite(before, generated, mask, settings.feather_px)
+        image[window] = after
+        labels[window][mask] = 2
+        work[patch_id][2] = work[patch_id][4] | near_glomeruli(labels, settings.min_distance_px)
+        work[patch_id][3] = True
+        placements.append(Placement(i, patch_id, x0, y0, mask_index, int(mask.sum()), before, after, mask))
+    rows = _write_dataset(dataset_dir, out_dir, manifest, rows_by_id, work, placements)
+    examples_path = write_examples(out_dir / "examples.png", placements[: settings.examples])
+    return SynthesisSummary(census.total, placements, rows, examples_path)
+
+
+def _write_dataset(dataset_dir: Path, out_dir: Path, manifest: pd.DataFrame, rows_by_id: dict, work: dict,
+                   placements: list[Placement]) -> pd.DataFrame:
+    for _, row in manifest.iterrows():
+        _link_or_copy(dataset_dir / row["image"], out_dir / row["image"])
+        _link_or_copy(dataset_dir / row["mask"], out_dir / row["mask"])
+    existing = set(manifest.patch_id.astype(str))
+    new_rows, new_ids = [], {}
+    for patch_id, (image, labels, _, touched, _) in sorted(work.items()):
+        if not touched:
+            continue
+        new_id = f"{patch_id}_syn"
+        while new_id in existing:
+            new_id += "x"
+        existing.add(new_id)
+        new_ids[patch_id] = new_id
+        write_png(out_dir / "images" / f"{new_id}.png", image)
+        write_png(out_dir / "masks" / f"{new_id}.png", labels)
+        src = rows_by_id[patch_id]
+        row = {c: src[c] for c in MANIFEST_COLUMNS if c in src}
+        row.update(patch_id=new_id, split="train", synthetic=True, n_normal_px=int((labels == 1).sum()),
+                   n_sclerosed_px=int((labels == 2).sum()), image=f"images/{new_id}.png", mask=f"masks/{new_id}.png")
+        row["source_patch"] = patch_id
+        row["n_synthetic_glomeruli"] = sum(p.source_patch == patch_id for p in placements)
+        new_rows.append(row)
+    columns = list(manifest.columns) + [c for c in ("source_patch", "n_synthetic_glomeruli") if c not in manifest]
+    out = pd.concat([manifest, pd.DataFrame(new_rows)], ignore_index=True)[columns]
+    out.to_csv(out_dir / "manifest.csv", index=False)
+    pd.DataFrame([{"glomerulus": p.index + 1, "patch_id": new_ids[p.source_patch], "source_patch": p.source_patch,
+                   "crop_x0": p.x0, "crop_y0": p.y0, "mask": p.mask_index, "area_px": p.area_px,
+                   "equivalent_diameter_px": round(equivalent_diameter(p.area_px), 2)} for p in placements]
+                 ).to_csv(out_dir / "synthesis.csv", index=False)
+    return out
+
+
+def write_examples(path: Path, placements: list[Placement], gap: int = 4) -> Path:
+    """One row per placement: crop before | after | mask (white), 4 px white gaps."""
+    if not placements:
+        return path
+    s = placements[0].mask.shape[0]
+    grid = np.full((len(placements) * (s + gap) - gap, 3 * s + 2 * gap, 3), 255, np.uint8)
+    for r, p in enumerate(placements):
+        y = r * (s + gap)
+        grid[y:y + s, :s] = p.before
+        grid[y:y + s, s + gap:2 * s + gap] = p.after
+        grid[y:y + s, 2 * (s + gap):] = (p.mask[..., None] * 255).astype(np.uint8)
+    write_png(path, grid)
+    return path
