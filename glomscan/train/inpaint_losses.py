@@ -1,0 +1,169 @@
+"""Losses of the inpainting model (method.md, "Inpainting augmentation" step 5; eq. 3-12 of the
+paper).
+
+With X_ori the real crop, X_rec the generator output, M the mask and R = X * M + (1 - M) (the
+glomerulus on white, :func:`local_view`), all in [-1, 1]:
+
+- least-squares GAN, for D_g (global, on X) and D_l (local, on R):
+  discriminator  L_D = E[(1 - D(X_ori))^2] + E[D(X_rec)^2]   (method.md's L_adv_g / L_adv_l)
+  generator      L_adv = E[(1 - D(X_rec))^2]                 (the generator's side of that game;
+                 this is the adversarial term in L_total)
+- L1_g = mean |X_ori - X_rec|, L1_l = mean |R_ori - R_rec|
+- L_per = mean over VGG19 layers relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 of the mean L1
+  between the activations of X_rec and X_ori
+- L_sty = mean over the same layers of the mean L1 between Gram matrices
+  (G = F F^T / (C H W), F the C x HW activations)
+- L_total = 0.02 (L_adv_g + L_adv_l) + 1 L1_g + lambda_1l L1_l + 0.1 L_per + 150 L_sty.
+
+VGG19 inputs are mapped from [-1, 1] to [0, 1] and normalised with the ImageNet mean/std.
+VGG19 weights only come from a local file; without them the perceptual and style terms are
+disabled (reported as NaN and in :attr:`GeneratorLoss.vgg_status`), never faked.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inpaint_models import local_view
+
+log = logging.getLogger(__name__)
+
+VGG_LAYERS = {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu5_1": 29}
+"""Indices of the ReLUs in ``torchvision.models.vgg19().features``."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InpaintLossWeights:
+    adversarial: float = 0.02
+    """On L_adv_g + L_adv_l."""
+    l1_global: float = 1.0
+    l1_local: float = 1.0
+    """lambda_1l: not given in the paper."""
+    perceptual: float = 0.1
+    style: float = 150.0
+
+
+def lsgan_discriminator_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """E[(1 - D(real))^2] + E[D(fake)^2]."""
+    return ((1 - real_scores.float()) ** 2).mean() + (fake_scores.float() ** 2).mean()
+
+
+def lsgan_generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
+    """E[(1 - D(fake))^2]."""
+    return ((1 - fake_scores.float()) ** 2).mean()
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, C) = F F^T / (C H W)."""
+    n, c, h, w = features.shape
+    f = features.float().reshape(n, c, h * w)
+    return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
+
+
+class VGGFeatures(nn.Module):
+    """Frozen VGG19 activations at :data:`VGG_LAYERS` of images in [-1, 1].
+
+    ``features`` is a ``torchvision.models.vgg19().features`` module (or any Sequential with
+    the same layout), already holding its weights; it is cut after relu5_1."""
+
+    def __init__(self, features: nn.Sequential, layers: dict[str, int] = VGG_LAYERS):
+        super().__init__()
+        last = max(layers.values())
+        self.features = nn.Sequential(*list(features.children())[:last + 1]).eval()
+        for p in self.features.parameters():
+            p.requires_grad_(False)
+        self.layers = dict(layers)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True) -> "VGGFeatures":
+        super().train(mode)
+        self.features.eval()  # a fixed feature extractor
+        return self
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = ((x.float() + 1) / 2 - self.mean) / self.std
+        wanted = set(self.layers.values())
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in wanted:
+                out.append(x)
+        return out
+
+
+def load_vgg19_features(path: Path) -> VGGFeatures:
+    """VGG19 features from a local state dict: torchvision's ``vgg19`` layout (``features.0.weight``
+    ...; classifier keys are ignored) or only the features part (with or without the
+    ``features.`` prefix). Raises ValueError when the file does not fit."""
+    from torchvision.models import vgg19
+
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot read VGG19 weights ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict")
+    if any(k.startswith("features.") for k in state):
+        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    features = vgg19().features
+    try:
+        features.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: not torchvision VGG19 weights ({str(exc).splitlines()[0]})") from exc
+    return VGGFeatures(features)
+
+
+VGG_DISABLED = "disabled: no VGG19 weights given (--vgg-weights); perceptual and style losses are off"
+
+
+class GeneratorLoss(nn.Module):
+    """The generator's total loss; ``forward`` returns every term (tensors) and ``total``.
+    ``vgg=None`` disables the perceptual and style terms (they come back as NaN and are not in
+    the total)."""
+
+    def __init__(self, weights: InpaintLossWeights = InpaintLossWeights(), vgg: VGGFeatures | None = None):
+        super().__init__()
+        self.weights, self.vgg = weights, vgg
+        if vgg is None:
+            log.warning("!!! VGG19 perceptual/style losses %s !!!", VGG_DISABLED)
+
+    @property
+    def vgg_status(self) -> str:
+        return "enabled" if self.vgg is not None else VGG_DISABLED
+
+    def perceptual_and_style(self, rec: torch.Tensor, ori: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f_rec, f_ori = self.vgg(rec), self.vgg(ori)
+        per = torch.stack([F.l1_loss(a.float(), b.float()) for a, b in zip(f_rec, f_ori)]).mean()
+        sty = torch.stack([F.l1_loss(gram_matrix(a), gram_matrix(b)) for a, b in zip(f_rec, f_ori)]).mean()
+        return per, sty
+
+    def forward(self, rec: torch.Tensor, ori: torch.Tensor, mask: torch.Tensor,
+                global_fake_scores: torch.Tensor, local_fake_scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        w = self.weights
+        rec, ori = rec.float(), ori.float()
+        terms = {"adv_global": lsgan_generator_loss(global_fake_scores),
+                 "adv_local": lsgan_generator_loss(local_fake_scores),
+                 "l1_global": F.l1_loss(rec, ori),
+                 "l1_local": F.l1_loss(local_view(rec, mask), local_view(ori, mask))}
+        total = (w.adversarial * (terms["adv_global"] + terms["adv_local"]) + w.l1_global * terms["l1_global"]
+                 + w.l1_local * terms["l1_local"])
+        if self.vgg is not None:
+            terms["perceptual"], terms["style"] = self.perceptual_and_style(rec, ori)
+            total = total + w.perceptual * terms["perceptual"] + w.style * terms["style"]
+        else:
+            nan = torch.tensor(float("nan"), device=rec.device)
+            terms["perceptual"], terms["style"] = nan, nan
+        terms["total"] = total
+        return terms
