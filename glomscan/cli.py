@@ -374,6 +374,125 @@ def demo_slide_cmd(out_path, seed):
 # --- sclerosed-glomerulus crops, mask GAN, synthesis (issue #5): `crops`, `train masks`,
 # `masks generate`, `synthesize` ----------------------------------------------------------------
 
+@main.command("crops")
+@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--size", type=int, default=256, show_default=True, help="Crop side, px.")
+@click.option("--test-fraction", type=float, default=0.2, show_default=True, help="Share of glomeruli for the test split.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "all"]), default="train", show_default=True,
+              help="Dataset split the glomeruli come from.")
+def crops_cmd(dataset_dir, out_dir, size, test_fraction, seed, split):
+    """Crop every sclerosed glomerulus (centred on its minimum enclosing circle) with its mask."""
+    _setup_logging(quiet=False)
+    from .train.crops import CropSettings, make_crops
+
+    try:
+        summary = make_crops(dataset_dir, out_dir, CropSettings(size, test_fraction, seed, split))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    counts = summary.manifest.split.value_counts().to_dict()
+    click.echo(f"wrote {len(summary.manifest)} crops to {out_dir} (train {counts.get('train', 0)}, test "
+               f"{counts.get('test', 0)}) from {summary.census.total} sclerosed glomeruli; not cropped: "
+               f"{summary.too_large} wider than {size} px, {summary.census.cut_only} cut by the patch border everywhere")
+
+
+@train.command("masks")
+@click.option("--crops", "crops_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--epochs", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--image-size", type=click.Choice(["64", "128"]), default="64", show_default=True)
+@click.option("--latent", type=int, default=100, show_default=True)
+@click.option("--base-channels", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--steps-per-epoch", type=int, default=None, help="Default: one pass over the masks.")
+@click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+def train_masks(crops_dir, out_path, epochs, batch_size, image_size, latent, base_channels, lr, steps_per_epoch,
+                split, seed, quiet):
+    """Train the mask DCGAN on the crops' glomerulus masks; resumes from OUT.last.pt if present."""
+    _setup_logging(quiet)
+    from .train.crops import read_crops
+    from .train.maskgan import MaskGanConfig, train_mask_gan
+
+    try:
+        masks = [m for _, m in read_crops(crops_dir, None if split == "all" else split)]
+        config = MaskGanConfig(epochs=epochs, batch_size=batch_size, image_size=int(image_size), latent=latent,
+                               base_channels=base_channels, lr=lr, steps_per_epoch=steps_per_epoch, seed=seed)
+        history = train_mask_gan(masks, out_path, config, quiet=quiet, info={"crops": str(crops_dir)})
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    last = history[-1] if history else {}
+    click.echo(f"trained on {len(masks)} masks, epoch {last.get('epoch', 0)}: loss D {last.get('loss_d', float('nan')):.4f}, "
+               f"G {last.get('loss_g', float('nan')):.4f} -> {out_path} (losses {out_path.with_suffix('.losses.csv')}, "
+               f"samples {out_path.with_suffix('.samples.png')})")
+
+
+@main.group()
+def masks():
+    """Glomerulus masks from the mask GAN."""
+
+
+@masks.command("generate")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--count", type=click.IntRange(min=1), required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--size", type=int, default=256, show_default=True, help="Mask canvas side, px.")
+@click.option("--threshold", type=float, default=0.5, show_default=True)
+@click.option("--min-island-px", type=int, default=64, show_default=True, help="Islands below this area are removed.")
+@click.option("--diameter-range", type=(float, float), default=None, metavar="MIN MAX",
+              help="Equivalent diameters (px) spread evenly over this range (default: the real masks' range).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def masks_generate(model_path, count, out_dir, size, threshold, min_island_px, diameter_range, seed):
+    """Sample masks, threshold, keep one main contour, spread sizes evenly over a range, save PNGs + masks.csv."""
+    from .train.maskgan import MaskSettings, generate_masks, load_mask_generator, write_masks
+
+    try:
+        generator, _, info = load_mask_generator(model_path)
+        default = (info["diameter_min_px"], info["diameter_max_px"])
+        settings = MaskSettings(size, threshold, min_island_px, tuple(diameter_range) if diameter_range else None, seed)
+        generated, records = generate_masks(generator, count, settings, default)
+        csv_path = write_masks(out_dir, generated, records)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    low, high = settings.diameter_range or default
+    click.echo(f"wrote {len(generated)} masks ({size} px, equivalent diameters {low:.0f}-{high:.0f} px) to {out_dir}; "
+               f"table {csv_path}")
+
+
+@main.command("synthesize")
+@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--generator", "generator_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="Inpainting generator from 'glomscan train inpaint'.")
+@click.option("--masks", "mask_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--amount", type=float, default=1.0, show_default=True,
+              help="Synthetic glomeruli per real sclerosed glomerulus of the training split.")
+@click.option("--feather", "feather_px", type=float, default=0.0, show_default=True,
+              help="Blend width (px) inside the mask border.")
+@click.option("--min-distance-px", type=int, default=16, show_default=True,
+              help="Gap kept to every labelled glomerulus.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def synthesize_cmd(dataset_dir, generator_path, mask_dir, out_dir, amount, feather_px, min_distance_px, seed):
+    """Inpaint synthetic sclerosed glomeruli into training patches; writes a dataset 'train segment' reads."""
+    _setup_logging(quiet=False)
+    from .train.inpaint import load_inpainter
+    from .train.maskgan import read_masks
+    from .train.synthesize import SynthesisSettings, synthesize
+
+    try:
+        inpainter = load_inpainter(generator_path)
+        summary = synthesize(dataset_dir, out_dir, inpainter, read_masks(mask_dir),
+                             SynthesisSettings(amount, feather_px, min_distance_px, seed))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    n_patches = int(summary.manifest.synthetic.astype(str).isin(["True", "1"]).sum())
+    click.echo(f"{len(summary.placements)} synthetic sclerosed glomeruli ({amount:g} x {summary.real_sclerosed} real) "
+               f"in {n_patches} new training patches -> {out_dir} (examples {summary.examples_path})")
+
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -161,3 +161,46 @@ def test_clear_errors(dataset, tmp_path):
     m[m.n_sclerosed_px == 0].to_csv(empty / "manifest.csv", index=False)
     with pytest.raises(SynthesisError, match="no sclerosed glomeruli"):
         synthesize(empty, tmp_path / "d", FakeInpainter(), shape_masks())
+
+
+def test_cli_crops_mask_gan_generate_synthesize_then_train_segment(tmp_path):
+    """End to end through the command line: crops -> train masks -> masks generate ->
+    synthesize (a tiny random inpainting generator) -> one tiny train segment step."""
+    from click.testing import CliRunner
+
+    from glomscan.cli import main
+    from glomscan.train.inpaint import save_generator
+    from glomscan.train.inpaint_models import InpaintGenerator
+
+    data = tmp_path / "data"
+    build_dataset(data)
+    runner = CliRunner()
+
+    def ok(*args):
+        result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    out = ok("crops", "--data", data, "--out", tmp_path / "crops", "--size", 64)
+    assert "wrote 3 crops" in out and "1 wider than 64 px" in out
+    ok("train", "masks", "--crops", tmp_path / "crops", "--out", tmp_path / "gan.pt", "--epochs", 1,
+       "--batch-size", 4, "--latent", 8, "--base-channels", 8, "--quiet")
+    assert (tmp_path / "gan.losses.csv").is_file() and (tmp_path / "gan.samples.png").is_file()
+    out = ok("masks", "generate", "--model", tmp_path / "gan.pt", "--count", 3, "--out", tmp_path / "masks",
+             "--size", 64, "--threshold", 0.5, "--min-island-px", 4, "--diameter-range", 12, 24)
+    assert "wrote 3 masks" in out
+    torch.manual_seed(0)
+    save_generator(tmp_path / "gen.pt", InpaintGenerator(base_channels=8, n_aot_blocks=1), {"size": 64})
+    out = ok("synthesize", "--data", data, "--generator", tmp_path / "gen.pt", "--masks", tmp_path / "masks",
+             "--out", tmp_path / "aug", "--amount", 0.6, "--min-distance-px", 4, "--feather", 2)
+    assert "3 synthetic sclerosed glomeruli (0.6 x 5 real)" in out
+    m = pd.read_csv(tmp_path / "aug" / "manifest.csv")
+    assert (m.synthetic.astype(str) == "True").sum() >= 1
+    ok("train", "segment", "--data", tmp_path / "aug", "--out", tmp_path / "seg.pt", "--epochs", 1,
+       "--batch-size", 2, "--crop", 64, "--encoder", "resnet18", "--max-steps-per-epoch", 1,
+       "--bn-recalibration-steps", 0, "--quiet")
+    assert (tmp_path / "seg.pt").is_file()
+    # errors a person understands
+    result = runner.invoke(main, ["synthesize", "--data", str(data), "--generator", str(tmp_path / "gen.pt"),
+                                  "--masks", str(tmp_path / "crops"), "--out", str(tmp_path / "aug2")])
+    assert result.exit_code == 1 and "no glomerulus masks" in result.output
