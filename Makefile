@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python benchmarks/vs_monai.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/cluster.py
 
 bench-quick: setup
 	$(BIN)/python benchmarks/pipeline_efficiency.py --quick --backend onnxruntime
