@@ -370,6 +370,69 @@ def demo_slide_cmd(out_path, seed):
 
 # --- inpainting model (issue #5): `train inpaint`, `evaluate inpaint` ---------------------------
 
+@train.command("inpaint")
+@click.option("--crops", "crops_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Crops folder made by 'glomscan crops'.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Generator file; OUT.last.pt (resume), OUT.metrics.csv, OUT.samples/ are written next to it.")
+@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--size", type=int, default=None, help="Train at this crop side (resized; CPU-friendly, e.g. 128).")
+@click.option("--base-channels", type=int, default=64, show_default=True)
+@click.option("--lambda-local-l1", type=float, default=1.0, show_default=True, help="Weight of the local L1 loss.")
+@click.option("--vgg-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local torchvision VGG19 state dict for the perceptual/style losses (without it they are off).")
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Random flips and 90° rotations.")
+@click.option("--max-steps-per-epoch", type=int, default=None)
+@click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channels, lambda_local_l1, vgg_weights,
+                  augment, max_steps_per_epoch, device, seed, quiet):
+    """Train the inpainting GAN (AOT generator, global + local LSGAN discriminators); resumes
+    from OUT.last.pt if present."""
+    _setup_logging(quiet)
+    from .train.inpaint import InpaintSettings, train_inpainting
+
+    settings = InpaintSettings(epochs=epochs, batch_size=batch_size, lr=lr, size=size, base_channels=base_channels,
+                               lambda_local_l1=lambda_local_l1, vgg_weights=vgg_weights, augment=augment,
+                               max_steps_per_epoch=max_steps_per_epoch, device=device, seed=seed)
+    try:
+        row = train_inpainting(crops_dir, out_path, settings, quiet=quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if row:
+        click.echo(f"epoch {row['epoch']}: held-out MAE {row['test_mae']:.4f}, PSNR {row['test_psnr']:.2f} dB, "
+                   f"SSIM {row['test_ssim']:.3f} -> {out_path}")
+
+
+@evaluate.command("inpaint")
+@click.option("--generator", "generator_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True)
+@click.option("--crops", "crops_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--split", type=click.Choice(["test", "train", "all"]), default="test", show_default=True)
+@click.option("--out", "out_prefix", type=click.Path(path_type=Path), default=None,
+              help="Writes OUT.csv (one row per crop) and OUT.summary.csv (default: inpaint-evaluation).")
+@click.option("--device", default="cpu", show_default=True)
+def evaluate_inpaint(generator_path, crops_dir, split, out_prefix, device):
+    """MAE, PSNR and SSIM inside each crop's mask between the original and the inpainted crop
+    (generator output pasted inside the mask)."""
+    from .train.inpaint import PAPER_METRICS, evaluate_crops_dir
+
+    try:
+        table, summary = evaluate_crops_dir(generator_path, crops_dir, None if split == "all" else split, device)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    out_prefix = out_prefix or Path("inpaint-evaluation")
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_prefix.with_suffix(".csv"), index=False)
+    summary.to_csv(Path(f"{out_prefix}.summary.csv"), index=False)
+    click.echo(f"{len(table)} {split} crops, inside the generated region (mean over crops):")
+    for _, row in summary.iterrows():
+        click.echo(f"  {row.metric:<5} {row.value:9.4f}   paper {row.paper:9.4f}")
+    click.echo(f"-> {out_prefix.with_suffix('.csv')}")
+
 
 # --- sclerosed-glomerulus crops, mask GAN, synthesis (issue #5): `crops`, `train masks`,
 # `masks generate`, `synthesize` ----------------------------------------------------------------

@@ -104,7 +104,7 @@ def load_vgg19_features(path: Path) -> VGGFeatures:
     """VGG19 features from a local state dict: torchvision's ``vgg19`` layout (``features.0.weight``
     ...; classifier keys are ignored) or only the features part (with or without the
     ``features.`` prefix). Raises ValueError when the file does not fit."""
-    from torchvision.models import vgg19
+    from torchvision.models.vgg import cfgs, make_layers
 
     path = Path(path)
     try:
@@ -117,7 +117,7 @@ def load_vgg19_features(path: Path) -> VGGFeatures:
         raise ValueError(f"{path}: not a state dict")
     if any(k.startswith("features.") for k in state):
         state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-    features = vgg19().features
+    features = make_layers(cfgs["E"])  # = torchvision vgg19().features, without the 500 MB classifier
     try:
         features.load_state_dict(state, strict=True)
     except RuntimeError as exc:

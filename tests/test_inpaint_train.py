@@ -1,0 +1,224 @@
+"""Inpainting training, generator file, metrics and the `train inpaint` / `evaluate inpaint`
+commands (issue #5)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from skimage.metrics import structural_similarity
+
+from glomscan.cli import main
+from glomscan.train.crops import write_png
+from glomscan.train.inpaint import (InpaintModels, InpaintSettings, Inpainter, composite, images_to_tensor,
+                                    inpainting_metrics, load_inpainter, masks_to_tensor, sample_grid, save_generator,
+                                    train_inpainting)
+from glomscan.train.inpaint_losses import GeneratorLoss, InpaintLossWeights, VGGFeatures
+from glomscan.train.inpaint_models import InpaintGenerator, PatchDiscriminator, generator_input, local_view
+
+
+def make_crops(folder, n=6, n_test=2, size=64, seed=0):
+    """Tiny crops folder in the format of `glomscan crops`: pink tissue with a purple disk."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    rows = []
+    for i in range(n):
+        image = np.empty((size, size, 3), np.uint8)
+        image[...] = (225, 190, 215)
+        image = (image + rng.integers(-15, 15, image.shape)).clip(0, 255).astype(np.uint8)
+        cx, cy, r = size / 2 + rng.uniform(-4, 4), size / 2 + rng.uniform(-4, 4), size / 5
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+        image[mask] = (150, 60, 140)
+        write_png(folder / "images" / f"g{i}.png", image)
+        write_png(folder / "masks" / f"g{i}.png", mask.astype(np.uint8) * 255)
+        rows.append({"crop_id": f"g{i}", "split": "test" if i >= n - n_test else "train", "source": "p0",
+                     "x0": 0, "y0": 0, "cx": cx, "cy": cy, "radius": r, "mask_px": int(mask.sum())})
+    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    return folder
+
+
+# --- metrics ------------------------------------------------------------------------------------------
+
+def test_metrics_on_known_noise_match_closed_forms_and_skimage():
+    rng = np.random.default_rng(0)
+    original = rng.integers(40, 200, (48, 48, 3)).astype(np.uint8)
+    mask = np.zeros((48, 48), bool)
+    mask[10:30, 5:40] = True
+    k = 10
+    noisy = original.astype(int) + k * rng.choice([-1, 1], original.shape)
+    generated = np.where(mask[..., None], noisy, original).astype(np.uint8)
+    m = inpainting_metrics(original, generated, mask)
+    assert m["mae"] == pytest.approx(k / 255)
+    assert m["psnr"] == pytest.approx(20 * math.log10(255 / k))  # MSE = k^2 inside the mask
+    assert 0 < m["ssim"] < 1
+    # outside-the-mask changes do not count for MAE/PSNR
+    m2 = inpainting_metrics(original, np.where(mask[..., None], generated, 0).astype(np.uint8), mask)
+    assert m2["mae"] == m["mae"] and m2["psnr"] == m["psnr"]
+    # SSIM is the skimage SSIM map averaged over the mask: over the whole image minus the
+    # 3 px border that skimage's mean leaves out, it equals skimage's mean SSIM
+    inner = np.zeros_like(mask)
+    inner[3:-3, 3:-3] = True
+    noisy_all = (original.astype(int) + k * rng.choice([-1, 1], original.shape)).clip(0, 255).astype(np.uint8)
+    reference = structural_similarity(original, noisy_all, channel_axis=2, data_range=255)
+    assert inpainting_metrics(original, noisy_all, inner)["ssim"] == pytest.approx(reference, rel=1e-9)
+
+
+def test_metrics_identical_and_errors():
+    image = np.random.default_rng(1).integers(0, 255, (16, 16, 3)).astype(np.uint8)
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 4:12] = True
+    m = inpainting_metrics(image, image.copy(), mask)
+    assert m["mae"] == 0 and m["psnr"] == math.inf and m["ssim"] == pytest.approx(1)
+    with pytest.raises(ValueError, match="empty mask"):
+        inpainting_metrics(image, image, np.zeros((16, 16), bool))
+    with pytest.raises(ValueError):
+        inpainting_metrics(image, image[:8], mask)
+
+
+# --- generator file and inpainter ------------------------------------------------------------------
+
+def test_save_and_load_generator_round_trip(tmp_path):
+    torch.manual_seed(0)
+    g = InpaintGenerator(base_channels=4, n_aot_blocks=2).eval()
+    save_generator(tmp_path / "gen.pt", g, {"size": 64, "epoch": 3})
+    inpainter = load_inpainter(tmp_path / "gen.pt")
+    assert isinstance(inpainter, Inpainter) and inpainter.size == 64 and inpainter.info["epoch"] == 3
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, 64, 64, 3)).astype(np.uint8)
+    masks = np.zeros((3, 64, 64), bool)
+    masks[:, 20:40, 16:44] = True
+    out = inpainter(images, masks)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    with torch.no_grad():
+        y = g(generator_input(images_to_tensor(images), masks_to_tensor(masks)))
+    expected = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    assert np.abs(out.astype(int) - expected).max() <= 1
+    # crops of another side are resized to the training size and back
+    big = inpainter(np.repeat(np.repeat(images, 2, 1), 2, 2), np.repeat(np.repeat(masks, 2, 1), 2, 2))
+    assert big.shape == (3, 128, 128, 3)
+    with pytest.raises(ValueError):
+        inpainter(images[..., :2], masks)
+    with pytest.raises(ValueError):
+        save_generator(tmp_path / "x.pt", g, {})
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a glomscan inpainting generator"):
+        load_inpainter(tmp_path / "other.pt")
+
+
+def test_mask_resizing_never_shrinks_the_hole():
+    masks = np.zeros((1, 64, 64), bool)
+    masks[0, 10:13, 21:22] = True  # a 3 x 1 sliver
+    small = masks_to_tensor(masks, 32)[0, 0].numpy() > 0
+    assert small.any()
+    up = np.repeat(np.repeat(small, 2, 0), 2, 1)
+    assert np.all(up[masks[0]])
+
+
+def test_sample_grid_layout():
+    images = np.full((2, 8, 8, 3), 50, np.uint8)
+    masks = np.zeros((2, 8, 8), bool)
+    masks[:, 2:5, 2:5] = True
+    generated = np.full_like(images, 200)
+    grid = sample_grid(images, masks, generated)
+    assert grid.shape == (2 * 8 + 4, 3 * 8 + 8, 3)
+    assert np.all(grid[3, 3] == 128)  # masked input: the hole is mid-grey
+    assert np.all(grid[3, 12 + 3] == 200) and np.all(grid[0, 12] == 50)  # composited
+    assert np.all(grid[3, 24 + 3] == 50)  # original
+    np.testing.assert_array_equal(composite(images, generated, masks)[0], grid[:8, 12:20])
+
+
+# --- optimisation -------------------------------------------------------------------------------------
+
+def test_one_generator_step_lowers_the_total_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    g = InpaintGenerator(base_channels=4, n_aot_blocks=2)
+    dg, dl = PatchDiscriminator(4).eval(), PatchDiscriminator(4).eval()
+    for p in list(dg.parameters()) + list(dl.parameters()):
+        p.requires_grad_(False)
+    loss_fn = GeneratorLoss(InpaintLossWeights(), VGGFeatures(torch.nn.Sequential(torch.nn.Identity()), {"image": 0}))
+    image = torch.rand(2, 3, 64, 64) * 2 - 1
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[..., 16:48, 20:44] = 1
+    optimiser = torch.optim.Adam(g.parameters(), lr=1e-4, betas=(0.5, 0.999))
+
+    def total():
+        rec = g(generator_input(image, mask))
+        return loss_fn(rec, image, mask, dg(rec), dl(local_view(rec, mask)))["total"]
+
+    before = total()
+    optimiser.zero_grad()
+    before.backward()
+    optimiser.step()
+    with torch.no_grad():
+        after = total()
+    assert after.item() < before.item()
+
+
+def test_training_rejects_bad_settings(tmp_path):
+    crops = make_crops(tmp_path / "crops", n=3, n_test=1)
+    with pytest.raises(ValueError, match="at least 64"):
+        train_inpainting(crops, tmp_path / "g.pt", InpaintSettings(size=32, base_channels=4))
+    with pytest.raises(FileNotFoundError):
+        train_inpainting(tmp_path / "nothing", tmp_path / "g.pt", InpaintSettings())
+
+
+# --- commands -----------------------------------------------------------------------------------------
+
+def test_train_resume_and_evaluate_inpaint_cli(tmp_path):
+    crops = make_crops(tmp_path / "crops")
+    out = tmp_path / "gen" / "gen.pt"
+    common = ["train", "inpaint", "--crops", str(crops), "--out", str(out), "--batch-size", "2", "--size", "64",
+              "--base-channels", "4", "--max-steps-per-epoch", "1", "--quiet"]
+    runner = CliRunner()
+    result = runner.invoke(main, common + ["--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "epoch 1: held-out MAE" in result.output
+    csv = pd.read_csv(out.with_suffix(".metrics.csv"))
+    assert list(csv.epoch) == [1]
+    for column in ("d_loss", "adv_global", "adv_local", "l1_global", "l1_local", "perceptual", "style", "total",
+                   "test_mae", "test_psnr", "test_ssim"):
+        assert column in csv
+    assert csv.perceptual.isna().all() and csv.vgg.str.startswith("disabled").all()  # recorded, not faked
+    assert np.isfinite(csv[["l1_global", "total", "test_mae", "test_psnr", "test_ssim"]].to_numpy()).all()
+    assert csv.test_crops.iloc[0] == 2
+    grid = out.with_suffix(".samples") / "epoch_001.png"
+    assert grid.is_file()
+    inpainter = load_inpainter(out)
+    assert inpainter.size == 64 and inpainter.info["epoch"] == 1 and inpainter.info["vgg"].startswith("disabled")
+    weights_epoch1 = {k: v.clone() for k, v in inpainter.generator.state_dict().items()}
+
+    result = runner.invoke(main, common + ["--epochs", "2"])  # resumes: only epoch 2 runs
+    assert result.exit_code == 0, result.output
+    csv2 = pd.read_csv(out.with_suffix(".metrics.csv"))
+    assert list(csv2.epoch) == [1, 2]
+    assert csv2.iloc[0].equals(csv.iloc[0])
+    assert (out.with_suffix(".samples") / "epoch_002.png").is_file()
+    state = load_inpainter(out).generator.state_dict()
+    assert load_inpainter(out).info["epoch"] == 2
+    assert any(not torch.equal(state[k], weights_epoch1[k]) for k in weights_epoch1)
+
+    result = runner.invoke(main, common + ["--epochs", "2", "--base-channels", "8"])
+    assert result.exit_code != 0 and "--base-channels" in result.output
+
+    prefix = tmp_path / "eval" / "inpaint"
+    result = runner.invoke(main, ["evaluate", "inpaint", "--generator", str(out), "--crops", str(crops),
+                                  "--out", str(prefix)])
+    assert result.exit_code == 0, result.output
+    assert "paper" in result.output and "0.0152" in result.output and "22.69" in result.output
+    table = pd.read_csv(prefix.with_suffix(".csv"))
+    assert list(table.crop_id) == ["g4", "g5"]
+    summary = pd.read_csv(f"{prefix}.summary.csv")
+    assert list(summary.metric) == ["mae", "psnr", "ssim"]
+    np.testing.assert_allclose(summary.value, [table.mae.mean(), table.psnr.mean(), table.ssim.mean()])
+    for value in summary.value:
+        assert f"{value:9.4f}" in result.output
+
+    result = runner.invoke(main, ["evaluate", "inpaint", "--generator", str(crops / "manifest.csv"),
+                                  "--crops", str(crops)])
+    assert result.exit_code != 0 and "not a" in result.output
