@@ -64,8 +64,9 @@ def lsgan_generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, C) = F F^T / (C H W)."""
     n, c, h, w = features.shape
-    f = features.float().reshape(n, c, h * w)
-    return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
+    with torch.autocast(features.device.type, enabled=False):  # fp16 would overflow the HW-long sums
+        f = features.float().reshape(n, c, h * w)
+        return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
 
 
 class VGGFeatures(nn.Module):

@@ -29,7 +29,8 @@ def local_view(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def gate_normalisation(x: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
     """AOT-GAN's per-channel normalisation of the gate pre-activation over the spatial dims
     (``my_layer_norm`` in the AOT-GAN code): 5 * (2 * (x - mean) / (std + eps) - 1), std with
-    Bessel's correction."""
+    Bessel's correction; computed in fp32 (also under AMP)."""
+    x = x.float()
     mean = x.mean(dim=(2, 3), keepdim=True)
     std = x.std(dim=(2, 3), keepdim=True) + eps
     return 5 * (2 * (x - mean) / std - 1)
