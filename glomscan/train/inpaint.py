@@ -117,8 +117,10 @@ def save_generator(path: Path, generator: InpaintGenerator, info: dict) -> None:
 
 class Inpainter:
     """Callable: (images (N, S, S, 3) uint8 RGB, masks (N, S, S) bool) -> the RAW generator
-    output (N, S, S, 3) uint8 (the whole reconstructed crop; the caller composites). Crops of
-    another side than :attr:`size` are resized to it and the output resized back (bilinear)."""
+    output (N, S, S, 3) uint8 (the whole reconstructed crop; the caller composites). The image
+    pixels inside the mask are ignored (the hole is made here), so the original crop or X_gap may
+    be passed. Crops of another side than :attr:`size` are resized to it (images bilinear and
+    antialiased, masks so that the hole never shrinks) and the output resized back (bilinear)."""
 
     def __init__(self, generator: InpaintGenerator, size: int, device: str = "cpu", info: dict | None = None,
                  batch_size: int = 8):
