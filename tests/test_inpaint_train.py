@@ -14,7 +14,7 @@ from skimage.metrics import structural_similarity
 
 from glomscan.cli import main
 from glomscan.train.crops import write_png
-from glomscan.train.inpaint import (InpaintModels, InpaintSettings, Inpainter, composite, images_to_tensor,
+from glomscan.train.inpaint import (InpaintSettings, Inpainter, composite, images_to_tensor,
                                     inpainting_metrics, load_inpainter, masks_to_tensor, sample_grid, save_generator,
                                     train_inpainting)
 from glomscan.train.inpaint_losses import GeneratorLoss, InpaintLossWeights, VGGFeatures
