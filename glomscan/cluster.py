@@ -105,7 +105,7 @@ def start_local_cluster(envs: list[dict[str, str]], resource: str):
 
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
         cluster = PinnedLocalCluster(n_workers=0, processes=True, threads_per_worker=1,
-                                     resources={resource: 1}, dashboard_address=None,
+                                     resources={resource: 1}, dashboard_address=":0",
                                      host="127.0.0.1", scheduler_kwargs={"allowed_failures": ALLOWED_FAILURES},
                                      memory_limit=0, silence_logs=logging.WARNING)
         try:

@@ -72,3 +72,47 @@ def test_compose_recipe_parses_and_uses_the_right_commands():
     assert client["command"][:2] == ["analyze", "/slides"] and "tcp://scheduler:8786" in client["command"]
     for s in [scheduler, client, *workers]:
         assert s["image"] == workers[0]["image"], "same image everywhere"
+
+
+class OracleOnWorker:
+    """Engine recipe for a Dask worker: the colour oracle (picklable, imported there by name)."""
+
+    def __call__(self, model):
+        from conftest import ORACLE_CHOICE, OracleEngine
+
+        return OracleEngine(), ORACLE_CHOICE
+
+    def __repr__(self):
+        return "OracleOnWorker()"
+
+
+def test_existing_scheduler_by_address_gives_the_local_loop_results(small_slide, tiny_checkpoint, tmp_path):
+    """The --cluster tcp:// path against a running scheduler whose worker declares SLOT=1."""
+    import pandas as pd
+
+    from glomscan.batch import run_batch
+    from glomscan.cluster import run_cluster_batch, start_local_cluster
+    from glomscan.config import AnalysisSettings
+    from glomscan.model import load_checkpoint
+
+    from conftest import ORACLE_CHOICE, OracleEngine, copy_slide
+
+    slides = tmp_path / "slides"
+    copy_slide(small_slide.path, slides, "a.tif")
+    (slides / "broken.svs").write_bytes(b"\x01" * 100)
+    settings = AnalysisSettings(tile=256, overlap=128, batch_size=4)
+    model = load_checkpoint(tiny_checkpoint)
+    cluster = start_local_cluster([{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}], "SLOT")
+    try:
+        outcome = run_cluster_batch(slides, tmp_path / "dask", model, OracleOnWorker(), settings,
+                                    cluster=cluster.scheduler_address, quiet=True)
+    finally:
+        cluster.close()
+    local = run_batch(slides, tmp_path / "local", model, OracleEngine(), ORACLE_CHOICE, settings, quiet=True)
+    assert [r.status for r in outcome.reports] == [r.status for r in local.reports] == ["ok", "failed"]
+    a, b = (pd.read_csv(tmp_path / d / "summary.csv").set_index("slide") for d in ("dask", "local"))
+    cols = ["status", "n_glomeruli", "n_normal", "n_sclerosed", "percent_global_glomerulosclerosis", "ci95_low",
+            "ci95_high", "tissue_area_mm2", "reason"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert a.loc["a", "n_glomeruli"] == 6  # the oracle finds the six synthetic glomeruli
+    assert (tmp_path / "dask" / "index.html").is_file() and (tmp_path / "dask" / "a" / "mask.tif").is_file()
