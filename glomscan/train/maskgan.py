@@ -125,28 +125,42 @@ class MaskGanConfig:
     beta2: float = 0.999
     steps_per_epoch: int | None = None
     """Default: one pass over the real masks (at least one step)."""
+    real_label: float = 0.9
+    """One-sided label smoothing: the discriminator's target for real masks."""
+    instance_noise: float = 0.2
+    """Gaussian noise (std, in [-1, 1] units) added to every discriminator input, decaying
+    linearly to 0 over the training. With a few dozen real masks the plain DCGAN recipe let the
+    discriminator win within 50 steps and the generator never left noise (tried on 12 masks);
+    with these two it drew glomerulus shapes after 300 steps."""
     seed: int = 0
 
 
+def _noisy(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    return x + sigma * torch.randn_like(x) if sigma > 0 else x
+
+
 def discriminator_step(generator: MaskGenerator, discriminator: MaskDiscriminator, optimiser: torch.optim.Optimizer,
-                       real: torch.Tensor, z: torch.Tensor) -> tuple[float, float, float]:
-    """One discriminator update (BCE, real 1 / fake 0): (loss, mean D(real), mean D(fake))."""
+                       real: torch.Tensor, z: torch.Tensor, real_label: float = 1.0,
+                       noise: float = 0.0) -> tuple[float, float, float]:
+    """One discriminator update (BCE, real ``real_label`` / fake 0, inputs with Gaussian noise
+    of std ``noise``): (loss, mean D(real), mean D(fake))."""
     bce = nn.BCEWithLogitsLoss()
     optimiser.zero_grad(set_to_none=True)
     with torch.no_grad():
         fake = generator(z)
-    out_real, out_fake = discriminator(real), discriminator(fake)
-    loss = bce(out_real, torch.ones_like(out_real)) + bce(out_fake, torch.zeros_like(out_fake))
+    out_real, out_fake = discriminator(_noisy(real, noise)), discriminator(_noisy(fake, noise))
+    loss = bce(out_real, torch.full_like(out_real, real_label)) + bce(out_fake, torch.zeros_like(out_fake))
     loss.backward()
     optimiser.step()
     return loss.item(), torch.sigmoid(out_real).mean().item(), torch.sigmoid(out_fake).mean().item()
 
 
 def generator_step(generator: MaskGenerator, discriminator: MaskDiscriminator, optimiser: torch.optim.Optimizer,
-                   z: torch.Tensor) -> float:
+                   z: torch.Tensor, noise: float = 0.0) -> float:
+    """One generator update (non-saturating BCE against the real label 1)."""
     bce = nn.BCEWithLogitsLoss()
     optimiser.zero_grad(set_to_none=True)
-    out = discriminator(generator(z))
+    out = discriminator(_noisy(generator(z), noise))
     loss = bce(out, torch.ones_like(out))
     loss.backward()
     optimiser.step()
@@ -191,13 +205,15 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, config: MaskGanConfi
         generator.train()
         discriminator.train()
         sums = np.zeros(4)
-        for _ in range(steps):
-            idx = torch.randint(len(data), (min(config.batch_size, max(len(data), 2)),), generator=rng)
+        for step in range(steps):
+            noise = config.instance_noise * max(0.0, 1 - (epoch * steps + step) / (config.epochs * steps))
+            idx = torch.randint(len(data), (max(config.batch_size, 2),), generator=rng)  # with replacement
             real = augment_dihedral(data[idx], rng).to(device)
             z = torch.randn(len(real), config.latent, generator=rng).to(device)
-            loss_d, d_real, d_fake = discriminator_step(generator, discriminator, opt_d, real, z)
+            loss_d, d_real, d_fake = discriminator_step(generator, discriminator, opt_d, real, z, config.real_label,
+                                                        noise)
             z = torch.randn(len(real), config.latent, generator=rng).to(device)
-            loss_g = generator_step(generator, discriminator, opt_g, z)
+            loss_g = generator_step(generator, discriminator, opt_g, z, noise)
             sums += (loss_d, loss_g, d_real, d_fake)
         row = dict(zip(("epoch", "loss_d", "loss_g", "d_real", "d_fake"), (epoch + 1, *map(float, sums / steps))))
         row["seconds"] = time.perf_counter() - t0
