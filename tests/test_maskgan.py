@@ -115,6 +115,8 @@ def test_train_generate_round_trip(tmp_path):
     # resumable: more epochs continue from the last state
     history = train_mask_gan(masks, tmp_path / "gan.pt", MaskGanConfig(**{**config.__dict__, "epochs": 3}), quiet=True)
     assert [h["epoch"] for h in history] == [1, 2, 3]
+    with pytest.raises(ValueError, match="use the same settings"):
+        train_mask_gan(masks, tmp_path / "gan.pt", MaskGanConfig(**{**config.__dict__, "epochs": 4, "latent": 9}))
     generator, loaded, info = load_mask_generator(tmp_path / "gan.pt")
     assert loaded.image_size == 32 and info["n_masks"] == 6
     assert info["diameter_min_px"] == pytest.approx(min(equivalent_diameter(m.sum()) for m in masks))

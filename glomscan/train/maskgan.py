@@ -192,6 +192,10 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, config: MaskGanConfi
     start, history = 0, []
     if last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
+        arch = {k: asdict(config)[k] for k in ("image_size", "latent", "base_channels")}
+        if state.get("architecture", arch) != arch:
+            raise ValueError(f"{last_path} was trained with {state['architecture']}, not {arch}: use the same "
+                             "settings to resume, or another --out")
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["opt_g"])
@@ -228,7 +232,8 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, config: MaskGanConfi
         save_mask_generator(out_path, generator, config, info)
         torch.save({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
                     "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": rng.get_state(),
-                    "epoch": epoch, "history": history}, last_path)
+                    "epoch": epoch, "history": history,
+                    "architecture": {k: asdict(config)[k] for k in ("image_size", "latent", "base_channels")}}, last_path)
         generator.eval()
         with torch.no_grad():
             samples = generator(fixed_z.to(device)).cpu().numpy()[:, 0]
