@@ -149,6 +149,7 @@ def test_clear_errors(dataset, tmp_path):
         synthesize(dataset, tmp_path / "a", FakeInpainter(), [])
     with pytest.raises(SynthesisError, match="no position fits"):
         synthesize(dataset, tmp_path / "b", FakeInpainter(), shape_masks(), SynthesisSettings(min_distance_px=400))
+    assert not (tmp_path / "b").exists()  # nothing half-written
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "x").write_text("")
     with pytest.raises(SynthesisError, match="not empty"):

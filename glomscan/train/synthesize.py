@@ -13,7 +13,8 @@ stays below it) and not black, closed and hole-filled. The slide-level Otsu thre
 used because a patch can be all tissue, where Otsu splits the tissue itself.
 
 The output is a full dataset: every original patch (hard-linked, or copied where links are
-impossible; never modified) plus one new patch per source patch that received glomeruli
+impossible; never modified; the folder is written as ``.<name>.partial`` beside it and renamed
+when complete) plus one new patch per source patch that received glomeruli
 (``<patch_id>_syn``; ``synthetic`` True, split "train"), ``synthesis.csv`` (one row per
 synthetic glomerulus) and ``examples.png`` (before | after | mask).
 """
@@ -160,11 +161,13 @@ def inpaint_crop(inpainter: Callable, crop: np.ndarray, mask: np.ndarray) -> np.
     return np.asarray(inpainter(gap[None], mask[None])[0], np.uint8)
 
 
-def _prepare_output(dataset_dir: Path, out_dir: Path) -> None:
+def _prepare_output(dataset_dir: Path, out_dir: Path, create: bool = True) -> None:
     if out_dir.resolve() == dataset_dir.resolve():
         raise SynthesisError("the output folder must differ from the dataset (originals are never modified)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SynthesisError(f"{out_dir} exists and is not empty; choose a new folder")
+    if not create:
+        return
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(exist_ok=True)
 
@@ -199,7 +202,7 @@ def synthesize(dataset_dir: Path, out_dir: Path, inpainter: Callable, masks: lis
     sources = sources[sources.tile >= size] if "tile" in sources else sources
     if sources.empty:
         raise SynthesisError(f"{dataset_dir}: no training patches of at least {size} px")
-    _prepare_output(dataset_dir, out_dir)
+    _prepare_output(dataset_dir, out_dir, create=False)  # refuse early; create only once all fits
     rng = np.random.default_rng(settings.seed)
     rows_by_id = {str(r.patch_id): r for _, r in sources.iterrows()}
     patch_ids = sorted(rows_by_id)
@@ -240,9 +243,17 @@ def synthesize(dataset_dir: Path, out_dir: Path, inpainter: Callable, masks: lis
         work[patch_id][2] = work[patch_id][4] | near_glomeruli(labels, settings.min_distance_px)
         work[patch_id][3] = True
         placements.append(Placement(i, patch_id, x0, y0, mask_index, int(mask.sum()), before, after, mask))
-    rows = _write_dataset(dataset_dir, out_dir, manifest, rows_by_id, work, placements)
-    examples_path = write_examples(out_dir / "examples.png", placements[: settings.examples])
-    return SynthesisSummary(census.total, placements, rows, examples_path)
+    # written into a hidden sibling folder and renamed when complete: never a half dataset
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    _prepare_output(dataset_dir, partial)
+    rows = _write_dataset(dataset_dir, partial, manifest, rows_by_id, work, placements)
+    write_examples(partial / "examples.png", placements[: settings.examples])
+    if out_dir.exists():
+        out_dir.rmdir()  # checked empty above
+    partial.rename(out_dir)
+    return SynthesisSummary(census.total, placements, rows, out_dir / "examples.png")
 
 
 def _write_dataset(dataset_dir: Path, out_dir: Path, manifest: pd.DataFrame, rows_by_id: dict, work: dict,
