@@ -29,6 +29,7 @@ from .model import LoadedModel
 from .pipeline import OUTPUT_FILES, SlideReport, analyze_slide
 from .progress import Progress
 from .atomic import atomic_write_text
+from .interrupts import deferred_sigint, raise_if_interrupted
 from .slides import SlideError, file_fingerprint, find_slides
 
 log = logging.getLogger(__name__)
@@ -168,9 +169,11 @@ def run_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, engine: Engin
         with Progress(len(slides), "batch", quiet=quiet, unit="slide") as progress:
             progress.update(len(recorder.skipped))
             try:
-                for job in jobs:
-                    recorder.add(process_slide(job, out_dir, model, engine, choice, settings, quiet))
-                    progress.update()
+                with deferred_sigint():
+                    for job in jobs:
+                        raise_if_interrupted()
+                        recorder.add(process_slide(job, out_dir, model, engine, choice, settings, quiet))
+                        progress.update()
             except OutputNotWritable as exc:
                 recorder.stop(exc, [j for j in jobs if j.name not in recorder.reports])
             except KeyboardInterrupt:
@@ -309,6 +312,7 @@ def process_slide(job: SlideJob, out_dir: Path, model: LoadedModel, engine: Engi
     try:
         report = analyze_slide(job.path, job.name, staging_dir, model, engine, choice, settings,
                                job.fingerprint, quiet)
+        raise_if_interrupted()  # Ctrl-C came after the last tile: this slide is redone, as promised
         publish(staging_dir, final_dir)
         return report
     except KeyboardInterrupt:

@@ -5,8 +5,14 @@ and writes summary.csv / index.html; each task runs the same ``batch.process_sli
 single-process loop on a worker, which writes its outputs straight into the shared output
 folder (staging + rename on the same file system). A worker that dies mid-slide has its slide
 retried once on another (or the restarted) worker; a second death reports the slide failed.
-That rule is Dask's own ``distributed.scheduler.allowed-failures = 1`` (``--cluster local``
-sets it; an external scheduler must be started with it, see README).
+
+The client hands the scheduler only as many slides as the workers have free slots (GPU or
+SLOT resources), so a worker holds just the slide it is analysing. Dask counts a dying worker
+against every task assigned to it, queued or running; with all slides submitted at once, two
+worker deaths would fail every slide that happened to wait on those workers. Dask itself is
+told not to retry (``distributed.scheduler.allowed-failures = 0``: ``--cluster local`` sets it,
+an external scheduler should be started with it, see README) and the client resubmits a slide
+whose worker died, once.
 """
 
 from __future__ import annotations
@@ -22,14 +28,18 @@ from .batch import (BatchOutcome, OutputNotWritable, SlideJob, clean_staging, ou
                     prepare_output, process_slide, record_failure)
 from .config import AnalysisSettings
 from .engines.base import Engine, EngineChoice
+from .interrupts import deferred_sigint, raise_if_interrupted
 from .model import LoadedModel
 from .pipeline import SlideReport
 
 log = logging.getLogger(__name__)
 
-ALLOWED_FAILURES = 1
-"""Worker deaths a slide may cause before it is reported failed: 1 = retried once."""
+SLIDE_RETRIES = 1
+"""Times a slide whose worker died is resubmitted before it is reported failed."""
+DASK_ALLOWED_FAILURES = 0
+"""Dask's own retries of a task whose worker died: none, the client retries (SLIDE_RETRIES)."""
 WORKER_START_TIMEOUT_S = 120
+POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,7 @@ def resource_name(gpus: list[str]) -> str:
 
 def start_local_cluster(envs: list[dict[str, str]], resource: str):
     """A LocalCluster of processes (1 thread each), each worker with its own environment and the
-    resource ``{resource: 1}``, with Dask's allowed-failures set to ALLOWED_FAILURES."""
+    resource ``{resource: 1}``, with Dask's allowed-failures set to DASK_ALLOWED_FAILURES."""
     import dask
     from distributed import LocalCluster
 
@@ -103,10 +113,10 @@ def start_local_cluster(envs: list[dict[str, str]], resource: str):
                     "options": {**self.new_spec["options"], "env": envs[index % len(envs)]}}
             return {f"worker-{index}": spec}
 
-    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+    with dask.config.set({"distributed.scheduler.allowed-failures": DASK_ALLOWED_FAILURES}):
         cluster = PinnedLocalCluster(n_workers=0, processes=True, threads_per_worker=1,
                                      resources={resource: 1}, dashboard_address=":0",
-                                     host="127.0.0.1", scheduler_kwargs={"allowed_failures": ALLOWED_FAILURES},
+                                     host="127.0.0.1", scheduler_kwargs={"allowed_failures": DASK_ALLOWED_FAILURES},
                                      memory_limit=0, silence_logs=logging.WARNING)
         try:
             cluster.scale(len(envs))
@@ -189,7 +199,8 @@ def run_cluster_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, make_
                 client.wait_for_workers(1, timeout=WORKER_START_TIMEOUT_S)
                 resource = _cluster_resource(client)
             try:
-                _run_jobs(client, jobs, recorder, out_dir, model, make_engine, settings, resource, quiet)
+                with deferred_sigint():
+                    _run_jobs(client, jobs, recorder, out_dir, model, make_engine, settings, resource, quiet)
             finally:
                 client.close()
         except KeyboardInterrupt:
@@ -205,19 +216,29 @@ def run_cluster_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, make_
 
 def _cluster_resource(client) -> str:
     """The resource the running cluster's workers declare (GPU preferred, SLOT for CPU workers)."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values() if _accepts_n_workers(client) \
-        else client.scheduler_info()["workers"].values()
-    declared = {name for w in workers for name in (w.get("resources") or {})}
+    declared = {name for w in _workers(client) for name in (w.get("resources") or {})}
     allowed = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
-    if allowed != ALLOWED_FAILURES:
-        log.warning("the scheduler allows %s worker deaths per task (distributed.scheduler.allowed-failures); "
-                    "glomscan's rule is %d (retry a slide once). Start the scheduler with "
-                    "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=%d", allowed, ALLOWED_FAILURES, ALLOWED_FAILURES)
+    if allowed != DASK_ALLOWED_FAILURES:
+        log.warning("the scheduler itself retries a task %s times when its worker dies "
+                    "(distributed.scheduler.allowed-failures), on top of glomscan's one retry per slide; "
+                    "start the scheduler with DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=%d",
+                    allowed, DASK_ALLOWED_FAILURES)
     for name in ("GPU", "SLOT"):
         if name in declared:
             return name
     raise ValueError("the Dask workers declare neither a GPU nor a SLOT resource, so nothing stops two slides "
                      "sharing one GPU; start each worker with `dask worker SCHEDULER --nthreads 1 --resources GPU=1`")
+
+
+def _workers(client) -> list[dict]:
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    return list(info["workers"].values())
+
+
+def free_slots(client, resource: str) -> int:
+    """How many slides the cluster can analyse at once now: the workers' ``resource`` summed
+    (a worker being restarted after a crash is not counted until it is back)."""
+    return int(sum(float((w.get("resources") or {}).get(resource, 0)) for w in _workers(client)))
 
 
 def _accepts_n_workers(client) -> bool:
@@ -228,45 +249,84 @@ def _accepts_n_workers(client) -> bool:
 
 def _run_jobs(client, jobs: list[SlideJob], recorder, out_dir: Path, model: LoadedModel, make_engine,
               settings: AnalysisSettings, resource: str, quiet: bool) -> None:
-    from distributed import as_completed
+    """Keep the cluster's free slots busy, one slide per slot; resubmit a slide whose worker died
+    (once); stop everything when the output folder stops accepting writes."""
+    import time
+    from collections import deque
+
+    from distributed import wait
+    from distributed.scheduler import KilledWorker
 
     from .progress import Progress
 
-    futures = {}
-    for job in jobs:
+    waiting = deque(jobs)
+    running: dict = {}  # future -> job
+    deaths: dict[str, int] = {}
+    no_workers_since = None
+
+    def submit(job: SlideJob) -> None:
         future = client.submit(analyze_on_worker, job, str(out_dir), str(model.path), model.sha256, make_engine,
                                settings, key=f"glomscan-slide-{job.name}-{uuid.uuid4().hex[:8]}",
                                resources={resource: 1}, pure=False)
-        futures[future] = job
+        running[future] = job
+
     try:
         with Progress(len(jobs), "batch", quiet=quiet, unit="slide") as progress:
-            for future in as_completed(list(futures)):
-                job = futures[future]
+            while waiting or running:
+                raise_if_interrupted()
+                slots = free_slots(client, resource)
+                while waiting and len(running) < slots:
+                    submit(waiting.popleft())
+                if not running:  # every worker gone (restarting, or the cluster lost them)
+                    no_workers_since = no_workers_since or time.monotonic()
+                    if time.monotonic() - no_workers_since > WORKER_START_TIMEOUT_S:
+                        raise RuntimeError(f"no Dask worker with a {resource} resource for "
+                                           f"{WORKER_START_TIMEOUT_S} s; {len(waiting)} slide(s) not analysed")
+                    time.sleep(POLL_S)
+                    continue
+                no_workers_since = None
                 try:
-                    report = future.result()
-                except OutputNotWritable as exc:
-                    client.cancel(list(futures))
-                    recorder.stop(exc, [j for j in jobs if j.name not in recorder.reports])
-                    return
-                except Exception as exc:  # the worker died (twice), the task could not run, ...
-                    report = _lost_slide(job, model, exc)
+                    done, _ = wait(list(running), timeout=POLL_S, return_when="FIRST_COMPLETED")
+                except TimeoutError:  # nothing finished: look at the slots again
+                    continue
+                for future in done:
+                    job = running.pop(future)
                     try:
+                        report = future.result()
+                    except OutputNotWritable as exc:
+                        client.cancel(list(running))
+                        recorder.stop(exc, [j for j in jobs if j.name not in recorder.reports])
+                        return
+                    except KilledWorker as exc:
+                        deaths[job.name] = deaths.get(job.name, 0) + 1
+                        if deaths[job.name] <= SLIDE_RETRIES:
+                            log.warning("%s: the worker analysing it died; retrying the slide", job.name)
+                            waiting.appendleft(job)
+                            continue
+                        report = _lost_slide(job, model, exc, deaths[job.name])
+                    except Exception as exc:  # the task could not run at all (unpicklable, missing import, ...)
+                        report = _lost_slide(job, model, exc, deaths.get(job.name, 0))
+                    else:
+                        recorder.add(report)  # ok or failed, the worker wrote its folder
+                        progress.update()
+                        continue
+                    try:  # no worker finished this slide: the client records why
                         record_failure(out_dir / job.name, report)
                     except OSError as write_exc:
                         log.error("%s: cannot record the failure: %s", job.name, write_exc)
-                recorder.add(report)
-                progress.update()
+                    recorder.add(report)
+                    progress.update()
     except BaseException:
-        client.cancel(list(futures))
+        client.cancel(list(running))
         raise
 
 
-def _lost_slide(job: SlideJob, model: LoadedModel, exc: BaseException) -> SlideReport:
-    from distributed.scheduler import KilledWorker
-
-    if isinstance(exc, KilledWorker):
-        reason = (f"the worker analysing this slide died {ALLOWED_FAILURES + 1} times (retried once): "
-                  f"{type(exc).__name__} (out of memory or killed?)")
+def _lost_slide(job: SlideJob, model: LoadedModel, exc: BaseException, deaths: int) -> SlideReport:
+    """The report of a slide that no worker finished: its worker died too often, or the task
+    itself could not run."""
+    if deaths:
+        retried = "once" if SLIDE_RETRIES == 1 else f"{SLIDE_RETRIES} times"
+        reason = f"the worker analysing this slide died {deaths} times (retried {retried}): out of memory or killed?"
     else:
         reason = f"{type(exc).__name__} on the cluster: {exc}"
     return SlideReport(slide=job.name, path=str(job.path), status="failed", reason=reason,

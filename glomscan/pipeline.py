@@ -19,6 +19,7 @@ from .merge import BlendingCanvas
 from .model import LoadedModel
 from .postprocess import InstanceStream
 from .atomic import atomic_write_text
+from .interrupts import raise_if_interrupted
 from .progress import Progress
 from .report import (
     StreamedLabelFile,
@@ -122,6 +123,7 @@ def predict_tiles(tiles: list[Tile], read: Callable[[int, int], np.ndarray], eng
 
         refill()
         while pending:
+            raise_if_interrupted()
             batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
             pixels = np.stack([future.result() for _, future in batch])
             refill()

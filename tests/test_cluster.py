@@ -55,7 +55,7 @@ def test_compose_recipe_parses_and_uses_the_right_commands():
     services = compose["services"]
     scheduler = services["scheduler"]
     assert scheduler["entrypoint"][0] == "dask" and scheduler["command"][0] == "scheduler"
-    assert scheduler["environment"]["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] == "1"
+    assert scheduler["environment"]["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] == "0"
     workers = [s for name, s in services.items() if name.startswith("worker")]
     assert len(workers) >= 2
     devices = set()
@@ -86,9 +86,23 @@ class OracleOnWorker:
         return "OracleOnWorker()"
 
 
+class MostSlidesOnOneWorker:
+    """Scheduler plugin: the most slide tasks ever assigned to one worker at the same time."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.most = scheduler, 0
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        ts = self.scheduler.tasks.get(key)
+        if finish == "processing" and ts is not None and ts.processing_on is not None:
+            self.most = max(self.most, len(ts.processing_on.processing))
+
+
 def test_existing_scheduler_by_address_gives_the_local_loop_results(small_slide, tiny_checkpoint, tmp_path):
-    """The --cluster tcp:// path against a running scheduler whose worker declares SLOT=1."""
+    """The --cluster tcp:// path against a running scheduler whose worker declares SLOT=1; the
+    worker is handed one slide at a time (a queued slide would be blamed if the worker died)."""
     import pandas as pd
+    from distributed.diagnostics.plugin import SchedulerPlugin
 
     from glomscan.batch import run_batch
     from glomscan.cluster import run_cluster_batch, start_local_cluster
@@ -99,17 +113,21 @@ def test_existing_scheduler_by_address_gives_the_local_loop_results(small_slide,
 
     slides = tmp_path / "slides"
     copy_slide(small_slide.path, slides, "a.tif")
+    copy_slide(small_slide.path, slides, "c.tif")
     (slides / "broken.svs").write_bytes(b"\x01" * 100)
     settings = AnalysisSettings(tile=256, overlap=128, batch_size=4)
     model = load_checkpoint(tiny_checkpoint)
     cluster = start_local_cluster([{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}], "SLOT")
+    plugin = type("Recorder", (MostSlidesOnOneWorker, SchedulerPlugin), {})(cluster.scheduler)
+    cluster.scheduler.add_plugin(plugin)
     try:
         outcome = run_cluster_batch(slides, tmp_path / "dask", model, OracleOnWorker(), settings,
                                     cluster=cluster.scheduler_address, quiet=True)
     finally:
         cluster.close()
     local = run_batch(slides, tmp_path / "local", model, OracleEngine(), ORACLE_CHOICE, settings, quiet=True)
-    assert [r.status for r in outcome.reports] == [r.status for r in local.reports] == ["ok", "failed"]
+    assert plugin.most == 1
+    assert [r.status for r in outcome.reports] == [r.status for r in local.reports] == ["ok", "failed", "ok"]
     a, b = (pd.read_csv(tmp_path / d / "summary.csv").set_index("slide") for d in ("dask", "local"))
     cols = ["status", "n_glomeruli", "n_normal", "n_sclerosed", "percent_global_glomerulosclerosis", "ci95_low",
             "ci95_high", "tissue_area_mm2", "reason"]

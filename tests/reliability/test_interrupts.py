@@ -11,9 +11,24 @@ import pytest
 from click.testing import CliRunner
 
 from glomscan.cli import main
+from glomscan.interrupts import deferred_sigint, raise_if_interrupted
 
 from conftest import copy_slide
 from reliability_helpers import FAST, STAGING, glomscan_cmd, published, staging_entries, summary
+
+def test_ctrl_c_is_taken_at_the_next_safe_point_and_twice_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with deferred_sigint():
+        os.kill(os.getpid(), signal.SIGINT)  # lands anywhere (a C callback, say): only noted
+        time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()  # the tile loop and the slide loop check here
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C stops at once
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before
+    raise_if_interrupted()  # outside a batch the flag is clear
+
 
 def test_sigint_of_the_batch_then_resume(small_slide, tiny_checkpoint, tmp_path):
     slides, out = tmp_path / "slides", tmp_path / "out"
