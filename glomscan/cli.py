@@ -271,7 +271,7 @@ def prepare(slides_dir, annotations_dir, out_dir, tile, stride, target_mpp, down
 
 @main.group()
 def train():
-    """Train models (segmentation U-Net)."""
+    """Train models: the segmentation U-Net, the inpainting GAN, the mask DCGAN."""
 
 
 @train.command("segment")

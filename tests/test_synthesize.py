@@ -27,8 +27,7 @@ FAKE_COLOUR = (10, 200, 30)
 class FakeInpainter:
     """Paints the whole crop one colour; records what it was given."""
 
-    def __init__(self, size=None):
-        self.size = size
+    def __init__(self):
         self.calls = []
 
     def __call__(self, images, masks):
@@ -121,13 +120,27 @@ def test_feathering_stays_inside_the_mask(tmp_path):
     assert (out[ring] > 0).any()  # blended at the border
 
 
-def test_inpainter_of_another_size_is_resized(tmp_path):
-    crop = np.full((64, 64, 3), 200, np.uint8)
-    mask = disc((64, 64), 32, 32, 10)
-    fake = FakeInpainter(size=32)
-    out = inpaint_crop(fake, crop, mask)
-    assert out.shape == (64, 64, 3) and fake.calls[0][0].shape == (1, 32, 32, 3)
-    assert (out == FAKE_COLOUR).all()
+def test_inpainter_of_another_size_sees_the_whole_hole():
+    """A generator trained at 48 px inpaints a 96 px crop: resized there and back, and no
+    pixel of the glomerulus mask reaches the generator as context."""
+    import torch
+
+    from glomscan.train.inpaint import Inpainter
+    from glomscan.train.inpaint_models import InpaintGenerator
+
+    torch.manual_seed(0)
+    inpainter = Inpainter(InpaintGenerator(base_channels=4), size=48)
+    seen = []
+    inpainter.generator.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    crop = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    mask = disc((96, 96), 45, 50, 13)
+    out = inpaint_crop(inpainter, crop, mask)
+    assert out.shape == (96, 96, 3) and out.dtype == np.uint8
+    hole = seen[0][0, 3].numpy() > 0  # the generator's mask channel at 48 px
+    assert hole.shape == (48, 48)
+    ys, xs = np.nonzero(mask)
+    assert hole[ys // 2, xs // 2].all()  # every 2x2 block touching the glomerulus is hole
+    assert (seen[0][0, :3][:, hole] == 0).all()  # and shows no original pixel
 
 
 def test_tissue_and_candidate_positions():

@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 from scipy.signal import fftconvolve
-from skimage.transform import resize
 
 from ..config import TissueSettings
 from .crops import sclerosed_census, training_rows, write_png
@@ -147,18 +146,14 @@ def composite(original: np.ndarray, generated: np.ndarray, mask: np.ndarray, fea
 
 
 def inpaint_crop(inpainter: Callable, crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The inpainter's reconstruction of ``X_gap = X * (1 - mask)`` at the crop's size (resized
-    to and from the inpainter's own size when they differ)."""
-    size = crop.shape[0]
+    """The inpainter's reconstruction of ``X_gap = X * (1 - mask)`` at the crop's size. The
+    inpainter takes crops of any side: ``Inpainter`` resizes to the size it was trained at (the
+    hole never shrinks) and its output back."""
     gap = crop * (~mask)[..., None]
-    own = getattr(inpainter, "size", None) or size
-    if own != size:
-        gap_in = np.clip(resize(gap, (own, own), order=1, preserve_range=True, anti_aliasing=own < size) + 0.5,
-                         0, 255).astype(np.uint8)
-        mask_in = resize(mask, (own, own), order=0, anti_aliasing=False).astype(bool)
-        out = inpainter(gap_in[None], mask_in[None])[0]
-        return np.clip(resize(out, (size, size), order=1, preserve_range=True) + 0.5, 0, 255).astype(np.uint8)
-    return np.asarray(inpainter(gap[None], mask[None])[0], np.uint8)
+    out = np.asarray(inpainter(gap[None], mask[None])[0], np.uint8)
+    if out.shape != crop.shape:
+        raise ValueError(f"the inpainter returned {out.shape} for a {crop.shape} crop")
+    return out
 
 
 def _prepare_output(dataset_dir: Path, out_dir: Path, create: bool = True) -> None:
