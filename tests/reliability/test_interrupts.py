@@ -2,6 +2,7 @@
 Nothing finished is lost or changed, the interrupted slide is redone, exit codes say what
 happened. (SIGKILL of the single-process batch: tests/test_cli.py::test_sigkill_mid_batch_then_resume.)"""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,3 +60,41 @@ def test_sigint_of_the_batch_then_resume(small_slide, tiny_checkpoint, tmp_path)
     s = summary(out)
     assert list(s.status) == ["ok", "ok"] and list(s.skipped) == [True, False]
     assert published(out, "a") == done
+
+
+def test_ctrl_c_of_a_cluster_batch_then_resume(small_slide, tiny_checkpoint, tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group: the client and the Dask worker
+    processes it started. The batch ends with 130, nothing half-published, and resumes."""
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    for name in ("a", "b", "c"):
+        copy_slide(small_slide.path, slides, f"{name}.tif")
+    proc = subprocess.Popen(glomscan_cmd("analyze", slides, "--out", out, "--model", tiny_checkpoint, *FAST,
+                                         "--cluster", "local", "--workers", "2", "--quiet"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not any(staging_entries(out, s) for s in ("a", "b", "c")):
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"analyze ended before it could be interrupted: {proc.communicate()}")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group, if any
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "rerun the same command to resume" in stderr
+    finished = [s for s in ("a", "b", "c") if (out / s / "report.json").exists()]
+    s = summary(out)
+    assert sorted(s.index) == finished and set(s.status) <= {"ok"}
+    for name in finished:  # whatever was published is complete
+        assert {"mask.tif", "glomeruli.csv", "glomeruli.geojson", "report.json"} <= {p.name for p in (out / name).iterdir()}
+    assert "interrupted" in (out / "index.html").read_text()
+
+    res = CliRunner().invoke(main, ["analyze", str(slides), "--out", str(out), "--model", str(tiny_checkpoint),
+                                    *FAST, "--quiet"])
+    assert res.exit_code == 0, res.output
+    s = summary(out)
+    assert list(s.status) == ["ok"] * 3 and list(s.skipped) == [n in finished for n in ("a", "b", "c")]
+    assert list((out / STAGING).iterdir()) == []
