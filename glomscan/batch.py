@@ -75,6 +75,10 @@ class OutputNotWritable(Exception):
     def __init__(self, message: str, report: SlideReport | None = None):
         super().__init__(message, report)
 
+    @classmethod
+    def folder(cls, out_dir: Path, exc: OSError, report: SlideReport | None = None) -> "OutputNotWritable":
+        return cls(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}", report)
+
     @property
     def report(self) -> SlideReport | None:
         return self.args[1]
@@ -175,7 +179,7 @@ def run_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, engine: Engin
                         recorder.add(process_slide(job, out_dir, model, engine, choice, settings, quiet))
                         progress.update()
             except OutputNotWritable as exc:
-                recorder.stop(exc, [j for j in jobs if j.name not in recorder.reports])
+                recorder.stop(exc, jobs)
             except KeyboardInterrupt:
                 recorder.finish(interrupted=True)
                 raise
@@ -190,7 +194,7 @@ def prepare_output(slides_dir: Path, out_dir: Path, recursive: bool) -> list[Pat
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / STAGING).mkdir(exist_ok=True)
     except OSError as exc:
-        raise OutputNotWritable(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}") from exc
+        raise OutputNotWritable.folder(out_dir, exc) from exc
     return slides
 
 
@@ -243,14 +247,15 @@ class BatchRecorder:
                 raise OutputNotWritable(f"cannot write summary.csv in {self.out_dir}: {exc.strerror}") from exc
             raise
 
-    def stop(self, exc: OutputNotWritable, not_started: list[SlideJob]) -> None:
-        """The output folder stopped taking writes: the slide that hit it and every slide not
-        yet analysed are failed with the reason (kept in memory if summary.csv cannot be written)."""
+    def stop(self, exc: OutputNotWritable, jobs: list[SlideJob]) -> None:
+        """The output folder stopped taking writes: the slide that hit it and every one of
+        ``jobs`` without a report yet are failed with the reason (kept in memory if summary.csv
+        cannot be written)."""
         self.output_error = str(exc)
         log.error("stopping the batch: %s", exc)
         if exc.report is not None:
             self.reports[exc.report.slide] = exc.report
-        for job in not_started:
+        for job in jobs:
             if job.name not in self.reports:
                 self.reports[job.name] = SlideReport(
                     slide=job.name, path=str(job.path), status="failed",
@@ -269,12 +274,12 @@ class BatchRecorder:
                 raise
             self.output_error = self.output_error or f"cannot write summary.csv/index.html: {exc.strerror}"
             log.error("%s; the slides' results are in the log above", self.output_error)
-        failed = [r for r in reports if r.status != "ok"]
+        outcome = BatchOutcome(reports=reports, skipped=sorted(self.skipped), output_error=self.output_error)
         log.info("batch %s: %d ok (%d skipped as up to date), %d failed", "interrupted" if interrupted else "done",
-                 len(reports) - len(failed), len(self.skipped), len(failed))
-        for r in failed:
+                 len(reports) - len(outcome.failed), len(self.skipped), len(outcome.failed))
+        for r in outcome.failed:
             log.error("FAILED %s: %s", r.slide, r.reason)
-        return BatchOutcome(reports=reports, skipped=sorted(self.skipped), output_error=self.output_error)
+        return outcome
 
 
 @contextlib.contextmanager
@@ -283,7 +288,7 @@ def output_lock(out_dir: Path):
     try:
         handle = open(out_dir / ".glomscan.lock", "a+")
     except OSError as exc:
-        raise OutputNotWritable(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}") from exc
+        raise OutputNotWritable.folder(out_dir, exc) from exc
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -306,8 +311,8 @@ def process_slide(job: SlideJob, out_dir: Path, model: LoadedModel, engine: Engi
     try:
         staging_dir.mkdir(parents=True)
     except OSError as exc:
-        raise OutputNotWritable(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}",
-                                _failed_report(job, model, choice, f"output folder: {exc.strerror or exc}", 0.0)) from exc
+        raise OutputNotWritable.folder(out_dir, exc, failed_report(job, model, f"output folder: {exc.strerror or exc}",
+                                                                   choice, 0.0)) from exc
     started = time.perf_counter()
     try:
         report = analyze_slide(job.path, job.name, staging_dir, model, engine, choice, settings,
@@ -322,7 +327,7 @@ def process_slide(job: SlideJob, out_dir: Path, model: LoadedModel, engine: Engi
         shutil.rmtree(staging_dir, ignore_errors=True)
         reason = str(exc) if isinstance(exc, SlideError) else f"{type(exc).__name__}: {exc}"
         log.debug("%s failed:\n%s", job.name, traceback.format_exc())
-        report = _failed_report(job, model, choice, reason, time.perf_counter() - started)
+        report = failed_report(job, model, reason, choice, time.perf_counter() - started)
         output_side = isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS
         if output_side:
             report.reason = f"output folder: {exc.strerror} (while writing {getattr(exc, 'filename', None) or 'outputs'})"
@@ -338,10 +343,14 @@ def process_slide(job: SlideJob, out_dir: Path, model: LoadedModel, engine: Engi
         return report
 
 
-def _failed_report(job: SlideJob, model: LoadedModel, choice: EngineChoice, reason: str, seconds: float) -> SlideReport:
-    return SlideReport(slide=job.name, path=str(job.path), status="failed", reason=reason,
-                       backend=choice.backend, backend_reason=choice.reason, model_id=model.model_id,
-                       model_sha256=model.sha256, fingerprint=job.fingerprint, runtime_s=round(seconds, 3))
+def failed_report(job: SlideJob, model: LoadedModel, reason: str, choice: EngineChoice | None = None,
+                  seconds: float | None = None) -> SlideReport:
+    """The report of a slide that failed; ``choice`` and ``seconds`` are None when no engine
+    on this side ran it (a cluster worker that died)."""
+    engine = {"backend": choice.backend, "backend_reason": choice.reason} if choice else {}
+    return SlideReport(slide=job.name, path=str(job.path), status="failed", reason=reason, model_id=model.model_id,
+                       model_sha256=model.sha256, fingerprint=job.fingerprint,
+                       runtime_s=None if seconds is None else round(seconds, 3), **engine)
 
 
 def record_failure(final_dir: Path, report: SlideReport) -> None:

@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .batch import (BatchOutcome, OutputNotWritable, SlideJob, clean_staging, output_lock, plan_batch,
-                    prepare_output, process_slide, record_failure)
+from .batch import (BatchOutcome, OutputNotWritable, SlideJob, clean_staging, failed_report, output_lock,
+                    plan_batch, prepare_output, process_slide, record_failure)
 from .config import AnalysisSettings
 from .engines.base import Engine, EngineChoice
 from .interrupts import deferred_sigint, raise_if_interrupted
@@ -251,9 +253,6 @@ def _run_jobs(client, jobs: list[SlideJob], recorder, out_dir: Path, model: Load
               settings: AnalysisSettings, resource: str, quiet: bool) -> None:
     """Keep the cluster's free slots busy, one slide per slot; resubmit a slide whose worker died
     (once); stop everything when the output folder stops accepting writes."""
-    import time
-    from collections import deque
-
     from distributed import wait
     from distributed.scheduler import KilledWorker
 
@@ -295,7 +294,7 @@ def _run_jobs(client, jobs: list[SlideJob], recorder, out_dir: Path, model: Load
                         report = future.result()
                     except OutputNotWritable as exc:
                         client.cancel(list(running))
-                        recorder.stop(exc, [j for j in jobs if j.name not in recorder.reports])
+                        recorder.stop(exc, jobs)
                         return
                     except KilledWorker as exc:
                         deaths[job.name] = deaths.get(job.name, 0) + 1
@@ -329,5 +328,4 @@ def _lost_slide(job: SlideJob, model: LoadedModel, exc: BaseException, deaths: i
         reason = f"the worker analysing this slide died {deaths} times (retried {retried}): out of memory or killed?"
     else:
         reason = f"{type(exc).__name__} on the cluster: {exc}"
-    return SlideReport(slide=job.name, path=str(job.path), status="failed", reason=reason,
-                       model_id=model.model_id, model_sha256=model.sha256, fingerprint=job.fingerprint)
+    return failed_report(job, model, reason)
