@@ -24,9 +24,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -39,13 +40,6 @@ from .data import MANIFEST_COLUMNS, load_patch
 from .maskgan import equivalent_diameter
 
 log = logging.getLogger(__name__)
-
-
-class Inpainter(Protocol):
-    """(N, S, S, 3) uint8 RGB + (N, S, S) bool masks -> (N, S, S, 3) uint8, the whole
-    reconstructed crop. ``size``: the side it was trained at (optional)."""
-
-    def __call__(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray: ...
 
 
 class SynthesisError(ValueError):
@@ -75,9 +69,37 @@ class Placement:
     """Crop origin in the patch."""
     mask_index: int
     area_px: int
-    before: np.ndarray = field(repr=False)
-    after: np.ndarray = field(repr=False)
     mask: np.ndarray = field(repr=False)
+    before: np.ndarray | None = field(default=None, repr=False)
+    after: np.ndarray | None = field(default=None, repr=False)
+    """The crop before and after pasting: kept for the placements shown in examples.png only."""
+
+
+@dataclass
+class PatchCanvas:
+    """A training patch receiving synthetic glomeruli: its pixels and labels (painted in
+    place) and where the next glomerulus may not go."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    off_tissue: np.ndarray
+    min_distance_px: float
+    forbidden: np.ndarray = field(init=False, repr=False)
+    touched: bool = False
+
+    def __post_init__(self) -> None:
+        self._update_forbidden()
+
+    def _update_forbidden(self) -> None:
+        """Off tissue, or within min_distance_px of a labelled glomerulus (real or synthetic)."""
+        self.forbidden = self.off_tissue | near_glomeruli(self.labels, self.min_distance_px)
+
+    def paint(self, window: tuple[slice, slice], pixels: np.ndarray, mask: np.ndarray) -> None:
+        """Put the composited crop in ``window`` and label the mask sclerosed."""
+        self.image[window] = pixels
+        self.labels[window][mask] = 2
+        self.touched = True
+        self._update_forbidden()
 
 
 @dataclass
@@ -104,13 +126,6 @@ def near_glomeruli(labels: np.ndarray, min_distance_px: float) -> np.ndarray:
     if min_distance_px <= 0 or not glomeruli.any():
         return glomeruli
     return ndimage.distance_transform_edt(~glomeruli) <= min_distance_px
-
-
-def forbidden_pixels(image: np.ndarray, labels: np.ndarray, min_distance_px: float,
-                     min_saturation: float = TissueSettings.min_saturation) -> np.ndarray:
-    """Pixels a synthetic glomerulus must not cover: off tissue, or within min_distance_px of a
-    labelled glomerulus."""
-    return near_glomeruli(labels, min_distance_px) | ~patch_tissue(image, min_saturation)
 
 
 def candidate_origins(forbidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -201,7 +216,7 @@ def synthesize(dataset_dir: Path, out_dir: Path, inpainter: Callable, masks: lis
     rng = np.random.default_rng(settings.seed)
     rows_by_id = {str(r.patch_id): r for _, r in sources.iterrows()}
     patch_ids = sorted(rows_by_id)
-    work: dict[str, list] = {}  # patch id -> [image, labels, forbidden]
+    work: dict[str, PatchCanvas] = {}
     placements: list[Placement] = []
     for i in range(count):
         mask_index = i % len(masks)
@@ -212,13 +227,11 @@ def synthesize(dataset_dir: Path, out_dir: Path, inpainter: Callable, masks: lis
             mask = np.ascontiguousarray(mask)
         for patch_id in rng.permutation(patch_ids):
             if patch_id not in work:
-                image, labels = load_patch(dataset_dir, rows_by_id[patch_id])
-                image, labels = np.array(image), np.array(labels)
-                off_tissue = ~patch_tissue(image, settings.min_saturation)
-                work[patch_id] = [image, labels, off_tissue | near_glomeruli(labels, settings.min_distance_px), False,
-                                  off_tissue]
-            image, labels, forbidden = work[patch_id][:3]
-            ok = candidate_origins(forbidden, mask)
+                image, labels = (np.array(a) for a in load_patch(dataset_dir, rows_by_id[patch_id]))
+                work[patch_id] = PatchCanvas(image, labels, ~patch_tissue(image, settings.min_saturation),
+                                             settings.min_distance_px)
+            canvas = work[patch_id]
+            ok = candidate_origins(canvas.forbidden, mask)
             if ok.any():
                 break
         else:
@@ -230,14 +243,12 @@ def synthesize(dataset_dir: Path, out_dir: Path, inpainter: Callable, masks: lis
         k = int(rng.integers(len(ys)))
         y0, x0 = int(ys[k]), int(xs[k])
         window = (slice(y0, y0 + size), slice(x0, x0 + size))
-        before = image[window].copy()
-        generated = inpaint_crop(inpainter, before, mask)
-        after = composite(before, generated, mask, settings.feather_px)
-        image[window] = after
-        labels[window][mask] = 2
-        work[patch_id][2] = work[patch_id][4] | near_glomeruli(labels, settings.min_distance_px)
-        work[patch_id][3] = True
-        placements.append(Placement(i, patch_id, x0, y0, mask_index, int(mask.sum()), before, after, mask))
+        before = canvas.image[window].copy()
+        after = composite(before, inpaint_crop(inpainter, before, mask), mask, settings.feather_px)
+        canvas.paint(window, after, mask)
+        shown = i < settings.examples
+        placements.append(Placement(i, patch_id, x0, y0, mask_index, int(mask.sum()), mask,
+                                    before if shown else None, after if shown else None))
     # written into a hidden sibling folder and renamed when complete: never a half dataset
     partial = out_dir.parent / f".{out_dir.name}.partial"
     if partial.exists():
@@ -251,16 +262,18 @@ def synthesize(dataset_dir: Path, out_dir: Path, inpainter: Callable, masks: lis
     return SynthesisSummary(census.total, placements, rows, out_dir / "examples.png")
 
 
-def _write_dataset(dataset_dir: Path, out_dir: Path, manifest: pd.DataFrame, rows_by_id: dict, work: dict,
-                   placements: list[Placement]) -> pd.DataFrame:
+def _write_dataset(dataset_dir: Path, out_dir: Path, manifest: pd.DataFrame, rows_by_id: dict,
+                   work: dict[str, PatchCanvas], placements: list[Placement]) -> pd.DataFrame:
     for _, row in manifest.iterrows():
         _link_or_copy(dataset_dir / row["image"], out_dir / row["image"])
         _link_or_copy(dataset_dir / row["mask"], out_dir / row["mask"])
     existing = set(manifest.patch_id.astype(str))
     new_rows, new_ids = [], {}
-    for patch_id, (image, labels, _, touched, _) in sorted(work.items()):
-        if not touched:
+    per_patch = Counter(p.source_patch for p in placements)
+    for patch_id, canvas in sorted(work.items()):
+        if not canvas.touched:
             continue
+        image, labels = canvas.image, canvas.labels
         new_id = f"{patch_id}_syn"
         while new_id in existing:
             new_id += "x"
@@ -273,7 +286,7 @@ def _write_dataset(dataset_dir: Path, out_dir: Path, manifest: pd.DataFrame, row
         row.update(patch_id=new_id, split="train", synthetic=True, n_normal_px=int((labels == 1).sum()),
                    n_sclerosed_px=int((labels == 2).sum()), image=f"images/{new_id}.png", mask=f"masks/{new_id}.png")
         row["source_patch"] = patch_id
-        row["n_synthetic_glomeruli"] = sum(p.source_patch == patch_id for p in placements)
+        row["n_synthetic_glomeruli"] = per_patch[patch_id]
         new_rows.append(row)
     columns = list(manifest.columns) + [c for c in ("source_patch", "n_synthetic_glomeruli") if c not in manifest]
     out = pd.concat([manifest, pd.DataFrame(new_rows)], ignore_index=True)[columns]
