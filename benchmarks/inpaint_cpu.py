@@ -39,7 +39,8 @@ import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from glomscan.slides import image_to_array  # noqa: E402
-from glomscan.train.crops import read_crops, split_crops, write_png  # noqa: E402
+from glomscan.train.crops import read_crops, split_crops  # noqa: E402
+from glomscan.train.data import write_png  # noqa: E402
 from glomscan.train.inpaint import (PAPER_METRICS, InpaintSettings, composite, evaluate_crops_dir,  # noqa: E402
                                     inpainting_metrics, train_inpainting)
 

@@ -37,3 +37,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(path: Path, obj) -> None:
+    """``torch.save`` that a kill mid-write cannot leave half-written (checkpoints, resume states)."""
+    import torch
+
+    with atomic_file(path) as f:
+        torch.save(obj, f)

@@ -17,6 +17,7 @@ from urllib.parse import quote
 from . import __version__
 from .atomic import atomic_write_text
 from .pipeline import SlideReport
+from .report import CLASS_COLOURS
 
 LINKED_FILES = (("glomeruli.csv", "CSV"), ("glomeruli.geojson", "GeoJSON"), ("mask.tif", "mask TIFF"),
                 ("report.json", "report"))
@@ -58,6 +59,10 @@ def _esc(value) -> str:
 
 def _href(folder: str, file: str) -> str:
     return _esc(f"{quote(folder, safe='')}/{quote(file)}")
+
+
+def _hex(rgb: tuple[int, int, int]) -> str:
+    return "#" + "".join(f"{c:02x}" for c in rgb)
 
 
 def _num(value, suffix: str = "") -> str:
@@ -103,8 +108,8 @@ def render_index(out_dir: Path, reports: list[SlideReport], skipped: set[str], i
 written {_esc(time.strftime("%Y-%m-%d %H:%M:%S %Z"))} by glomscan {_esc(__version__)};
 model {_esc(", ".join(model_ids) or "–")}. Percent global glomerulosclerosis with its 95 % Wilson
 interval. Research tool, not a medical device.
-<span class="legend">Overview: <span style="background:#005aff"></span>normal
-<span style="background:#e61e1e"></span>sclerosed</span></p>
+<span class="legend">Overview: <span style="background:{_hex(CLASS_COLOURS["normal"])}"></span>normal
+<span style="background:{_hex(CLASS_COLOURS["sclerosed"])}"></span>sclerosed</span></p>
 <table>
 <thead><tr><th>overview</th><th>slide</th><th>glomeruli</th><th>normal</th><th>sclerosed</th>
 <th>sclerosed %</th><th>95 % CI</th><th>status</th><th>files</th></tr></thead>

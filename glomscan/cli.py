@@ -418,7 +418,7 @@ def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channe
 def evaluate_inpaint(generator_path, crops_dir, split, out_prefix, device):
     """MAE, PSNR and SSIM inside each crop's mask between the original and the inpainted crop
     (generator output pasted inside the mask)."""
-    from .train.inpaint import PAPER_METRICS, evaluate_crops_dir
+    from .train.inpaint import evaluate_crops_dir
 
     try:
         table, summary = evaluate_crops_dir(generator_path, crops_dir, None if split == "all" else split, device)
@@ -543,6 +543,7 @@ def synthesize_cmd(dataset_dir, generator_path, mask_dir, out_dir, amount, feath
     _setup_logging(quiet=False)
     from .train.inpaint import load_inpainter
     from .train.maskgan import read_masks
+    from .train.data import synthetic_rows
     from .train.synthesize import SynthesisSettings, synthesize
 
     try:
@@ -551,10 +552,9 @@ def synthesize_cmd(dataset_dir, generator_path, mask_dir, out_dir, amount, feath
                              SynthesisSettings(amount, feather_px, min_distance_px, seed))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    n_patches = int(summary.manifest.synthetic.astype(str).isin(["True", "1"]).sum())
+    n_patches = int(synthetic_rows(summary.manifest).sum())
     click.echo(f"{len(summary.placements)} synthetic sclerosed glomeruli ({amount:g} x {summary.real_sclerosed} real) "
                f"in {n_patches} new training patches -> {out_dir} (examples {summary.examples_path})")
-
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import CLASS_NAMES
-from .atomic import atomic_file
+from .atomic import atomic_torch_save
 
 CHECKPOINT_FORMAT = "glomscan-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -26,6 +26,11 @@ CHECKPOINT_VERSION = 1
 
 class CheckpointError(Exception):
     """The model file is missing or is not a usable glomscan checkpoint."""
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""ImageNet RGB statistics on [0, 1]: the U-Net's default input normalisation and VGG19's."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,8 @@ class ModelCard:
     encoder_depth: int = 5
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     classes: tuple[str, ...] = CLASS_NAMES
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     """Input normalisation on RGB scaled to [0, 1]."""
     analysis_mpp: float = 1.0
     """Micrometres per pixel the model was trained at (paper: 20x slides downsampled 2x)."""
@@ -91,8 +96,7 @@ def save_checkpoint(path: Path, module: nn.Module, card: ModelCard, half: bool =
                "state_dict": state}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        torch.save(payload, f)
+    atomic_torch_save(path, payload)
     return sha256_file(path)
 
 

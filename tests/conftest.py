@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from glomscan.engines.base import Engine, EngineChoice
-from glomscan.model import LoadedModel, ModelCard, build_model, save_checkpoint, load_checkpoint
+from glomscan.model import LoadedModel, ModelCard, build_model, save_checkpoint
 from glomscan.synthetic import NORMAL, SCLEROSED, SyntheticGlomerulus, write_synthetic_slide
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

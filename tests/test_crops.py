@@ -16,9 +16,8 @@ from glomscan.train.crops import (
     minimum_enclosing_circle,
     read_crops,
     split_crops,
-    write_png,
 )
-from glomscan.train.data import MANIFEST_COLUMNS
+from glomscan.train.data import MANIFEST_COLUMNS, write_png
 
 
 def brute_force_circle(points):

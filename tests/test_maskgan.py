@@ -1,6 +1,5 @@
 """Mask DCGAN: shapes, a training step, mask post-processing and the even size spread."""
 
-import math
 
 import numpy as np
 import pytest

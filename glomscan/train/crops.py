@@ -33,12 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyvips
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from ..slides import image_to_array
-from .data import load_patch
+from .data import load_patch, read_png, synthetic_rows, write_png
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +179,7 @@ def sclerosed_components(labels: np.ndarray) -> tuple[np.ndarray, int]:
 def training_rows(manifest: pd.DataFrame, split: str = "train") -> pd.DataFrame:
     """Real (non-synthetic) patches of a split ("all": every split)."""
     rows = manifest if split == "all" else manifest[manifest.split == split]
-    if "synthetic" in rows:
-        rows = rows[~rows.synthetic.astype(str).str.lower().isin(["true", "1"])]
-    return rows
+    return rows[~synthetic_rows(rows)]
 
 
 def sclerosed_census(dataset_dir: Path, manifest: pd.DataFrame, split: str = "train") -> GlomerulusCensus:
@@ -266,12 +262,6 @@ def split_crops(n: int, test_fraction: float, seed: int) -> list[str]:
     return split
 
 
-def write_png(path: Path, array: np.ndarray) -> None:
-    interpretation = "srgb" if array.ndim == 3 else "b-w"
-    pyvips.Image.new_from_array(np.ascontiguousarray(array), interpretation=interpretation).pngsave(
-        str(path), compression=3)
-
-
 def make_crops(dataset_dir: Path, out_dir: Path, settings: CropSettings = CropSettings()) -> CropSummary:
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     manifest_path = dataset_dir / "manifest.csv"
@@ -292,27 +282,35 @@ def make_crops(dataset_dir: Path, out_dir: Path, settings: CropSettings = CropSe
     (out_dir / "masks").mkdir(exist_ok=True)
     rows_by_id = {str(r.patch_id): r for _, r in manifest.iterrows()}
     splits = split_crops(len(fitting), settings.test_fraction, settings.seed)
-    rows, used = [], set()
-    for g, split in zip(fitting, splits):
-        image, labels = load_patch(dataset_dir, rows_by_id[g.patch_id])
-        h, w = labels.shape
-        x0, y0 = crop_origin(g.cx, g.cy, settings.size, w, h)
-        comps, _ = sclerosed_components(labels)
-        index = comps[g.pixel]
-        window = comps[y0:y0 + settings.size, x0:x0 + settings.size]
-        mask = window == index
+    ids, used = [], set()
+    for g in fitting:
         sx, sy = g.slide_centre
         crop_id = f"{g.slide}_x{int(sx)}_y{int(sy)}"
         while crop_id in used:
             crop_id += "b"
         used.add(crop_id)
-        write_png(out_dir / "images" / f"{crop_id}.png", image[y0:y0 + settings.size, x0:x0 + settings.size])
-        write_png(out_dir / "masks" / f"{crop_id}.png", mask.astype(np.uint8) * 255)
-        other = (labels[y0:y0 + settings.size, x0:x0 + settings.size] > 0) & ~mask
-        rows.append({"crop_id": crop_id, "split": split, "source": g.patch_id, "x0": x0, "y0": y0,
-                     "cx": round(g.cx, 3), "cy": round(g.cy, 3), "radius": round(g.radius, 3),
-                     "mask_px": int(mask.sum()), "slide": g.slide, "slide_cx": round(sx, 3), "slide_cy": round(sy, 3),
-                     "other_glomeruli_px": int(other.sum())})
+        ids.append(crop_id)
+    by_patch: dict[str, list[int]] = {}
+    for i, g in enumerate(fitting):
+        by_patch.setdefault(g.patch_id, []).append(i)
+    rows: list[dict] = [{}] * len(fitting)
+    side = settings.size
+    for patch_id, indices in by_patch.items():  # each patch read and labelled once
+        image, labels = load_patch(dataset_dir, rows_by_id[patch_id])
+        h, w = labels.shape
+        comps, _ = sclerosed_components(labels)
+        for i in indices:
+            g, crop_id = fitting[i], ids[i]
+            x0, y0 = crop_origin(g.cx, g.cy, side, w, h)
+            mask = comps[y0:y0 + side, x0:x0 + side] == comps[g.pixel]
+            write_png(out_dir / "images" / f"{crop_id}.png", image[y0:y0 + side, x0:x0 + side])
+            write_png(out_dir / "masks" / f"{crop_id}.png", mask.astype(np.uint8) * 255)
+            other = (labels[y0:y0 + side, x0:x0 + side] > 0) & ~mask
+            sx, sy = g.slide_centre
+            rows[i] = {"crop_id": crop_id, "split": splits[i], "source": g.patch_id, "x0": x0, "y0": y0,
+                       "cx": round(g.cx, 3), "cy": round(g.cy, 3), "radius": round(g.radius, 3),
+                       "mask_px": int(mask.sum()), "slide": g.slide, "slide_cx": round(sx, 3),
+                       "slide_cy": round(sy, 3), "other_glomeruli_px": int(other.sum())}
     out = pd.DataFrame(rows, columns=CROP_COLUMNS)
     out.to_csv(out_dir / "manifest.csv", index=False)
     if too_large or census.cut_only:
@@ -321,19 +319,19 @@ def make_crops(dataset_dir: Path, out_dir: Path, settings: CropSettings = CropSe
     return CropSummary(out, census, too_large)
 
 
-def read_crops(crops_dir: Path, split: str | None = "train") -> list[tuple[np.ndarray, np.ndarray]]:
-    """(image uint8 HxWx3, mask bool HxW) of every crop in ``split`` ("train", "test", or None
-    for all), in manifest order."""
-    crops_dir = Path(crops_dir)
-    manifest_path = crops_dir / "manifest.csv"
+def crop_ids(crops_dir: Path, split: str | None = "train") -> list[str]:
+    """The ids of the crops in ``split`` ("train", "test", or None for all), in manifest order."""
+    manifest_path = Path(crops_dir) / "manifest.csv"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{crops_dir}: no manifest.csv (make it with 'glomscan crops')")
     manifest = pd.read_csv(manifest_path, dtype={"crop_id": str})
-    if split is not None:
-        manifest = manifest[manifest.split == split]
-    out = []
-    for crop_id in manifest.crop_id:
-        image = image_to_array(pyvips.Image.new_from_file(str(crops_dir / "images" / f"{crop_id}.png")))[..., :3]
-        mask = image_to_array(pyvips.Image.new_from_file(str(crops_dir / "masks" / f"{crop_id}.png")))[..., 0] > 127
-        out.append((np.array(image), mask))
-    return out
+    return list(manifest.crop_id if split is None else manifest[manifest.split == split].crop_id)
+
+
+def read_crops(crops_dir: Path, split: str | None = "train") -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image uint8 HxWx3, mask bool HxW) of every crop in ``split`` ("train", "test", or None
+    for all), in manifest order (:func:`crop_ids`)."""
+    crops_dir = Path(crops_dir)
+    return [(np.array(read_png(crops_dir / "images" / f"{crop_id}.png")[..., :3]),
+             read_png(crops_dir / "masks" / f"{crop_id}.png")[..., 0] > 127)
+            for crop_id in crop_ids(crops_dir, split)]

@@ -214,8 +214,8 @@ def prepare_dataset(slides_dir: Path, annotations_dir: Path, out_dir: Path, sett
             pixels = reader.read(t.x, t.y)
             mask = labels.window(t.x, t.y, settings.tile)
             patch_id = f"{path.stem}_x{t.x}_y{t.y}"
-            pyvips.Image.new_from_array(pixels, interpretation="srgb").pngsave(str(out_dir / "images" / f"{patch_id}.png"), compression=3)
-            pyvips.Image.new_from_array(mask).pngsave(str(out_dir / "masks" / f"{patch_id}.png"), compression=6)
+            write_png(out_dir / "images" / f"{patch_id}.png", pixels, compression=3)
+            write_png(out_dir / "masks" / f"{patch_id}.png", mask, compression=6)
             rows.append({"patch_id": patch_id, "slide": path.stem, "split": split[path.stem],
                          "x0": round(t.x * downsample), "y0": round(t.y * downsample), "x": t.x, "y": t.y,
                          "tile": settings.tile, "n_normal_px": int((mask == 1).sum()),
@@ -230,6 +230,24 @@ def prepare_dataset(slides_dir: Path, annotations_dir: Path, out_dir: Path, sett
 
 def load_patch(dataset_dir: Path, row) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 RGB image, uint8 labels) of a manifest row."""
-    image = image_to_array(pyvips.Image.new_from_file(str(Path(dataset_dir) / row["image"])))[..., :3]
-    mask = image_to_array(pyvips.Image.new_from_file(str(Path(dataset_dir) / row["mask"])))[..., 0]
-    return image, mask
+    return read_png(Path(dataset_dir) / row["image"])[..., :3], read_png(Path(dataset_dir) / row["mask"])[..., 0]
+
+
+def synthetic_rows(manifest: pd.DataFrame) -> pd.Series:
+    """True for the manifest's synthetic patches (``synthesize`` output; the column may be
+    absent, bool, or read back from CSV as text)."""
+    if "synthetic" not in manifest:
+        return pd.Series(False, index=manifest.index)
+    return manifest.synthetic.astype(str).str.lower().isin(["true", "1"])
+
+
+def write_png(path: Path, array: np.ndarray, compression: int = 3) -> None:
+    """uint8 (H, W) greyscale or (H, W, 3) RGB as a PNG (images, label masks, picture grids)."""
+    interpretation = "srgb" if array.ndim == 3 else "b-w"
+    pyvips.Image.new_from_array(np.ascontiguousarray(array), interpretation=interpretation).pngsave(
+        str(path), compression=compression)
+
+
+def read_png(path: Path) -> np.ndarray:
+    """A PNG as uint8 (H, W, bands)."""
+    return image_to_array(pyvips.Image.new_from_file(str(path)))

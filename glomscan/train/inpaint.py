@@ -15,7 +15,6 @@ grey); masks are 1 on the glomerulus.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -27,9 +26,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_torch_save, atomic_write_text
 from ..progress import Progress
 from .inpaint_losses import (GeneratorLoss, InpaintLossWeights, load_vgg19_features, lsgan_discriminator_loss)
+from .data import write_png
 from .inpaint_models import InpaintGenerator, PatchDiscriminator, generator_input, local_view
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,8 @@ def save_generator(path: Path, generator: InpaintGenerator, info: dict) -> None:
                "architecture": {"base_channels": generator.base_channels, "n_aot_blocks": generator.n_aot_blocks},
                "state_dict": {k: v.detach().float().cpu() for k, v in generator.state_dict().items()},
                "info": dict(info)}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    atomic_torch_save(Path(path), payload)
 
 
 class Inpainter:
@@ -217,15 +215,13 @@ def summarise(table: pd.DataFrame) -> dict[str, float]:
 def evaluate_crops_dir(generator_path: Path, crops_dir: Path, split: str | None = "test", device: str = "cpu"
                        ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``evaluate inpaint``: per-crop table and a summary (metric, value, paper)."""
-    from .crops import read_crops
+    from .crops import crop_ids, read_crops
 
     inpainter = load_inpainter(generator_path, device)
     crops = read_crops(Path(crops_dir), split)
     if not crops:
         raise ValueError(f"{crops_dir}: no crops in split {split or 'all'!r}")
-    manifest = pd.read_csv(Path(crops_dir) / "manifest.csv", dtype={"crop_id": str})
-    ids = list(manifest.crop_id if split is None else manifest[manifest.split == split].crop_id)
-    table, _ = evaluate_inpainter(inpainter, crops, ids)
+    table, _ = evaluate_inpainter(inpainter, crops, crop_ids(crops_dir, split))
     means = summarise(table)
     summary = pd.DataFrame([{"metric": k, "value": means[k], "paper": PAPER_METRICS[k]} for k in ("mae", "psnr", "ssim")])
     return table, summary
@@ -240,12 +236,6 @@ def sample_grid(images: np.ndarray, masks: np.ndarray, generated: np.ndarray) ->
         rows.append(np.concatenate([masked_input_view(image, mask), gap_v, composite(image, gen, mask), gap_v, image], 1))
         rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
     return np.concatenate(rows[:-1], 0)
-
-
-def write_png(path: Path, array: np.ndarray) -> None:
-    from .crops import write_png as _write
-
-    _write(path, array)
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -301,20 +291,15 @@ def train_step(models: InpaintModels, loss_fn: GeneratorLoss, g_optimiser: torch
 LOSS_COLUMNS = ["d_loss", "adv_global", "adv_local", "l1_global", "l1_local", "perceptual", "style", "total"]
 
 
-def _crop_ids(crops_dir: Path, split: str) -> list[str]:
-    manifest = pd.read_csv(crops_dir / "manifest.csv", dtype={"crop_id": str})
-    return list(manifest[manifest.split == split].crop_id)
-
-
 def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings = InpaintSettings(),
                      quiet: bool = False) -> dict:
     """Train (or resume) the inpainting GAN on ``crops_dir`` (the ``glomscan crops`` folder);
     returns the last epoch's CSV row."""
-    from .crops import read_crops
+    from .crops import crop_ids, read_crops
 
     crops_dir, out_path = Path(crops_dir), Path(out_path)
     train_crops, test_crops = read_crops(crops_dir, "train"), read_crops(crops_dir, "test")
-    test_ids = _crop_ids(crops_dir, "test")
+    test_ids = crop_ids(crops_dir, "test")
     if not train_crops:
         raise ValueError(f"{crops_dir}: no training crops (split 'train' in manifest.csv)")
     sides = {c[0].shape[0] for c in train_crops + test_crops} | {c[0].shape[1] for c in train_crops + test_crops}
@@ -414,15 +399,13 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
                 "train_crops": n, "test_crops": len(test_crops), "settings": _plain(asdict(settings)),
                 "test_metrics": {k: row[f"test_{k}"] for k in ("mae", "psnr", "ssim")}}
         save_generator(out_path, models.generator, info)
-        buffer = io.BytesIO()
-        torch.save({"generator": models.generator.state_dict(),
-                    "global_discriminator": models.global_discriminator.state_dict(),
-                    "local_discriminator": models.local_discriminator.state_dict(),
-                    "g_optimiser": g_optimiser.state_dict(), "d_optimiser": d_optimiser.state_dict(),
-                    "scaler": scaler.state_dict(), "epoch": epoch, "architecture": architecture,
-                    "vgg": loss_fn.vgg_status}, buffer)
-        atomic_write_bytes(last_path, buffer.getvalue())
-        atomic_write_bytes(metrics_path, pd.DataFrame(history).to_csv(index=False).encode())
+        atomic_torch_save(last_path, {"generator": models.generator.state_dict(),
+                                      "global_discriminator": models.global_discriminator.state_dict(),
+                                      "local_discriminator": models.local_discriminator.state_dict(),
+                                      "g_optimiser": g_optimiser.state_dict(), "d_optimiser": d_optimiser.state_dict(),
+                                      "scaler": scaler.state_dict(), "epoch": epoch, "architecture": architecture,
+                                      "vgg": loss_fn.vgg_status})
+        atomic_write_text(metrics_path, pd.DataFrame(history).to_csv(index=False))
         log.info("epoch %d: G total %.4f (L1 %.4f), D %.4f; held-out MAE %.4f PSNR %.2f dB SSIM %.3f (%.0f s)",
                  epoch + 1, row["total"], row["l1_global"], row["d_loss"], row["test_mae"], row["test_psnr"],
                  row["test_ssim"], row["seconds"])

@@ -30,14 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model import IMAGENET_MEAN, IMAGENET_STD
 from .inpaint_models import local_view
 
 log = logging.getLogger(__name__)
 
 VGG_LAYERS = {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu5_1": 29}
 """Indices of the ReLUs in ``torchvision.models.vgg19().features``."""
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

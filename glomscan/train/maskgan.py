@@ -22,6 +22,9 @@ from scipy import ndimage
 from skimage.transform import resize
 from torch import nn
 
+from ..atomic import atomic_torch_save
+from .data import read_png, write_png
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "glomscan-maskgan"
@@ -190,9 +193,9 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, config: MaskGanConfi
     fixed_z = torch.randn(64, config.latent, generator=torch.Generator().manual_seed(config.seed + 1))
     last_path, csv_path = out_path.with_suffix(".last.pt"), out_path.with_suffix(".losses.csv")
     start, history = 0, []
+    arch = _architecture(config)
     if last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
-        arch = {k: asdict(config)[k] for k in ("image_size", "latent", "base_channels")}
         if state.get("architecture", arch) != arch:
             raise ValueError(f"{last_path} was trained with {state['architecture']}, not {arch}: use the same "
                              "settings to resume, or another --out")
@@ -230,10 +233,9 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, config: MaskGanConfi
             writer.writeheader()
             writer.writerows(history)
         save_mask_generator(out_path, generator, config, info)
-        torch.save({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                    "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": rng.get_state(),
-                    "epoch": epoch, "history": history,
-                    "architecture": {k: asdict(config)[k] for k in ("image_size", "latent", "base_channels")}}, last_path)
+        atomic_torch_save(last_path, {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+                                      "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": rng.get_state(),
+                                      "epoch": epoch, "history": history, "architecture": arch})
         generator.eval()
         with torch.no_grad():
             samples = generator(fixed_z.to(device)).cpu().numpy()[:, 0]
@@ -241,10 +243,13 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, config: MaskGanConfi
     return history
 
 
+def _architecture(config: MaskGanConfig) -> dict:
+    """The settings a resume state must share with the run that continues it."""
+    return {k: asdict(config)[k] for k in ("image_size", "latent", "base_channels")}
+
+
 def write_grid(path: Path, samples: np.ndarray, columns: int = 8) -> None:
     """(N, S, S) samples in [-1, 1] as a greyscale grid PNG (2 px gaps)."""
-    from .crops import write_png
-
     n, s = len(samples), samples.shape[-1]
     rows = math.ceil(n / columns)
     grid = np.full((rows * (s + 2), columns * (s + 2)), 128, np.uint8)
@@ -255,10 +260,8 @@ def write_grid(path: Path, samples: np.ndarray, columns: int = 8) -> None:
 
 
 def save_mask_generator(path: Path, generator: MaskGenerator, config: MaskGanConfig, info: dict) -> None:
-    tmp = Path(path).with_suffix(".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "config": asdict(config), "info": dict(info),
-                "state_dict": generator.state_dict()}, tmp)
-    tmp.replace(path)
+    atomic_torch_save(Path(path), {"format": CHECKPOINT_FORMAT, "version": 1, "config": asdict(config),
+                                   "info": dict(info), "state_dict": generator.state_dict()})
 
 
 def load_mask_generator(path: Path) -> tuple[MaskGenerator, MaskGanConfig, dict]:
@@ -383,8 +386,6 @@ def generate_masks(generator: MaskGenerator, count: int, settings: MaskSettings,
 def write_masks(out_dir: Path, masks: list[np.ndarray], records: list[dict]) -> Path:
     """``mask_00000.png ...`` (0/255), ``masks.csv`` (file, target diameter, area, equivalent
     diameter) and ``masks.png`` (a grid of up to 64). Returns the CSV path."""
-    from .crops import write_png
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -405,16 +406,13 @@ def read_masks(mask_dir: Path) -> list[np.ndarray]:
     """The masks of a folder written by :func:`write_masks` (``masks.csv`` order; without a CSV
     every ``*.png`` except the grid, sorted by name). Raises ValueError when there are none."""
     import pandas as pd
-    import pyvips
-
-    from ..slides import image_to_array
 
     mask_dir = Path(mask_dir)
     if (mask_dir / "masks.csv").is_file():
         files = [mask_dir / f for f in pd.read_csv(mask_dir / "masks.csv")["mask"]]
     else:
         files = sorted(p for p in mask_dir.glob("*.png") if p.name != "masks.png")
-    masks = [image_to_array(pyvips.Image.new_from_file(str(p)))[..., 0] > 127 for p in files]
+    masks = [read_png(p)[..., 0] > 127 for p in files]
     empty = sum(not m.any() for m in masks)
     if empty:
         log.warning("%s: %d empty mask(s) skipped", mask_dir, empty)

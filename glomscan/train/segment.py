@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..atomic import atomic_torch_save
 from ..model import ModelCard, build_model, save_checkpoint
 from ..progress import Progress
 from .data import load_patch
@@ -210,6 +211,7 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
             best_dice, best = val["dice_mean"], val
             save_checkpoint(out_path, model.cpu(), replace(card, metrics={"epoch": epoch + 1, **val}))
             model.to(device)
-        torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
-                    "epoch": epoch, "best_dice": best_dice, "config": asdict(config)}, last_path)
+        atomic_torch_save(last_path, {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                                      "scheduler": scheduler.state_dict(), "epoch": epoch, "best_dice": best_dice,
+                                      "config": asdict(config)})
     return best

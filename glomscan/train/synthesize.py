@@ -35,8 +35,8 @@ from scipy import ndimage
 from scipy.signal import fftconvolve
 
 from ..config import TissueSettings
-from .crops import sclerosed_census, training_rows, write_png
-from .data import MANIFEST_COLUMNS, load_patch
+from .crops import sclerosed_census, training_rows
+from .data import MANIFEST_COLUMNS, load_patch, write_png
 from .maskgan import equivalent_diameter
 
 log = logging.getLogger(__name__)

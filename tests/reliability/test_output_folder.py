@@ -8,7 +8,6 @@ does not, a fake writer raises EROFS / ENOSPC instead (the test says which in it
 import errno
 import os
 
-import pytest
 from click.testing import CliRunner
 
 import glomscan.batch
