@@ -349,7 +349,8 @@ def failed_report(job: SlideJob, model: LoadedModel, reason: str, choice: Engine
     on this side ran it (a cluster worker that died)."""
     engine = {"backend": choice.backend, "backend_reason": choice.reason} if choice else {}
     return SlideReport(slide=job.name, path=str(job.path), status="failed", reason=reason, model_id=model.model_id,
-                       model_sha256=model.sha256, fingerprint=job.fingerprint,
+                       model_sha256=model.sha256, model_intended_use=model.card.intended_use,
+                       model_licence=model.card.licence, fingerprint=job.fingerprint,
                        runtime_s=None if seconds is None else round(seconds, 3), **engine)
 
 

@@ -96,6 +96,7 @@ def render_index(out_dir: Path, reports: list[SlideReport], skipped: set[str], i
     state = "interrupted (rerun the same command to finish; finished slides are kept)" if interrupted else "finished"
     rows = "\n".join(_row(out_dir, r, r.slide in skipped) for r in reports)
     model_ids = sorted({r.model_id for r in reports if r.model_id})
+    uses = sorted({r.model_intended_use for r in reports if r.model_intended_use})
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -107,7 +108,8 @@ def render_index(out_dir: Path, reports: list[SlideReport], skipped: set[str], i
 <p class="meta">{len(reports)} slide(s): {len(reports) - n_failed} ok, {n_failed} failed; batch {_esc(state)};
 written {_esc(time.strftime("%Y-%m-%d %H:%M:%S %Z"))} by glomscan {_esc(__version__)};
 model {_esc(", ".join(model_ids) or "–")}. Percent global glomerulosclerosis with its 95 % Wilson
-interval. Research tool, not a medical device.
+interval. Research tool, not a medical device.</p>
+<p class="meta" id="intended-use">Model intended use: {_esc("; ".join(uses) or "not stated")}
 <span class="legend">Overview: <span style="background:{_hex(CLASS_COLOURS["normal"])}"></span>normal
 <span style="background:{_hex(CLASS_COLOURS["sclerosed"])}"></span>sclerosed</span></p>
 <table>

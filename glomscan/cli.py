@@ -91,6 +91,7 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     model = _load_model_or_exit(model_path)
+    _warn_if_not_for_real_tissue(model)
 
     from .batch import OutputNotWritable, run_batch
     from .engines import EngineOptions, create_engine
@@ -152,6 +153,13 @@ def _load_model_or_exit(model_path: Path | None):
         return load_checkpoint(model_path)
     except CheckpointError as exc:
         raise click.UsageError(str(exc)) from exc
+
+
+def _warn_if_not_for_real_tissue(model) -> None:
+    """Printed even with --quiet: results of such a model must not be read as findings."""
+    if not model.card.for_real_tissue:
+        click.echo(f"WARNING: model {model.model_id} is not for real tissue ({model.card.intended_use}); "
+                   "its glomeruli and percentages are meaningless on real slides.", err=True)
 
 
 @main.command("init-model")
@@ -243,29 +251,45 @@ def synth_slides(out_dir, count, seed):
 
 
 @main.command()
-@click.option("--slides", "slides_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--annotations", "annotations_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--slides", "slides_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Annotated slides (with --annotations).")
+@click.option("--annotations", "annotations_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Per slide: <stem>.geojson (QuPath), <stem>_labels.png, or <stem>_normal.png + <stem>_sclerosed.png.")
+@click.option("--tiles", "tiles_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Tile set: images/<name> + masks/<name> (binary glomerulus masks, class unknown).")
+@click.option("--tiles-mpp", type=float, default=0.5, show_default=True, help="µm/px of the tile set's images.")
+@click.option("--crops", "crops_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Glomerulus crop set: labels.csv (image, slide, globally_sclerosed) + images/ + masks/; "
+                   "composited into the tile set's tissue.")
+@click.option("--composite-uses", type=int, default=3, show_default=True,
+              help="Times each training crop is pasted (each time another size, place and stain).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--tile", type=int, default=1024, show_default=True)
-@click.option("--stride", type=int, default=512, show_default=True)
-@click.option("--target-mpp", type=float, default=1.0, show_default=True)
+@click.option("--tile", type=int, default=1024, show_default=True, help="Patch side cut from slides (analysis px).")
+@click.option("--stride", type=int, default=512, show_default=True, help="Patch stride on slides (analysis px).")
+@click.option("--target-mpp", type=float, default=1.0, show_default=True, help="Analysis resolution, µm/px.")
 @click.option("--downsample", type=float, default=2.0, show_default=True, help="For slides without mpp.")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of slides for validation.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Share of slides (and tile groups) for validation.")
 @click.option("--class-map", default=None,
               help='QuPath class names, e.g. "Glomerulus=normal,Sclerotic=sclerosed,Other=ignore" (default: common names).')
 @click.option("--seed", type=int, default=0, show_default=True)
-def prepare(slides_dir, annotations_dir, out_dir, tile, stride, target_mpp, downsample, val_fraction, class_map, seed):
-    """Cut annotated slides into a training set (patches + label masks + manifest.csv)."""
+def prepare(slides_dir, annotations_dir, tiles_dir, tiles_mpp, crops_dir, composite_uses, out_dir, tile, stride,
+            target_mpp, downsample, val_fraction, class_map, seed):
+    """Build a training set (patches + label masks + manifest.csv) from annotated slides, tile sets
+    with glomerulus masks, and graded glomerulus crops composited into tissue."""
     _setup_logging(quiet=False)
     from .train.data import AnnotationError, PrepareSettings, parse_class_map, prepare_dataset
+    from .train.sources import SourceError
 
     try:
         settings = PrepareSettings(target_mpp=target_mpp, downsample=downsample, tile=tile, stride=stride,
-                                   validation_fraction=val_fraction, seed=seed, class_map=parse_class_map(class_map))
-        manifest = prepare_dataset(slides_dir, annotations_dir, out_dir, settings)
-    except (AnnotationError, ValueError) as exc:
+                                   validation_fraction=val_fraction, seed=seed, class_map=parse_class_map(class_map),
+                                   tiles_mpp=tiles_mpp, composite_uses=composite_uses)
+        manifest = prepare_dataset(slides_dir, annotations_dir, out_dir, settings, tiles_dir=tiles_dir,
+                                   crops_dir=crops_dir)
+    except (AnnotationError, SourceError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    counts = manifest.groupby("split").size().to_dict()
+    counts = manifest.groupby(["kind", "split"]).size().to_dict()
     click.echo(f"wrote {len(manifest)} patches to {out_dir} ({counts}); manifest {out_dir / 'manifest.csv'}")
 
 
@@ -289,17 +313,24 @@ def train():
 @click.option("--bn-recalibration-steps", type=int, default=20, show_default=True,
               help="Exact BatchNorm statistics over this many batches before each validation (0: off).")
 @click.option("--name", default="glomscan-unet", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="auto: fp16 autocast on CUDA, bf16 autocast + channels_last on CPUs with bf16 instructions, else fp32.")
+@click.option("--tile", "card_tile", type=int, default=None,
+              help="Analysis tile the model card records (default: the patch size of the set).")
+@click.option("--stain-jitter", type=float, default=0.0, show_default=True,
+              help="Whole-patch stain augmentation: optical density gain 1 +- this.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
 def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, encoder, encoder_weights,
-                  max_steps_per_epoch, bn_recalibration_steps, name, seed, quiet):
+                  max_steps_per_epoch, bn_recalibration_steps, name, precision, card_tile, stain_jitter, seed, quiet):
     """Train the U-Net (0.5*BCE + Dice, Adam, cosine LR); resumes from OUT.last.pt if present."""
     _setup_logging(quiet)
     from .train.segment import TrainConfig, train_segmentation
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, crop=crop, encoder=encoder,
                          encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch,
-                         bn_recalibration_steps=bn_recalibration_steps, name=name, seed=seed)
+                         bn_recalibration_steps=bn_recalibration_steps, name=name, seed=seed,
+                         precision=precision, stain_jitter=stain_jitter, tile=card_tile)
     try:
         best = train_segmentation(dataset_dir, out_path, config, quiet=quiet)
     except ValueError as exc:
@@ -342,14 +373,21 @@ def evaluate(ctx, model_path, dataset_dir, split, results_dir, truth_dir, out_pr
 @click.argument("out_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", default=None, help="New model name for the card.")
 @click.option("--trained-on", default=None, help="Replace the card's training-data description.")
-def pack_model(checkpoint, out_path, name, trained_on):
-    """Rewrite a checkpoint with fp16 weights (half the size; loaded back as fp32)."""
+@click.option("--intended-use", default=None, help="Replace the card's intended use (shown in every report).")
+@click.option("--licence", default=None, help="Terms the weights inherit from their training data.")
+@click.option("--for-real-tissue/--not-for-real-tissue", default=None,
+              help="Mark the model as validated on real tissue (analyze warns about models that are not).")
+def pack_model(checkpoint, out_path, name, trained_on, intended_use, licence, for_real_tissue):
+    """Rewrite a checkpoint with fp16 weights (half the size; loaded back as fp32) and card edits."""
     from dataclasses import replace
 
     from .model import save_checkpoint
 
     model = _load_model_or_exit(checkpoint)
-    card = replace(model.card, **{k: v for k, v in (("name", name), ("trained_on", trained_on)) if v})
+    edits = {"name": name, "trained_on": trained_on, "intended_use": intended_use, "licence": licence}
+    card = replace(model.card, **{k: v for k, v in edits.items() if v})
+    if for_real_tissue is not None:
+        card = replace(card, for_real_tissue=for_real_tissue)
     sha = save_checkpoint(out_path, model.module, card, half=True)
     click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, sha256 {sha[:12]})")
 
@@ -405,6 +443,31 @@ def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channe
     if row:
         click.echo(f"epoch {row['epoch']}: held-out MAE {row['test_mae']:.4f}, PSNR {row['test_psnr']:.2f} dB, "
                    f"SSIM {row['test_ssim']:.3f} -> {out_path}")
+
+
+@evaluate.command("real")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="glomscan checkpoint (default: the shipped model).")
+@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="A set made by 'glomscan prepare --tiles ... --crops ...'.")
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("evaluation-real"),
+              show_default=True, help="analyze's outputs and the scores (metrics.json, glomeruli.csv, slides.csv).")
+def evaluate_real(model_path, dataset_dir, split, backend, out_dir):
+    """Score a model through analyze on a prepared tile + crop set: detection and glomerulus Dice
+    on real tiles and composites, sclerosed sensitivity / specificity / balanced accuracy per
+    graded glomerulus, per-slide %GS error, normal and sclerosed pixel Dice."""
+    _setup_logging(quiet=True)
+    from .train.evaluate import evaluate_prepared_set
+
+    try:
+        metrics = evaluate_prepared_set(_load_model_or_exit(model_path), dataset_dir, out_dir, backend, split)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for key, value in metrics.items():
+        click.echo(f"  {key:<34} {value:.4f}" if isinstance(value, float) else f"  {key:<34} {value}")
+    click.echo(f"-> {out_dir / 'metrics.json'}")
 
 
 @evaluate.command("inpaint")

@@ -49,6 +49,12 @@ class ModelCard:
     tile: int = 1024
     trained_on: str = "nothing (random initialisation)"
     notes: str = ""
+    for_real_tissue: bool = False
+    """True only for models trained and validated on real tissue; analyze warns otherwise."""
+    intended_use: str = "not for real tissue: untrained or trained on synthetic images only"
+    """Shown in report.json and index.html."""
+    licence: str = ""
+    """Terms the weights inherit from their training data."""
     metrics: dict = field(default_factory=dict)
 
     @classmethod

@@ -6,7 +6,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -71,6 +71,8 @@ class SlideReport:
     backend_reason: str = ""
     model_id: str = ""
     model_sha256: str = ""
+    model_intended_use: str = ""
+    model_licence: str = ""
     runtime_s: float | None = None
     inference_s: float | None = None
     fingerprint: dict = field(default_factory=dict)
@@ -93,6 +95,24 @@ def sclerosis_summary(n_normal: int, n_sclerosed: int) -> tuple[float | None, fl
         return None, None, None
     lo, hi = wilson_interval(n_sclerosed, n)
     return round(100.0 * n_sclerosed / n, 2), round(100.0 * lo, 2), round(100.0 * hi, 2)
+
+
+def is_small_image(width: int, height: int, tile: int) -> bool:
+    """Images no larger than 2 x 2 tiles at analysis resolution (ROIs, single-glomerulus crops)
+    are analysed whole, whatever the tissue detector says: it is tuned for slides with glass
+    around the tissue, while an exported ROI is often all tissue."""
+    return width <= 2 * tile and height <= 2 * tile
+
+
+def blank_image_reason(slide: Slide, downsample: float) -> str:
+    """Why a small image cannot hold tissue (one flat colour), or '' when it may."""
+    thumb, _ = slide.image_at(max(downsample, max(slide.levels[0].width, slide.levels[0].height) / 512))
+    pixels = image_to_array(thumb).astype(np.float32)
+    if pixels.shape[0] * pixels.shape[1] < 4:
+        return f"image too small to analyse ({slide.levels[0].width} x {slide.levels[0].height} px)"
+    if pixels.std(axis=(0, 1)).max() < 2.0:
+        return "image is blank (a single flat colour): no tissue to analyse"
+    return ""
 
 
 def predict_tiles(tiles: list[Tile], read: Callable[[int, int], np.ndarray], engine: Engine,
@@ -150,7 +170,8 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     Raises SlideError (or pyvips/OS errors) on failure; the caller records them."""
     started = time.perf_counter()
     report = SlideReport(slide=name, path=str(path), backend=choice.backend, backend_reason=choice.reason,
-                         model_id=model.model_id, model_sha256=model.sha256, fingerprint=fingerprint)
+                         model_id=model.model_id, model_sha256=model.sha256, fingerprint=fingerprint,
+                         model_intended_use=model.card.intended_use, model_licence=model.card.licence)
     slide = Slide(path, mpp_override=settings.mpp_override)
     level0 = slide.levels[0]
     report.width, report.height = level0.width, level0.height
@@ -170,15 +191,26 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     report.analysis_mpp, report.analysis_downsample, report.pyramid_level = analysis_mpp, downsample, level.index
     assumed_mpp = analysis_mpp or target_mpp
 
-    tissue = slide.tissue(downsample, assumed_mpp, settings.tissue)
+    small = is_small_image(image.width, image.height, settings.tile)
+    tissue_settings = settings.tissue
+    if small:  # a thumbnail 16x coarser than a crop would be a few pixels: detect finer
+        tissue_settings = replace(tissue_settings, thumbnail_downsample=max(
+            1.0, min(tissue_settings.thumbnail_downsample, max(image.width, image.height) / 256)))
+    tissue = slide.tissue(downsample, assumed_mpp, tissue_settings)
     report.tissue_area_px = round(tissue.area_px() * downsample**2, 1)
     if analysis_mpp is not None:
         report.tissue_area_mm2 = round(tissue.area_px() * analysis_mpp**2 / 1e6, 4)
-    if not tissue.mask.any():
-        raise SlideError("no tissue detected")
-
     grid = TileGrid(image.width, image.height, settings.tile, settings.stride)
-    tiles = grid.tissue_tiles(tissue)
+    if small:
+        # ROIs and crops exported by pathologists are all tissue or nearly: infer all of it.
+        reason = blank_image_reason(slide, downsample)
+        if reason:
+            raise SlideError(reason)
+        tiles = grid.tiles()
+    else:
+        if not tissue.mask.any():
+            raise SlideError("no tissue detected")
+        tiles = grid.tissue_tiles(tissue)
     report.tiles_total, report.tiles_tissue = grid.n_rows * grid.n_cols, len(tiles)
     log.info("%s: %dx%d level 0, level %d, analysis %dx%d px at %s µm/px, %d of %d tiles on tissue",
              name, level0.width, level0.height, level.index, image.width, image.height,

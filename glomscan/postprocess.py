@@ -44,6 +44,30 @@ class Glomerulus:
     """Closed outer boundary polygon (x, y), pixel-edge coordinates."""
 
 
+def glomerulus_class(mean_probabilities: tuple[float, ...] | np.ndarray) -> int:
+    """The one decision rule for a glomerulus's class: the index of the class with the larger
+    mean probability over the glomerulus's pixels (0 normal, 1 sclerosed; a tie is normal).
+    ``analyze``, ``evaluate`` and training validation all classify through this function."""
+    return int(np.argmax(np.asarray(mean_probabilities, dtype=np.float64)))
+
+
+def glomeruli_in_image(probabilities: np.ndarray, class_names: tuple[str, ...], min_area_px: float,
+                       foreground_threshold: float = 0.5) -> tuple[list["Glomerulus"], np.ndarray]:
+    """Glomeruli and their class-painted label image (0 background, 1 + class) of one
+    probability map (C, H, W) in [0, 1], by the same streaming code ``analyze`` runs."""
+    c, h, w = probabilities.shape
+    quantised = np.clip(np.rint(probabilities * 255), 0, 255).astype(np.uint8)
+    foreground = probabilities.max(axis=0) >= foreground_threshold
+    labels = np.zeros((h, w), np.uint8)
+
+    def sink(y0: int, rows: np.ndarray) -> None:
+        labels[y0:y0 + rows.shape[0]] = rows
+
+    stream = InstanceStream(w, class_names, min_area_px, row_sink=sink)
+    stream.push(Band(0, h, quantised, foreground))
+    return stream.finish(), labels
+
+
 RowSink = Callable[[int, np.ndarray], None]
 """Receives (y0, uint8 label rows of full width) in increasing y order."""
 
@@ -119,7 +143,7 @@ class InstanceStream:
             self.dropped_small += 1
             return
         means = tuple(float(self._probs[c][sl][component].mean()) / 255.0 for c in range(self._probs.shape[0]))
-        cls = int(np.argmax(means))
+        cls = glomerulus_class(means)
         self._paint[sl][component] = cls + 1
         ys, xs = np.nonzero(component)
         y_off, x_off = self._y0 + sl[0].start, sl[1].start

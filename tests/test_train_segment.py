@@ -24,7 +24,8 @@ from glomscan.train.data import (
     split_slides,
 )
 from glomscan.train.metrics import instance_matches, pixel_metrics, sclerosis_percent
-from glomscan.train.segment import BceDiceLoss, TrainConfig, targets_from_labels, train_segmentation
+from glomscan.train.segment import PartialLabelLoss, TrainConfig, targets_from_labels, train_segmentation
+from glomscan.train.sources import UNKNOWN_CLASS
 
 TINY = dict(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8))
 
@@ -114,21 +115,59 @@ def test_prepare_cuts_patches_at_stride_with_true_masks(dataset):
     assert (manifest.slide == "s0").sum() == 6 * 5
 
 
-def test_loss_dice_part_is_zero_for_perfect_prediction():
+def _paper_loss(logits, labels):
+    """0.5 * BCE + (1 - mean class Dice), written out independently of the product."""
+    target = targets_from_labels(labels)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum((0, 2, 3))
+    dice = (2 * inter + 1) / (p.sum((0, 2, 3)) + target.sum((0, 2, 3)) + 1)
+    return 0.5 * bce + 1 - dice.mean()
+
+
+def test_loss_is_the_papers_with_full_labels():
     labels = torch.zeros(2, 16, 16, dtype=torch.long)
     labels[0, 2:8, 2:8] = 1
     labels[1, 5:12, 5:12] = 2
     target = targets_from_labels(labels)
     perfect = (target * 2 - 1) * 30.0
-    loss = BceDiceLoss()
-    assert loss.dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
-    assert loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
-    wrong = -perfect
-    assert loss(wrong, target).item() > 1.0
-    # 0.5 * BCE + Dice exactly
+    loss = PartialLabelLoss()
+    assert loss(perfect, labels).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(-perfect, labels).item() > 1.0
     logits = torch.randn(2, 2, 16, 16)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
-    assert loss(logits, target).item() == pytest.approx(0.5 * bce.item() + loss.dice_loss(logits, target).item(), rel=1e-6)
+    assert loss(logits, labels).item() == pytest.approx(_paper_loss(logits, labels).item(), rel=1e-6)
+
+
+def test_unknown_class_pixels_supervise_only_glomerulus_vs_background():
+    torch.manual_seed(0)
+    labels = torch.zeros(1, 16, 16, dtype=torch.long)
+    labels[0, 2:8, 2:8] = 1
+    labels[0, 9:15, 9:15] = UNKNOWN_CLASS
+    unknown = labels[0] == UNKNOWN_CLASS
+    loss = PartialLabelLoss()
+    logits = torch.randn(1, 2, 16, 16, requires_grad=True)
+    loss(logits, labels).backward()
+    g = logits.grad[0]
+    # Along the direction that keeps the union 1 - (1-pn)(1-ps) fixed, the loss does not change:
+    # on unknown pixels the gradient is orthogonal to that direction.
+    pn, ps = torch.sigmoid(logits[0, 0]).detach(), torch.sigmoid(logits[0, 1]).detach()
+    # d(union)/dl_n = (1-ps) pn (1-pn), d(union)/dl_s = (1-pn) ps (1-ps); the split direction
+    # keeping the union fixed is (du/dl_s, -du/dl_n).
+    du_n, du_s = (1 - ps) * pn * (1 - pn), (1 - pn) * ps * (1 - ps)
+    split = g[0] * du_s - g[1] * du_n
+    assert split[unknown].abs().max().item() < 1e-9
+    assert g[:, unknown].abs().sum().item() > 0  # but they are supervised (towards glomerulus)
+    # Swapping the two class logits on unknown pixels leaves the loss unchanged.
+    swapped = logits.detach().clone()
+    swapped[0, :, unknown] = swapped[0, :, unknown].flip(0)
+    assert loss(swapped, labels).item() == pytest.approx(loss(logits.detach(), labels).item(), rel=1e-6)
+    # Raising both class probabilities on unknown pixels lowers the loss (they are glomerulus).
+    raised = logits.detach().clone()
+    raised[0, :, unknown] += 3.0
+    assert loss(raised, labels).item() < loss(logits.detach(), labels).item()
+    # Known-class pixels still get the class split: a normal pixel pushes sclerosed down.
+    normal = labels[0] == 1
+    assert (g[1][normal] > 0).all() and (g[0][normal] < 0).all()
 
 
 def test_pixel_metrics_hand_computed():
@@ -175,13 +214,14 @@ def test_training_checkpoint_resume_and_analyze(dataset, tmp_path):
 def test_batchnorm_recalibration_gives_exact_statistics():
     from torch.utils.data import DataLoader, TensorDataset
 
+    from glomscan.train.harness import TrainingDevice
     from glomscan.train.segment import recalibrate_batchnorm
 
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(3, momentum=0.01)
     data = torch.randn(16, 3, 8, 8) * 2 + 5
     loader = DataLoader(TensorDataset(data, torch.zeros(16)), batch_size=4)
-    recalibrate_batchnorm(torch.nn.Sequential(bn), loader, "cpu", steps=4)
+    recalibrate_batchnorm(torch.nn.Sequential(bn), loader, TrainingDevice("cpu", "fp32", False, "test"), steps=4)
     assert torch.allclose(bn.running_mean, data.mean(dim=(0, 2, 3)), atol=1e-5)
     assert bn.momentum == 0.01  # restored
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,8 @@ from skimage.draw import polygon as fill_polygon
 from ..config import TissueSettings
 from ..slides import Slide, TileReader, find_slides, image_to_array
 from ..tiling import TileGrid
+from .composite import CompositeSettings, paste_glomeruli
+from .sources import UNKNOWN_CLASS, read_crop_set, read_tile_set
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,12 @@ DEFAULT_CLASS_MAP = {
 """QuPath classification name (case-insensitive) -> label."""
 
 MANIFEST_COLUMNS = ["patch_id", "slide", "split", "x0", "y0", "x", "y", "tile", "n_normal_px", "n_sclerosed_px",
-                    "synthetic", "image", "mask"]
+                    "synthetic", "image", "mask", "kind", "n_unknown_class_px"]
+"""``kind``: slide (cut from an annotated slide), tile (a tile set's tile), composite (a tile
+with graded glomerulus crops pasted in). ``n_unknown_class_px``: glomerulus pixels of unknown
+class (label 3)."""
+PLACEMENT_COLUMNS = ["patch_id", "split", "crop", "slide", "label", "x0", "y0", "x1", "y1", "diameter_um"]
+"""``glomeruli.csv`` of a prepared set: one row per pasted glomerulus (patch pixel box)."""
 
 
 class AnnotationError(Exception):
@@ -180,21 +187,123 @@ class PrepareSettings:
     seed: int = 0
     class_map: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CLASS_MAP))
     tissue: TissueSettings = field(default_factory=TissueSettings)
+    tiles_mpp: float = 0.5
+    """µm/px of a tile set's images (AIDPATH tiles: 20x, about 0.5)."""
+    composite_uses: int = 3
+    """Each training glomerulus crop is pasted this many times (other size, place, stain)."""
+    sclerosed_oversampling: int = 2
+    """Training crops of sclerosed glomeruli (the minority, about 1 in 5) are pasted this many
+    times more often."""
+    glomeruli_per_composite: tuple[int, int] = (2, 4)
+    """Glomeruli pasted into one tile (inclusive range)."""
+    composite: CompositeSettings = field(default_factory=CompositeSettings)
 
 
 def split_slides(slides: list[str], validation_fraction: float, seed: int) -> dict[str, str]:
-    """Slide-level train/val split (val gets round(fraction * n) slides, at least one when n >= 2)."""
-    names = sorted(slides)
+    """Slide-level (or tile-group-level) train/val split: val gets round(fraction * n) of the n
+    distinct names, at least one when n >= 2."""
+    names = sorted(set(slides))
     rng = random.Random(seed)
     rng.shuffle(names)
     n_val = max(1, round(validation_fraction * len(names))) if len(names) >= 2 else 0
     return {name: ("val" if i < n_val else "train") for i, name in enumerate(names)}
 
 
-def prepare_dataset(slides_dir: Path, annotations_dir: Path, out_dir: Path, settings: PrepareSettings) -> pd.DataFrame:
+def prepare_dataset(slides_dir: Path | None, annotations_dir: Path | None, out_dir: Path, settings: PrepareSettings,
+                    tiles_dir: Path | None = None, crops_dir: Path | None = None) -> pd.DataFrame:
+    """A training set from any mix of annotated slides, a tile set and a glomerulus crop set
+    (crops need a tile set for their backgrounds). Writes images/, masks/, manifest.csv and,
+    with crops, glomeruli.csv."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(exist_ok=True)
+    if slides_dir is None and tiles_dir is None:
+        raise AnnotationError("nothing to prepare: give annotated slides, a tile set, or both")
+    if crops_dir is not None and tiles_dir is None:
+        raise AnnotationError("a glomerulus crop set is composited into tissue: it needs a tile set (--tiles) "
+                              "for the backgrounds")
+    rows = _slide_patches(slides_dir, annotations_dir, out_dir, settings) if slides_dir is not None else []
+    placements: list[dict] = []
+    if tiles_dir is not None:
+        tile_rows, placements = _tile_and_crop_patches(tiles_dir, crops_dir, out_dir, settings)
+        rows += tile_rows
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest.to_csv(out_dir / "manifest.csv", index=False)
+    (out_dir / "dataset.json").write_text(json.dumps({"target_mpp": settings.target_mpp}))
+    if crops_dir is not None:
+        pd.DataFrame(placements, columns=PLACEMENT_COLUMNS).to_csv(out_dir / "glomeruli.csv", index=False)
+    return manifest
+
+
+def _patch_row(patch_id: str, group: str, split: str, kind: str, labels: np.ndarray) -> dict:
+    return {"patch_id": patch_id, "slide": group, "split": split, "x0": 0, "y0": 0, "x": 0, "y": 0,
+            "tile": labels.shape[0], "n_normal_px": int((labels == 1).sum()), "n_sclerosed_px": int((labels == 2).sum()),
+            "synthetic": False, "image": f"images/{patch_id}.png", "mask": f"masks/{patch_id}.png", "kind": kind,
+            "n_unknown_class_px": int((labels == UNKNOWN_CLASS).sum())}
+
+
+def _tile_and_crop_patches(tiles_dir: Path, crops_dir: Path | None, out_dir: Path,
+                           settings: PrepareSettings) -> tuple[list[dict], list[dict]]:
+    """Tile-set patches (glomerulus pixels of unknown class) and, with a crop set, composites:
+    each training crop pasted ``composite_uses`` times into training tiles, each validation crop
+    once into validation tiles. Tiles split by tile group, crops by slide."""
+    tiles = read_tile_set(tiles_dir, settings.tiles_mpp, settings.target_mpp)
+    tile_split = split_slides([t.group for t in tiles], settings.validation_fraction, settings.seed)
+    rows: list[dict] = []
+    for t in tiles:
+        patch_id = f"tile_{t.name}"
+        _write_patch(out_dir, patch_id, t.image, t.labels)
+        rows.append(_patch_row(patch_id, t.group, tile_split[t.group], "tile", t.labels))
+    log.info("%s: %d tiles in %d groups (%d val)", tiles_dir, len(tiles), len(tile_split),
+             sum(v == "val" for v in tile_split.values()))
+    if crops_dir is None:
+        return rows, []
+    crops = read_crop_set(crops_dir)
+    crop_split = split_slides([c.slide for c in crops], settings.validation_fraction, settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    placements: list[dict] = []
+    for split, uses in (("train", settings.composite_uses), ("val", 1)):
+        backgrounds = [t for t in tiles if tile_split[t.group] == split]
+        queue = [c for c in crops if crop_split[c.slide] == split for _ in range(
+            uses * (settings.sclerosed_oversampling if split == "train" and c.label == 2 else 1))]
+        if not queue:
+            continue
+        if not backgrounds:
+            raise AnnotationError(f"no {split} tiles to composite the {split} glomerulus crops into")
+        rng.shuffle(queue)
+        failures: dict[str, int] = {}
+        n = 0
+        while queue:
+            background = backgrounds[int(rng.integers(len(backgrounds)))]
+            k = int(rng.integers(settings.glomeruli_per_composite[0], settings.glomeruli_per_composite[1] + 1))
+            batch, queue = queue[:k], queue[k:]
+            image, labels, placed, unplaced = paste_glomeruli(background.image, background.labels, batch,
+                                                              settings.target_mpp, settings.composite, rng)
+            for crop in unplaced:  # try again on another background, up to three times
+                failures[crop.name] = failures.get(crop.name, 0) + 1
+                if failures[crop.name] < 3:
+                    queue.append(crop)
+            if not placed:
+                continue
+            patch_id = f"composite_{split}_{n:05d}_{background.name}"
+            n += 1
+            _write_patch(out_dir, patch_id, image, labels)
+            rows.append(_patch_row(patch_id, background.group, split, "composite", labels))
+            placements += [{"patch_id": patch_id, "split": split, **asdict(p)} for p in placed]
+        dropped = sum(v >= 3 for v in failures.values())
+        log.info("%s: %d %s composites, %d glomeruli pasted (%d crops found no place)", crops_dir, n, split,
+                 sum(p["split"] == split for p in placements), dropped)
+    return rows, placements
+
+
+def _write_patch(out_dir: Path, patch_id: str, image: np.ndarray, labels: np.ndarray) -> None:
+    write_png(out_dir / "images" / f"{patch_id}.png", image, compression=3)
+    write_png(out_dir / "masks" / f"{patch_id}.png", labels, compression=6)
+
+
+def _slide_patches(slides_dir: Path, annotations_dir: Path | None, out_dir: Path, settings: PrepareSettings) -> list[dict]:
+    if annotations_dir is None:
+        raise AnnotationError("annotated slides need their annotations folder (--annotations)")
     slides = find_slides(slides_dir)
     if not slides:
         raise AnnotationError(f"no slides in {slides_dir}")
@@ -220,12 +329,11 @@ def prepare_dataset(slides_dir: Path, annotations_dir: Path, out_dir: Path, sett
                          "x0": round(t.x * downsample), "y0": round(t.y * downsample), "x": t.x, "y": t.y,
                          "tile": settings.tile, "n_normal_px": int((mask == 1).sum()),
                          "n_sclerosed_px": int((mask == 2).sum()), "synthetic": False,
-                         "image": f"images/{patch_id}.png", "mask": f"masks/{patch_id}.png"})
+                         "image": f"images/{patch_id}.png", "mask": f"masks/{patch_id}.png", "kind": "slide",
+                         "n_unknown_class_px": 0})
         log.info("%s: %s, %d patches (%s)", path.name, labels.source, sum(r["slide"] == path.stem for r in rows),
                  split[path.stem])
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    manifest.to_csv(out_dir / "manifest.csv", index=False)
-    return manifest
+    return rows
 
 
 def load_patch(dataset_dir: Path, row) -> tuple[np.ndarray, np.ndarray]:

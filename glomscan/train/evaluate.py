@@ -10,11 +10,16 @@ import numpy as np
 import pandas as pd
 import pyvips
 
+from scipy import ndimage
+
+from ..config import AnalysisSettings
 from ..model import LoadedModel
+from ..postprocess import EIGHT_CONNECTED, glomeruli_in_image
 from ..engines.torch_engine import TorchEngine
 from ..slides import image_to_array
 from .data import DEFAULT_CLASS_MAP, label_image_from_masks, load_patch, rasterise_polygons, read_qupath_geojson
 from .metrics import confusion_counts, instance_matches, pixel_metrics, sclerosis_percent
+from .sources import UNKNOWN_CLASS
 
 
 class _Scores:
@@ -61,10 +66,11 @@ def evaluate_patch_set(model: LoadedModel, dataset_dir: Path, split: str = "val"
     return pd.DataFrame([*scores.rows, scores.overall()])
 
 
-def predicted_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """(2, H, W) probabilities -> labels 0/1/2 (foreground by max, class by larger probability)."""
-    fg = probabilities.max(axis=0) >= threshold
-    return np.where(fg, probabilities.argmax(axis=0) + 1, 0).astype(np.uint8)
+def predicted_labels(probabilities: np.ndarray, threshold: float = 0.5, min_area_px: float = 0.0) -> np.ndarray:
+    """(2, H, W) probabilities -> labels 0/1/2 as analyze paints them: glomeruli are connected
+    components of max probability >= threshold, each classified by ``glomerulus_class``."""
+    _, labels = glomeruli_in_image(probabilities, ("normal", "sclerosed"), min_area_px, threshold)
+    return labels
 
 
 def slide_truth(truth_dir: Path, stem: str, width: int, height: int, downsample: float, class_map: dict) -> np.ndarray:
@@ -112,3 +118,139 @@ def markdown_table(table: pd.DataFrame) -> str:
     if "sclerosis_pct_mae" in row and row["sclerosis_pct_mae"] is not None and not pd.isna(row["sclerosis_pct_mae"]):
         lines += ["", f"Per-slide sclerosis % mean absolute error: {row['sclerosis_pct_mae']:.2f} percentage points"]
     return "\n".join(lines) + "\n"
+
+
+# --- a prepared tile + crop set, scored through analyze -----------------------------------------
+
+def evaluate_prepared_set(model: LoadedModel, dataset_dir: Path, out_dir: Path, backend: str = "auto",
+                          split: str = "val", settings: AnalysisSettings | None = None,
+                          quiet: bool = True) -> dict:
+    """Run ``analyze`` on the split's patches (tiles and composites) and score its outputs:
+
+    (a) detection (IoU >= 0.5) and glomerulus pixel Dice, on the real tiles and on the composites;
+    (b) per pasted glomerulus (a graded crop of a validation slide): sclerosed sensitivity,
+        specificity and balanced accuracy of the class analyze gave the detection matching it;
+    (c) per crop slide: percent global glomerulosclerosis, analyze's (over its detected
+        glomeruli) against the pathologists' (over all its crops), and the mean absolute error;
+    (d) normal and sclerosed pixel Dice on the composites (pixels of known class).
+
+    Writes ``OUT/analysis`` (analyze's outputs), ``OUT/glomeruli.csv`` (one row per pasted
+    glomerulus), ``OUT/slides.csv`` and ``OUT/metrics.json``; returns the metrics."""
+    from ..batch import run_batch
+    from ..engines import EngineOptions, create_engine
+
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    manifest = pd.read_csv(dataset_dir / "manifest.csv")
+    manifest = manifest[manifest.split == split] if split != "all" else manifest
+    if manifest.empty:
+        raise ValueError(f"no patches in split {split!r} of {dataset_dir}")
+    info = dataset_info(dataset_dir)
+    images = out_dir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for row in manifest.itertuples():
+        target = images / f"{row.patch_id}.png"
+        if not target.exists():
+            target.write_bytes((dataset_dir / row.image).read_bytes())
+    settings = settings or AnalysisSettings(mpp_override=info["target_mpp"], target_mpp=info["target_mpp"])
+    engine, choice = create_engine(backend, model, EngineOptions(engine_dir=out_dir / "engines"))
+    try:
+        run_batch(images, out_dir / "analysis", model, engine, choice, settings, quiet=quiet)
+    finally:
+        engine.close()
+    return score_prepared_set(dataset_dir, manifest, out_dir)
+
+
+def dataset_info(dataset_dir: Path) -> dict:
+    path = Path(dataset_dir) / "dataset.json"
+    return json.loads(path.read_text()) if path.is_file() else {"target_mpp": 1.0}
+
+
+def score_prepared_set(dataset_dir: Path, manifest: pd.DataFrame, out_dir: Path) -> dict:
+    placements_path = Path(dataset_dir) / "glomeruli.csv"
+    placements = pd.read_csv(placements_path) if placements_path.is_file() else pd.DataFrame()
+    detection: dict[str, dict] = {}
+    tp, fp, fn = np.zeros(2), np.zeros(2), np.zeros(2)
+    rows = []
+    for row in manifest.to_dict("records"):
+        result = Path(out_dir) / "analysis" / row["patch_id"]
+        if not (result / "mask.tif").is_file():
+            raise ValueError(f"analyze produced no mask for {row['patch_id']}: see {result}/report.json")
+        pred = image_to_array(pyvips.Image.tiffload(str(result / "mask.tif"), page=0))[..., 0]
+        truth = load_patch(dataset_dir, row)[1]
+        pred = pred[: truth.shape[0], : truth.shape[1]]
+        d = detection.setdefault(row["kind"], {"n_predicted": 0, "n_true": 0, "matched": 0, "tp": 0, "fp": 0, "fn": 0})
+        inst = instance_matches(pred, truth)
+        for k in ("n_predicted", "n_true", "matched"):
+            d[k] += inst[k]
+        p, t = pred > 0, truth > 0
+        d["tp"] += int((p & t).sum())
+        d["fp"] += int((p & ~t).sum())
+        d["fn"] += int((~p & t).sum())
+        if row["kind"] == "composite":
+            known = truth != UNKNOWN_CLASS
+            t_, f_, n_ = confusion_counts(np.where(known, pred, 0), np.where(known, truth, 0))
+            tp, fp, fn = tp + t_, fp + f_, fn + n_
+            pred_cc, _ = ndimage.label(pred > 0, structure=EIGHT_CONNECTED)
+            for g in placements[placements.patch_id == row["patch_id"]].to_dict("records"):
+                box = (slice(g["y0"], g["y1"]), slice(g["x0"], g["x1"]))
+                outline = truth[box] == g["label"]
+                rows.append({**g, **_match_glomerulus(pred, pred_cc, box, outline)})
+    metrics: dict = {}
+    for kind, d in detection.items():
+        metrics[f"{kind}_detection_recall"] = d["matched"] / max(d["n_true"], 1)
+        metrics[f"{kind}_detection_precision"] = d["matched"] / max(d["n_predicted"], 1)
+        metrics[f"{kind}_glomeruli_true"] = d["n_true"]
+        metrics[f"{kind}_glomeruli_predicted"] = d["n_predicted"]
+        metrics[f"{kind}_glomerulus_dice"] = 2 * d["tp"] / max(2 * d["tp"] + d["fp"] + d["fn"], 1)
+    metrics.update({f"composite_{k}": v for k, v in pixel_metrics(tp, fp, fn).items() if k.startswith("dice")})
+    glomeruli = pd.DataFrame(rows)
+    if not glomeruli.empty:
+        metrics.update(classification_metrics(glomeruli))
+        slides = per_slide_sclerosis(glomeruli, dataset_dir)
+        slides.to_csv(Path(out_dir) / "slides.csv", index=False)
+        metrics["slides"] = int(len(slides))
+        metrics["sclerosis_pct_mae"] = float(slides.error_points.abs().mean())
+        glomeruli.to_csv(Path(out_dir) / "glomeruli.csv", index=False)
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _match_glomerulus(pred: np.ndarray, pred_cc: np.ndarray, box, outline: np.ndarray) -> dict:
+    """The predicted glomerulus with the largest overlap with a true outline, its IoU and class."""
+    ids = pred_cc[box][outline]
+    ids = ids[ids > 0]
+    if ids.size == 0:
+        return {"detected": False, "iou": 0.0, "predicted_label": 0}
+    best = int(np.bincount(ids).argmax())
+    component = pred_cc == best
+    true_full = np.zeros_like(component)
+    true_full[box] = outline
+    iou = float((component & true_full).sum() / (component | true_full).sum())
+    predicted = int(np.bincount(pred[component], minlength=3)[1:].argmax() + 1)
+    return {"detected": iou >= 0.5, "iou": round(iou, 4), "predicted_label": predicted}
+
+
+def classification_metrics(glomeruli: pd.DataFrame) -> dict:
+    """Sclerosed sensitivity / specificity / balanced accuracy over the detected glomeruli, and
+    the share of true glomeruli detected."""
+    found = glomeruli[glomeruli.detected]
+    sclerosed, normal = found[found.label == 2], found[found.label == 1]
+    sensitivity = float((sclerosed.predicted_label == 2).mean()) if len(sclerosed) else float("nan")
+    specificity = float((normal.predicted_label == 1).mean()) if len(normal) else float("nan")
+    return {"glomeruli_graded": int(len(glomeruli)), "glomeruli_detected": int(len(found)),
+            "sclerosed_detected": int(len(sclerosed)), "normal_detected": int(len(normal)),
+            "sclerosed_sensitivity": sensitivity, "sclerosed_specificity": specificity,
+            "balanced_accuracy": float(np.nanmean([sensitivity, specificity]))}
+
+
+def per_slide_sclerosis(glomeruli: pd.DataFrame, dataset_dir: Path) -> pd.DataFrame:
+    """Per crop slide: pathologist %GS over the slide's pasted crops, analyze's over those it detected."""
+    rows = []
+    for slide, g in glomeruli.groupby("slide"):
+        found = g[g.detected]
+        truth = 100.0 * float((g.label == 2).mean())
+        predicted = 100.0 * float((found.predicted_label == 2).mean()) if len(found) else float("nan")
+        rows.append({"slide": slide, "glomeruli": len(g), "detected": len(found),
+                     "pathologist_percent": round(truth, 2), "predicted_percent": round(predicted, 2),
+                     "error_points": round(predicted - truth, 2)})
+    return pd.DataFrame(rows)

@@ -12,12 +12,16 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..atomic import atomic_torch_save
+from ..atomic import atomic_torch_save, atomic_write_text
 from ..model import ModelCard, build_model, save_checkpoint
 from ..progress import Progress
+from .composite import from_optical_density, optical_density
 from .data import load_patch
+from .harness import TrainingDevice, choose_training_device
+from .sources import UNKNOWN_CLASS
 from .metrics import pixel_metrics
 
 log = logging.getLogger(__name__)
@@ -47,40 +51,77 @@ class TrainConfig:
     running statistics). 0 disables."""
     name: str = "glomscan-unet"
     trained_on: str = ""
+    tile: int | None = None
+    """Analysis tile the model card records (None: the patch size of the set)."""
+    precision: str = "auto"
+    """auto, bf16, fp16 (CUDA) or fp32; auto: fp16 on CUDA, bf16 on CPUs with bf16 instructions."""
+    stain_jitter: float = 0.0
+    """Whole-patch stain augmentation (optical density gain 1 +- this per channel)."""
+    intended_use: str = ""
+    licence: str = ""
 
 
 def targets_from_labels(labels: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) labels 0/1/2 -> (N, 2, H, W) float one-hot of normal, sclerosed."""
+    """(N, H, W) labels 0/1/2 -> (N, 2, H, W) float one-hot of normal, sclerosed (label 3,
+    glomerulus of unknown class, is in neither channel: see ``PartialLabelLoss``)."""
     return torch.stack([(labels == 1), (labels == 2)], dim=1).float()
 
 
-class BceDiceLoss(nn.Module):
-    """0.5 * BCE-with-logits + (1 - soft Dice), Dice averaged over the two class channels."""
+def log_glomerulus_probability(logits: torch.Tensor) -> torch.Tensor:
+    """log P(glomerulus) = log(1 - (1 - p_normal)(1 - p_sclerosed)) from (N, 2, H, W) logits,
+    computed stably: the union of the two class probabilities."""
+    log_background = F.logsigmoid(-logits[:, 0]) + F.logsigmoid(-logits[:, 1])
+    return torch.log(-torch.expm1(log_background.clamp(max=-1e-7)))
+
+
+class PartialLabelLoss(nn.Module):
+    """The paper's 0.5 * BCE + Dice where the class is known, glomerulus-vs-background where not.
+
+    Labels: 0 background, 1 normal, 2 sclerosed, 3 glomerulus of unknown class. Known pixels
+    (0/1/2) get per-channel BCE and enter the per-class soft Dice. An unknown pixel gets BCE on
+    the union P(glomerulus) = 1 - (1 - p_normal)(1 - p_sclerosed) against 1 (counted for both
+    channels) and is left out of the class Dice; when a batch has unknown pixels, a soft Dice of
+    the union over all pixels joins the class Dice terms. The loss on an unknown pixel depends on
+    the two class probabilities only through their union, so it never pushes the class split.
+    With no unknown pixels this is exactly 0.5 * BCEWithLogits + (1 - mean class Dice).
+    """
 
     def __init__(self, bce_weight: float = 0.5, smooth: float = 1.0):
         super().__init__()
         self.bce_weight, self.smooth = bce_weight, smooth
-        self.bce = nn.BCEWithLogitsLoss()
 
-    def dice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(logits)
-        dims = (0, 2, 3)
+    def _dice(self, p: torch.Tensor, target: torch.Tensor, dims) -> torch.Tensor:
         inter = (p * target).sum(dims)
-        dice = (2 * inter + self.smooth) / (p.sum(dims) + target.sum(dims) + self.smooth)
-        return 1 - dice.mean()
+        return (2 * inter + self.smooth) / (p.sum(dims) + target.sum(dims) + self.smooth)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.bce_weight * self.bce(logits, target) + self.dice_loss(logits, target)
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        target = targets_from_labels(labels)
+        unknown = (labels == UNKNOWN_CLASS)
+        known = (~unknown).unsqueeze(1).float()
+        per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        bce_sum = (per_pixel * known).sum()
+        p = torch.sigmoid(logits)
+        dices = self._dice(p * known, target, (0, 2, 3))
+        if unknown.any():
+            log_glomerulus = log_glomerulus_probability(logits)
+            bce_sum = bce_sum - 2 * log_glomerulus[unknown].sum()
+            union = -torch.expm1(F.logsigmoid(-logits[:, 0]) + F.logsigmoid(-logits[:, 1]))
+            dices = torch.cat([dices, self._dice(union, (labels > 0).float(), (0, 1, 2)).reshape(1)])
+        bce = bce_sum / per_pixel.numel()
+        return self.bce_weight * bce + (1 - dices.mean())
+
+
 
 
 class PatchDataset(Dataset):
     def __init__(self, dataset_dir: Path, manifest: pd.DataFrame, card: ModelCard, augment: bool,
-                 crop: int | None = None, seed: int = 0):
+                 crop: int | None = None, seed: int = 0, stain_jitter: float = 0.0):
         self.dir = Path(dataset_dir)
         self.rows = manifest.to_dict("records")
         self.mean = np.asarray(card.mean, np.float32).reshape(3, 1, 1)
         self.std = np.asarray(card.std, np.float32).reshape(3, 1, 1)
-        self.augment, self.crop = augment, crop
+        self.augment, self.crop, self.stain_jitter = augment, crop, stain_jitter
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -99,11 +140,21 @@ class PatchDataset(Dataset):
                 image, labels = image[:, ::-1], labels[:, ::-1]
             if self.rng.random() < 0.5:
                 image, labels = image[::-1], labels[::-1]
+            if self.stain_jitter > 0:
+                image = jitter_stain(image, self.stain_jitter, self.rng)
         x = (image.transpose(2, 0, 1).astype(np.float32) / 255.0 - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))
 
 
-def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: str, steps: int) -> None:
+def jitter_stain(image: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
+    """Whole-patch stain variation: optical density scaled per channel by 1 +- ``amount`` and
+    overall by 1 +- ``amount`` (staining intensity), as between labs and scanners."""
+    od = optical_density(image)
+    gain = rng.uniform(1 - amount, 1 + amount, size=3) * rng.uniform(1 - amount, 1 + amount)
+    return from_optical_density(od * gain.astype(np.float32)).astype(np.uint8)
+
+
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: TrainingDevice, steps: int) -> None:
     """Replace BatchNorm running statistics by their exact average over ``steps`` batches."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or steps <= 0:
@@ -113,86 +164,113 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: str, ste
         m.reset_running_stats()
         m.momentum = None  # cumulative average
     model.train()
-    with torch.no_grad():
+    with torch.no_grad(), device.autocast():
         for step, (x, _) in enumerate(loader):
             if step >= steps:
                 break
-            model(x.to(device))
+            model(device.prepare(x))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
 
 
-def evaluate_model(model: nn.Module, loader: DataLoader, device: str) -> dict:
-    """Pixel metrics over a loader (thresholded sigmoid at 0.5)."""
+def evaluate_model(model: nn.Module, loader: DataLoader, device: TrainingDevice, min_area_px: float = 0.0) -> dict:
+    """Pixel metrics of the labels analyze would paint (glomeruli classified by the one decision
+    rule, ``postprocess.glomerulus_class``): per class over the pixels of known class
+    (glomeruli of unknown class left out), and glomerulus-vs-background (``dice_glomerulus``)
+    over all pixels."""
+    from .evaluate import predicted_labels
+
     model.eval()
-    tp = np.zeros(2)
-    fp = np.zeros(2)
-    fn = np.zeros(2)
-    with torch.inference_mode():
+    tp, fp, fn = np.zeros(3), np.zeros(3), np.zeros(3)
+    with torch.inference_mode(), device.autocast():
         for x, labels in loader:
-            pred = torch.sigmoid(model(x.to(device))).cpu() >= 0.5
-            target = targets_from_labels(labels).bool()
-            for c in range(2):
-                tp[c] += (pred[:, c] & target[:, c]).sum().item()
-                fp[c] += (pred[:, c] & ~target[:, c]).sum().item()
-                fn[c] += (~pred[:, c] & target[:, c]).sum().item()
-    return pixel_metrics(tp, fp, fn)
+            probabilities = torch.sigmoid(model(device.prepare(x)).float()).cpu().numpy()
+            for prob, truth in zip(probabilities, labels.numpy()):
+                pred = predicted_labels(prob, min_area_px=min_area_px)
+                known = truth != UNKNOWN_CLASS
+                for c in range(2):
+                    p, t = (pred == c + 1) & known, truth == c + 1
+                    tp[c] += (p & t).sum()
+                    fp[c] += (p & ~t).sum()
+                    fn[c] += (~p & t).sum()
+                p, t = pred > 0, truth > 0
+                tp[2] += (p & t).sum()
+                fp[2] += (p & ~t).sum()
+                fn[2] += (~p & t).sum()
+    metrics = pixel_metrics(tp[:2], fp[:2], fn[:2])
+    metrics["dice_glomerulus"] = float(2 * tp[2] / max(2 * tp[2] + fp[2] + fn[2], 1))
+    metrics["selection_score"] = float(np.nanmean([metrics["dice_mean"], metrics["dice_glomerulus"]]))
+    return metrics
 
 
 def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, quiet: bool = False) -> dict:
-    """Train; writes ``out_path`` (best validation Dice, fp32, glomscan checkpoint),
-    ``<out>.last.pt`` (resume state) and ``<out>.metrics.csv``. Returns the best metrics."""
+    """Train; writes ``out_path`` (best validation selection score, fp32, glomscan checkpoint),
+    ``<out>.last.pt`` (resume state) and ``<out>.metrics.csv``. Returns the best metrics.
+    The selection score is the mean of the class Dice (known-class pixels) and the glomerulus
+    Dice (all pixels), so that tiles with unknown-class glomeruli count too."""
     dataset_dir, out_path = Path(dataset_dir), Path(out_path)
     manifest = pd.read_csv(dataset_dir / "manifest.csv")
     train_rows, val_rows = manifest[manifest.split == "train"], manifest[manifest.split == "val"]
     if train_rows.empty or val_rows.empty:
         raise ValueError(f"{dataset_dir}: need patches in both splits (train {len(train_rows)}, val {len(val_rows)})")
     torch.manual_seed(config.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tile = int(manifest.tile.iloc[0])
+    np.random.seed(config.seed)
+    device = choose_training_device(config.precision)
+    log.info("training on %s", device.reason)
     card = ModelCard(name=config.name, encoder=config.encoder, encoder_depth=config.encoder_depth,
-                     decoder_channels=tuple(config.decoder_channels), analysis_mpp=config.analysis_mpp, tile=tile,
+                     decoder_channels=tuple(config.decoder_channels), analysis_mpp=config.analysis_mpp,
+                     tile=config.tile or int(manifest.tile.iloc[0]),
                      trained_on=config.trained_on or f"{dataset_dir.name}: {manifest.slide.nunique()} slides, "
-                                                     f"{len(train_rows)} train / {len(val_rows)} val patches")
+                                                     f"{len(train_rows)} train / {len(val_rows)} val patches",
+                     **{k: v for k, v in (("intended_use", config.intended_use), ("licence", config.licence)) if v})
     model = build_model(card)
     if config.encoder_weights:
         state = torch.load(config.encoder_weights, map_location="cpu", weights_only=True)
         missing, unexpected = model.encoder.load_state_dict(state, strict=False)
         log.info("encoder weights from %s (%d missing, %d unexpected keys)", config.encoder_weights, len(missing), len(unexpected))
-    model.to(device)
+    model.to(device.device)
+    if device.channels_last:
+        model.to(memory_format=torch.channels_last)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs, eta_min=config.min_lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=device == "cuda")
-    loss_fn = BceDiceLoss()
+    scaler = device.grad_scaler()
+    loss_fn = PartialLabelLoss()
     last_path = out_path.with_suffix(".last.pt")
     metrics_path = out_path.with_suffix(".metrics.csv")
-    start_epoch, best_dice, history = 0, -1.0, []
+    start_epoch, best_score, history = 0, -1.0, []
     if last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_dice = state["epoch"] + 1, state["best_dice"]
-        history = pd.read_csv(metrics_path).to_dict("records") if metrics_path.is_file() else []
-        log.info("resuming from %s at epoch %d (best val Dice %.4f)", last_path, start_epoch, best_dice)
-    train_loader = DataLoader(PatchDataset(dataset_dir, train_rows, card, True, config.crop, config.seed),
-                              batch_size=config.batch_size, shuffle=True, num_workers=config.workers, drop_last=False,
-                              generator=torch.Generator().manual_seed(config.seed))
+        start_epoch, best_score = state["epoch"] + 1, state["best_score"]
+        history = pd.read_csv(metrics_path).to_dict("records")[:start_epoch] if metrics_path.is_file() else []
+        log.info("resuming from %s at epoch %d (best val score %.4f)", last_path, start_epoch, best_score)
+    sampler_generator = torch.Generator().manual_seed(config.seed + start_epoch)
+    train_loader = DataLoader(PatchDataset(dataset_dir, train_rows, card, True, config.crop, config.seed + start_epoch,
+                                           config.stain_jitter),
+                              batch_size=config.batch_size, shuffle=True, num_workers=config.workers, drop_last=True,
+                              generator=sampler_generator)
     val_loader = DataLoader(PatchDataset(dataset_dir, val_rows, card, False), batch_size=config.batch_size,
                             num_workers=config.workers)
     best = {}
+    batches = iter(())
     for epoch in range(start_epoch, config.epochs):
         model.train()
         t0, losses = time.perf_counter(), []
-        steps = len(train_loader) if config.max_steps_per_epoch is None else min(len(train_loader), config.max_steps_per_epoch)
+        steps = len(train_loader) if config.max_steps_per_epoch is None else config.max_steps_per_epoch
         with Progress(steps, f"epoch {epoch + 1}/{config.epochs}", quiet=quiet, unit="step") as progress:
-            for step, (x, labels) in enumerate(train_loader):
-                if step >= steps:
-                    break
-                x, target = x.to(device), targets_from_labels(labels).to(device)
+            for _ in range(steps):
+                try:
+                    x, labels = next(batches)
+                except StopIteration:
+                    batches = iter(train_loader)
+                    x, labels = next(batches)
+                x, labels = device.prepare(x), labels.to(device.device)
                 optimiser.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", enabled=device == "cuda"):
-                    loss = loss_fn(model(x).float(), target)
+                with device.autocast():
+                    logits = model(x)
+                loss = loss_fn(logits.float(), labels)
                 scaler.scale(loss).backward()
                 scaler.step(optimiser)
                 scaler.update()
@@ -204,14 +282,14 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"],
                "seconds": round(time.perf_counter() - t0, 1), **{f"val_{k}": v for k, v in val.items()}}
         history.append(row)
-        pd.DataFrame(history).to_csv(metrics_path, index=False)
-        log.info("epoch %d: loss %.4f, val Dice normal %.4f sclerosed %.4f mean %.4f", epoch + 1, row["train_loss"],
-                 val["dice_normal"], val["dice_sclerosed"], val["dice_mean"])
-        if val["dice_mean"] > best_dice:
-            best_dice, best = val["dice_mean"], val
-            save_checkpoint(out_path, model.cpu(), replace(card, metrics={"epoch": epoch + 1, **val}))
-            model.to(device)
+        atomic_write_text(metrics_path, pd.DataFrame(history).to_csv(index=False))
+        log.info("epoch %d: loss %.4f, val Dice normal %.4f sclerosed %.4f glomerulus %.4f", epoch + 1,
+                 row["train_loss"], val["dice_normal"], val["dice_sclerosed"], val["dice_glomerulus"])
+        score = val["selection_score"]
+        if score > best_score:
+            best_score, best = score, val
+            save_checkpoint(out_path, model, replace(card, metrics={"epoch": epoch + 1, **val}))
         atomic_torch_save(last_path, {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                                      "scheduler": scheduler.state_dict(), "epoch": epoch, "best_dice": best_dice,
+                                      "scheduler": scheduler.state_dict(), "epoch": epoch, "best_score": best_score,
                                       "config": asdict(config)})
     return best
