@@ -1,5 +1,5 @@
 # glomscan: two commands on a fresh Debian/Ubuntu machine
-#   make demo   # installs everything, analyses the bundled synthetic demo slide into ./demo-out
+#   make demo   # installs everything, analyses the bundled real PAS sample (glomscan/sample) into ./demo-out
 #   make test   # installs everything, runs the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,15 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/glomscan demo-slide demo/slides/demo.tif
-	@if $(BIN)/python -c "import sys; from glomscan.shipped import default_model_path as d; sys.exit(d() is None)"; then \
-	  $(BIN)/glomscan analyze demo/slides --out demo-out; \
-	else \
-	  echo "No trained model ships yet: using RANDOM weights, so the masks are meaningless (pipeline demo only)."; \
-	  $(BIN)/glomscan init-model --out demo/random-init.pt; \
-	  $(BIN)/glomscan analyze demo/slides --out demo-out --model demo/random-init.pt; \
-	fi
-	@echo "Results: demo-out/summary.csv, demo-out/demo/{mask.tif,glomeruli.csv,glomeruli.geojson,overview.png,report.json}"
+	$(BIN)/glomscan analyze glomscan/sample --out demo-out
+	$(BIN)/glomscan evaluate --results demo-out --truth glomscan/sample --out demo-out/evaluation
+	@echo "Results: demo-out/index.html, demo-out/summary.csv, demo-out/aidpath_validation_tiles/{mask.tif,glomeruli.csv,glomeruli.geojson,overview.png,report.json}; against the outlines: demo-out/evaluation.md"
 
 test: setup
 	$(BIN)/python -m pytest -q

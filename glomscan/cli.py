@@ -377,7 +377,9 @@ def evaluate(ctx, model_path, dataset_dir, split, results_dir, truth_dir, out_pr
 @click.option("--licence", default=None, help="Terms the weights inherit from their training data.")
 @click.option("--for-real-tissue/--not-for-real-tissue", default=None,
               help="Mark the model as validated on real tissue (analyze warns about models that are not).")
-def pack_model(checkpoint, out_path, name, trained_on, intended_use, licence, for_real_tissue):
+@click.option("--validation", "validation_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="metrics.json of 'glomscan evaluate real' to record in the card.")
+def pack_model(checkpoint, out_path, name, trained_on, intended_use, licence, for_real_tissue, validation_json):
     """Rewrite a checkpoint with fp16 weights (half the size; loaded back as fp32) and card edits."""
     from dataclasses import replace
 
@@ -388,6 +390,10 @@ def pack_model(checkpoint, out_path, name, trained_on, intended_use, licence, fo
     card = replace(model.card, **{k: v for k, v in edits.items() if v})
     if for_real_tissue is not None:
         card = replace(card, for_real_tissue=for_real_tissue)
+    if validation_json is not None:
+        import json
+
+        card = replace(card, metrics={**card.metrics, "validation": json.loads(validation_json.read_text())})
     sha = save_checkpoint(out_path, model.module, card, half=True)
     click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, sha256 {sha[:12]})")
 
@@ -459,15 +465,16 @@ def evaluate_real(model_path, dataset_dir, split, backend, out_dir):
     on real tiles and composites, sclerosed sensitivity / specificity / balanced accuracy per
     graded glomerulus, per-slide %GS error, normal and sclerosed pixel Dice."""
     _setup_logging(quiet=True)
-    from .train.evaluate import evaluate_prepared_set
+    from .train.evaluate import evaluate_prepared_set, real_metrics_markdown
 
     try:
         metrics = evaluate_prepared_set(_load_model_or_exit(model_path), dataset_dir, out_dir, backend, split)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    (out_dir / "metrics.md").write_text(real_metrics_markdown(metrics))
     for key, value in metrics.items():
         click.echo(f"  {key:<34} {value:.4f}" if isinstance(value, float) else f"  {key:<34} {value}")
-    click.echo(f"-> {out_dir / 'metrics.json'}")
+    click.echo(f"-> {out_dir / 'metrics.json'}, {out_dir / 'metrics.md'}")
 
 
 @evaluate.command("inpaint")

@@ -1,10 +1,13 @@
-"""The model that ships inside the package (none yet: see the training issue)."""
+"""What ships inside the package: the default model and the real-tissue demo sample."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 SHIPPED_MODEL = Path(__file__).parent / "models" / "default.pt"
+SAMPLE_DIR = Path(__file__).parent / "sample"
+"""Three held-out AIDPATH PAS tiles as one pyramidal TIFF, with their outlines (CC BY 4.0;
+see ATTRIBUTION.md there)."""
 
 
 def default_model_path() -> Path | None:

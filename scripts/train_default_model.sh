@@ -29,4 +29,7 @@ $GLOMSCAN pack-model "$WORK/model.pt" glomscan/models/default.pt --for-real-tiss
     --trained-on "AIDPATH PAS (public): 20 of 25 slides' graded glomerulus crops composited into 14 outlined 20x tiles; ${EPOCHS}x${STEPS} steps of 8x320 px at 1 um/px, random init" \
     --intended-use "research use only (weights inherit CC BY-NC-SA 4.0 from the AIDPATH glomerulus crops); PAS-stained kidney tissue at 20x or finer; not a medical device" \
     --licence "CC BY-NC-SA 4.0 (non-commercial research); trained on AIDPATH (Bueno et al. 2020, CC BY 4.0) and Weishaupt et al. 2025 crops (CC BY-NC-SA 4.0)"
+# The packed (fp16) model is what ships: score it through analyze, then record the scores in its card.
+rm -rf "$WORK/validation"
 $GLOMSCAN evaluate real --model glomscan/models/default.pt --data "$WORK/dataset" --out "$WORK/validation"
+$GLOMSCAN pack-model glomscan/models/default.pt glomscan/models/default.pt --validation "$WORK/validation/metrics.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,11 @@ from glomscan.synthetic import NORMAL, SCLEROSED, SyntheticGlomerulus, write_syn
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and so would
+# every process it starts; the Ctrl-C tests need the normal disposition in both.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class OracleEngine(Engine):

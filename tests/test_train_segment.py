@@ -262,3 +262,29 @@ def test_evaluate_patch_set_cli(dataset, tiny_checkpoint, tmp_path):
     table = pd.read_csv(tmp_path / "ev.csv")
     assert len(table) == len(manifest) + 1 and table.iloc[-1]["item"] == "ALL"
     assert "| mean |" in (tmp_path / "ev.md").read_text()
+
+
+def test_training_device_choice(monkeypatch):
+    from glomscan.train import harness
+
+    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(harness, "cpu_supports_bf16", lambda: True)
+    d = harness.choose_training_device("auto")
+    assert (d.device, d.precision, d.channels_last, d.dtype) == ("cpu", "bf16", True, torch.bfloat16)
+    assert harness.choose_training_device("fp32").precision == "fp32"
+    monkeypatch.setattr(harness, "cpu_supports_bf16", lambda: False)
+    d = harness.choose_training_device("auto")
+    assert (d.precision, d.channels_last, d.dtype) == ("fp32", False, None)
+    assert harness.choose_training_device("bf16").precision == "fp32"  # no emulated bf16
+    with pytest.raises(ValueError, match="CUDA"):
+        harness.choose_training_device("fp16")
+    d = harness.choose_training_device("auto", device="cuda")
+    assert (d.device, d.precision, d.dtype) == ("cuda", "fp16", torch.float16)
+
+
+def test_unknown_class_outlines_rasterise_below_graded_ones():
+    unknown = PolygonAnnotation(3, [square(0, 0, 20, 20)])
+    normal = PolygonAnnotation(1, [square(10, 10, 30, 30)])
+    labels = rasterise_polygons([normal, unknown], 0, 0, 32, 32, 1.0)
+    assert labels[5, 5] == 3 and labels[15, 15] == 1 and labels[25, 25] == 1 and labels[31, 31] == 0
+    assert parse_class_map("Glom=unknown")["glom"] == 3

@@ -37,8 +37,10 @@ DEFAULT_CLASS_MAP = {
     "glomerulus normal": 1, "normal": 1, "normal glomerulus": 1, "glomerulus": 1, "non-sclerotic": 1,
     "glomerulus sclerosed": 2, "sclerosed": 2, "sclerosed glomerulus": 2, "sclerotic": 2,
     "globally sclerosed": 2, "global sclerosis": 2, "sclerotic glomerulus": 2,
+    "glomerulus (class unknown)": 3, "glomerulus, class unknown": 3, "glomerulus unknown": 3, "unknown": 3,
 }
-"""QuPath classification name (case-insensitive) -> label."""
+"""QuPath classification name (case-insensitive) -> label (3: glomerulus of unknown class,
+which supervises only glomerulus-vs-background; note that plain "glomerulus" means normal)."""
 
 MANIFEST_COLUMNS = ["patch_id", "slide", "split", "x0", "y0", "x", "y", "tile", "n_normal_px", "n_sclerosed_px",
                     "synthetic", "image", "mask", "kind", "n_unknown_class_px"]
@@ -61,9 +63,9 @@ def parse_class_map(text: str | None) -> dict[str, int]:
     for item in text.split(","):
         name, _, cls = item.partition("=")
         cls = cls.strip().lower()
-        if cls not in ("normal", "sclerosed", "ignore"):
-            raise ValueError(f"class map entry {item!r}: class must be normal, sclerosed or ignore")
-        mapping[name.strip().lower()] = {"normal": 1, "sclerosed": 2, "ignore": 0}[cls]
+        if cls not in ("normal", "sclerosed", "unknown", "ignore"):
+            raise ValueError(f"class map entry {item!r}: class must be normal, sclerosed, unknown or ignore")
+        mapping[name.strip().lower()] = {"normal": 1, "sclerosed": 2, "unknown": 3, "ignore": 0}[cls]
     return mapping
 
 
@@ -102,10 +104,10 @@ def read_qupath_geojson(path: Path, class_map: dict[str, int]) -> tuple[list[Pol
 def rasterise_polygons(polygons: list[PolygonAnnotation], x0: float, y0: float, width: int, height: int,
                        downsample: float) -> np.ndarray:
     """Labels (height, width) of the window whose top-left is level-0 (x0, y0), at level-0 /
-    downsample. Pixel centres inside a polygon (and outside its holes) get its label;
-    sclerosed wins where classes overlap."""
+    downsample. Pixel centres inside a polygon (and outside its holes) get its label; where
+    outlines overlap, sclerosed wins over normal, and both over unknown class (3)."""
     out = np.zeros((height, width), np.uint8)
-    for label in (1, 2):
+    for label in (3, 1, 2):
         for poly in polygons:
             if poly.label != label:
                 continue
@@ -217,11 +219,11 @@ def prepare_dataset(slides_dir: Path | None, annotations_dir: Path | None, out_d
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(exist_ok=True)
-    if slides_dir is None and tiles_dir is None:
-        raise AnnotationError("nothing to prepare: give annotated slides, a tile set, or both")
     if crops_dir is not None and tiles_dir is None:
         raise AnnotationError("a glomerulus crop set is composited into tissue: it needs a tile set (--tiles) "
                               "for the backgrounds")
+    if slides_dir is None and tiles_dir is None:
+        raise AnnotationError("nothing to prepare: give annotated slides, a tile set, or both")
     rows = _slide_patches(slides_dir, annotations_dir, out_dir, settings) if slides_dir is not None else []
     placements: list[dict] = []
     if tiles_dir is not None:

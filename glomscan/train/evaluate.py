@@ -22,28 +22,38 @@ from .metrics import confusion_counts, instance_matches, pixel_metrics, sclerosi
 from .sources import UNKNOWN_CLASS
 
 
+def _dice(tp: float, fp: float, fn: float) -> float:
+    return float(2 * tp / (2 * tp + fp + fn)) if 2 * tp + fp + fn > 0 else float("nan")
+
+
 class _Scores:
     """Pixel and detection counts summed over items; one row per item plus an ALL row."""
 
     def __init__(self):
         self.tp, self.fp, self.fn = np.zeros(2), np.zeros(2), np.zeros(2)
+        self.glomerulus = np.zeros(3)  # tp, fp, fn of glomerulus (any class) vs background
         self.detection = {"n_predicted": 0, "n_true": 0, "matched": 0, "class_agreement": 0}
         self.rows: list[dict] = []
 
     def add(self, item: str, pred: np.ndarray, truth: np.ndarray, **extra) -> dict:
-        t, f, n = confusion_counts(pred, truth)
+        known = truth != UNKNOWN_CLASS  # glomeruli of unknown class count for detection only
+        t, f, n = confusion_counts(np.where(known, pred, 0), np.where(known, truth, 0))
         self.tp, self.fp, self.fn = self.tp + t, self.fp + f, self.fn + n
+        g = np.array([((pred > 0) & (truth > 0)).sum(), ((pred > 0) & (truth == 0)).sum(),
+                      ((pred == 0) & (truth > 0)).sum()], float)
+        self.glomerulus += g
         inst = instance_matches(pred, truth)
         for k in self.detection:
             self.detection[k] += inst[k]
-        row = {"item": item, **pixel_metrics(t, f, n), **inst, **extra}
+        row = {"item": item, **pixel_metrics(t, f, n), "dice_glomerulus": _dice(*g), **inst, **extra}
         self.rows.append(row)
         return row
 
     def overall(self) -> dict:
         d = self.detection
         p, r = d["matched"] / max(d["n_predicted"], 1), d["matched"] / max(d["n_true"], 1)
-        return {"item": "ALL", **pixel_metrics(self.tp, self.fp, self.fn), "detection_precision": p,
+        return {"item": "ALL", **pixel_metrics(self.tp, self.fp, self.fn),
+                "dice_glomerulus": _dice(*self.glomerulus), "detection_precision": p,
                 "detection_recall": r, "detection_f1": 2 * p * r / (p + r) if p + r else 0.0, **d}
 
 
@@ -106,12 +116,17 @@ def evaluate_results(results_dir: Path, truth_dir: Path, class_map: dict | None 
     return pd.DataFrame([*scores.rows, overall])
 
 
+def _fmt(value) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{value:.3f}"
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """The paper-style summary: precision / recall / F1 / Dice per class and mean, plus detection."""
     row = table[table["item"] == "ALL"].iloc[0]
     lines = ["| class | precision | recall | F1 | Dice |", "|---|---|---|---|---|"]
     for key in ("normal", "sclerosed", "mean"):
-        lines.append(f"| {key} | " + " | ".join(f"{row[f'{m}_{key}']:.3f}" for m in ("precision", "recall", "f1", "dice")) + " |")
+        lines.append(f"| {key} | " + " | ".join(_fmt(row[f'{m}_{key}']) for m in ("precision", "recall", "f1", "dice")) + " |")
+    lines.append(f"| glomerulus (any class) | | | | {_fmt(row['dice_glomerulus'])} |")
     lines += ["", "| glomerulus detection (IoU >= 0.5) | precision | recall | F1 |", "|---|---|---|---|",
               f"| {int(row['matched'])} matched of {int(row['n_true'])} true, {int(row['n_predicted'])} predicted | "
               f"{row['detection_precision']:.3f} | {row['detection_recall']:.3f} | {row['detection_f1']:.3f} |"]
@@ -240,7 +255,8 @@ def classification_metrics(glomeruli: pd.DataFrame) -> dict:
     return {"glomeruli_graded": int(len(glomeruli)), "glomeruli_detected": int(len(found)),
             "sclerosed_detected": int(len(sclerosed)), "normal_detected": int(len(normal)),
             "sclerosed_sensitivity": sensitivity, "sclerosed_specificity": specificity,
-            "balanced_accuracy": float(np.nanmean([sensitivity, specificity]))}
+            "balanced_accuracy": (float(np.nanmean([sensitivity, specificity]))
+                                  if not (math.isnan(sensitivity) and math.isnan(specificity)) else float("nan"))}
 
 
 def per_slide_sclerosis(glomeruli: pd.DataFrame, dataset_dir: Path) -> pd.DataFrame:
@@ -254,3 +270,33 @@ def per_slide_sclerosis(glomeruli: pd.DataFrame, dataset_dir: Path) -> pd.DataFr
                      "pathologist_percent": round(truth, 2), "predicted_percent": round(predicted, 2),
                      "error_points": round(predicted - truth, 2)})
     return pd.DataFrame(rows)
+
+
+def real_metrics_markdown(metrics: dict) -> str:
+    """The scores of ``evaluate_prepared_set`` as tables next to the targets and the paper."""
+    def f(key, digits=3):
+        value = metrics.get(key)
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    lines = [
+        "| measure | held-out value | target | paper (EfficientNet-B3 U-Net, AIDPATH Test1) |",
+        "|---|---|---|---|",
+        f"| detection recall, IoU >= 0.5 (composites: {metrics.get('composite_glomeruli_true', 0)} glomeruli) "
+        f"| {f('composite_detection_recall')} | >= 0.90 | – |",
+        f"| detection precision, IoU >= 0.5 (composites) | {f('composite_detection_precision')} | >= 0.85 | – |",
+        f"| detection recall / precision on the real tiles ({metrics.get('tile_glomeruli_true', 0)} outlined glomeruli) "
+        f"| {f('tile_detection_recall')} / {f('tile_detection_precision')} | – | – |",
+        f"| glomerulus pixel Dice, composites / real tiles | {f('composite_glomerulus_dice')} / "
+        f"{f('tile_glomerulus_dice')} | – | – |",
+        f"| sclerosed sensitivity ({metrics.get('sclerosed_detected', 0)} detected sclerosed) "
+        f"| {f('sclerosed_sensitivity')} | – | – |",
+        f"| sclerosed specificity ({metrics.get('normal_detected', 0)} detected normal) "
+        f"| {f('sclerosed_specificity')} | – | – |",
+        f"| balanced accuracy | {f('balanced_accuracy')} | >= 0.90 | – |",
+        f"| per-slide %GS mean absolute error ({metrics.get('slides', 0)} slides), points "
+        f"| {f('sclerosis_pct_mae', 1)} | <= 8 | – |",
+        f"| normal pixel Dice (composites, pixels of known class) | {f('composite_dice_normal')} | – | 0.913 |",
+        f"| sclerosed pixel Dice | {f('composite_dice_sclerosed')} | – | 0.622 (0.749 with inpainting) |",
+        f"| mean pixel Dice | {f('composite_dice_mean')} | – | 0.833 |",
+    ]
+    return "\n".join(lines) + "\n"

@@ -77,12 +77,14 @@ def instance_matches(pred_labels: np.ndarray, true_labels: np.ndarray, iou_thres
 
 
 def sclerosis_percent(labels: np.ndarray) -> float:
-    """Percent of glomeruli (components, class by majority) that are sclerosed."""
+    """Percent of graded glomeruli (components, class by majority) that are sclerosed;
+    components mostly of unknown class (label 3) are not graded. NaN when none is graded."""
     cc, n = ndimage.label(labels > 0, structure=EIGHT_CONNECTED)
-    if n == 0:
-        return float("nan")
-    scl = 0
+    scl = graded = 0
     for i, sl in enumerate(ndimage.find_objects(cc), start=1):
         values = labels[sl][cc[sl] == i]
-        scl += int(np.bincount(values, minlength=3)[1:].argmax() == 1)
-    return 100.0 * scl / n
+        majority = int(np.bincount(values, minlength=4)[1:].argmax()) + 1
+        if majority in (1, 2):
+            graded += 1
+            scl += int(majority == 2)
+    return 100.0 * scl / graded if graded else float("nan")
