@@ -8,3 +8,14 @@ __version__ = "0.1.0"
 
 CLASS_NAMES = ("normal", "sclerosed")
 """Model output channels, in order. Mask label value = channel index + 1 (0 is background)."""
+
+# OpenSlide 4 (the openslide-bin wheel, for DICOM) must be loaded before libvips, whose own
+# system OpenSlide 3 and libraries otherwise break it: see glomscan/dicom.py.
+import sys as _sys
+
+OPENSLIDE_LOADED_BEFORE_VIPS = "pyvips" not in _sys.modules
+if OPENSLIDE_LOADED_BEFORE_VIPS:
+    try:
+        import openslide as _openslide  # noqa: F401
+    except ImportError:  # pragma: no cover - a dependency; DICOM then reports it is unavailable
+        pass

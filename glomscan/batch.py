@@ -30,7 +30,7 @@ from .pipeline import OUTPUT_FILES, SlideReport, analyze_slide
 from .progress import Progress
 from .atomic import atomic_write_text
 from .interrupts import deferred_sigint, raise_if_interrupted
-from .slides import SlideError, file_fingerprint, find_slides
+from .slides import SLIDE_EXTENSIONS, SlideError, file_fingerprint, find_slides
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,18 @@ class OutputNotWritable(Exception):
 
 
 def output_names(slides: list[Path], root: Path) -> dict[Path, str]:
-    """Output folder name per slide: the stem, or the relative path flattened when stems clash."""
+    """Output folder name per slide: the stem (the whole name when the file has no slide
+    extension, e.g. a DICOM named by its UID), or the relative path flattened when stems clash."""
+    def stem(p: Path) -> str:
+        return p.stem if p.suffix.lower() in SLIDE_EXTENSIONS else p.name
+
     stems: dict[str, int] = {}
     for s in slides:
-        stems[s.stem] = stems.get(s.stem, 0) + 1
+        stems[stem(s)] = stems.get(stem(s), 0) + 1
     names = {}
     for s in slides:
-        if stems[s.stem] == 1:
-            names[s] = s.stem
+        if stems[stem(s)] == 1:
+            names[s] = stem(s)
         else:
             names[s] = str(s.relative_to(root)).replace(os.sep, "__").replace(".", "_")
     return names

@@ -36,6 +36,12 @@ from .tiling import Tile, TileGrid
 
 log = logging.getLogger(__name__)
 
+MAX_UPSAMPLING = 2.0
+"""Slides scanned more than this factor coarser than the analysis resolution are refused
+(upsampling invents no detail)."""
+MIN_IMAGE_SIDE_PX = 64
+"""Images whose longer side is shorter than this at the analysis resolution (64 µm at 1 µm/px)
+cannot hold a glomerulus and are refused with that reason."""
 OUTPUT_FILES = ("mask.tif", "glomeruli.csv", "glomeruli.geojson", "overview.png", "report.json")
 OVERVIEW_MAX_SIDE = 2048
 
@@ -108,8 +114,6 @@ def blank_image_reason(slide: Slide, downsample: float) -> str:
     """Why a small image cannot hold tissue (one flat colour), or '' when it may."""
     thumb, _ = slide.image_at(max(downsample, max(slide.levels[0].width, slide.levels[0].height) / 512))
     pixels = image_to_array(thumb).astype(np.float32)
-    if pixels.shape[0] * pixels.shape[1] < 4:
-        return f"image too small to analyse ({slide.levels[0].width} x {slide.levels[0].height} px)"
     if pixels.std(axis=(0, 1)).max() < 2.0:
         return "image is blank (a single flat colour): no tissue to analyse"
     return ""
@@ -179,6 +183,9 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     report.mpp_source = ("metadata" if slide.mpp_from_metadata is not None
                          else "override" if slide.mpp is not None else "unknown")
     target_mpp = settings.target_mpp or model.card.analysis_mpp
+    if slide.mpp is not None and slide.mpp > MAX_UPSAMPLING * target_mpp:
+        raise SlideError(f"scanned at {slide.mpp:.3g} µm/px, too coarse for analysis at {target_mpp:.3g} µm/px "
+                         f"(at most {MAX_UPSAMPLING * target_mpp:.3g} µm/px: scan at 10x or finer)")
     if slide.mpp is not None:
         downsample = target_mpp / slide.mpp
         analysis_mpp: float | None = target_mpp
@@ -191,6 +198,10 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     report.analysis_mpp, report.analysis_downsample, report.pyramid_level = analysis_mpp, downsample, level.index
     assumed_mpp = analysis_mpp or target_mpp
 
+    if max(image.width, image.height) < MIN_IMAGE_SIDE_PX:
+        raise SlideError(f"image too small to hold a glomerulus: {image.width} x {image.height} px at the analysis "
+                         f"resolution ({level0.width} x {level0.height} px as stored; a glomerulus is about "
+                         "100-250 µm across)")
     small = is_small_image(image.width, image.height, settings.tile)
     tissue_settings = settings.tissue
     if small:  # a thumbnail 16x coarser than a crop would be a few pixels: detect finer

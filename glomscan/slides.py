@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +19,16 @@ import pyvips
 from scipy import ndimage
 
 from .config import TissueSettings
+from .dicom import DICOM_EXTENSIONS, DicomError, DicomSlideReader, group_dicom_files, read_instance, WSI_SOP_CLASS
 
 log = logging.getLogger(__name__)
 
 OPENSLIDE_EXTENSIONS = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 TIFF_EXTENSIONS = {".tif", ".tiff"}
 FLAT_EXTENSIONS = {".png", ".jpg", ".jpeg"}
-SLIDE_EXTENSIONS = OPENSLIDE_EXTENSIONS | TIFF_EXTENSIONS | FLAT_EXTENSIONS
+SLIDE_EXTENSIONS = OPENSLIDE_EXTENSIONS | TIFF_EXTENSIONS | FLAT_EXTENSIONS | DICOM_EXTENSIONS
 
-MULTI_FILE_EXTENSIONS = {".mrxs", ".vms", ".vmu"}
+MULTI_FILE_EXTENSIONS = {".mrxs", ".vms", ".vmu"} | DICOM_EXTENSIONS
 """Formats whose pixels live in companion files (the named file alone is small)."""
 MAX_PIXELS_PER_FILE_BYTE = 20_000
 """Even blank glass compresses to well under 1000 level-0 pixels per byte (JPEG or deflate tiles);
@@ -43,7 +45,11 @@ class SlideError(Exception):
 
 
 def find_slides(folder: Path, recursive: bool = False) -> list[Path]:
-    """Slides in ``folder`` by extension, sorted. MIRAX companion folders are not descended."""
+    """Slides in ``folder`` by extension, sorted. MIRAX companion folders are not descended.
+
+    DICOM files are grouped by series, one entry per slide (its first pyramid-level file); a
+    ``.dcm`` that is not part of a whole-slide series stays an entry of its own, so that it is
+    reported (failed, with the reason) rather than skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"slide folder not found: {folder}")
@@ -51,9 +57,71 @@ def find_slides(folder: Path, recursive: bool = False) -> list[Path]:
     found = [
         p
         for p in folder.glob(pattern)
-        if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS and not p.name.startswith(".")
+        if p.is_file() and not p.name.startswith(".")
+        and (p.suffix.lower() in SLIDE_EXTENSIONS or (p.suffix.lower() not in NOT_SLIDES and sniff_format(p)))
     ]
+    dicom = [p for p in found if _kind(p) == "dicom"]
+    if dicom:
+        by_folder: dict[Path, list[Path]] = {}
+        for p in dicom:
+            by_folder.setdefault(p.parent, []).append(p)
+        keep = set()
+        for files in by_folder.values():
+            series, problems = group_dicom_files(files)
+            keep |= set(series) | set(problems)
+        found = [p for p in found if _kind(p) != "dicom" or p in keep]
     return sorted(found)
+
+
+NOT_SLIDES = {".md", ".txt", ".csv", ".json", ".geojson", ".xml", ".html", ".py", ".zip", ".npy", ".pdf", ".log"}
+"""Extensions never sniffed for slide content (annotations, notes, reports)."""
+
+
+def sniff_format(path: Path) -> str | None:
+    """The image format of a file by its first bytes (tiff, dicom, png, jpeg), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return None
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    return None
+
+
+def _kind(path: Path) -> str:
+    """How a slide file is opened: openslide, dicom, tiff or flat (by extension, else content)."""
+    ext = path.suffix.lower()
+    if ext in OPENSLIDE_EXTENSIONS:
+        return "openslide"
+    if ext in DICOM_EXTENSIONS:
+        return "dicom"
+    if ext in TIFF_EXTENSIONS:
+        return "tiff"
+    if ext in FLAT_EXTENSIONS:
+        return "flat"
+    sniffed = sniff_format(path)
+    return {"tiff": "tiff", "dicom": "dicom"}.get(sniffed, "flat")
+
+
+def slide_files(path: Path) -> list[Path]:
+    """Every file a slide reads: itself, or for DICOM all instances of its series (same folder)."""
+    path = Path(path)
+    if _kind(path) != "dicom":
+        return [path]
+    siblings = [p for p in path.parent.iterdir() if p.is_file() and p.suffix.lower() not in NOT_SLIDES
+                and _kind(p) == "dicom"]
+    series, _ = group_dicom_files(siblings)
+    for files in series.values():
+        if path in files:
+            return files
+    return [path]
 
 
 @dataclass(frozen=True)
@@ -91,16 +159,21 @@ class Slide:
             raise SlideError(f"file not found: {self.path}")
         if self.path.stat().st_size == 0:
             raise SlideError("empty file (0 bytes)")
-        ext = self.path.suffix.lower()
+        kind = _kind(self.path)
+        self._dicom: DicomSlideReader | None = None
         try:
-            if ext in OPENSLIDE_EXTENSIONS:
+            if kind == "openslide":
                 self._open_openslide()
-            elif ext in TIFF_EXTENSIONS:
+            elif kind == "dicom":
+                self._open_dicom()
+            elif kind == "tiff":
                 self._open_tiff()
             else:
                 self._open_flat()
         except pyvips.Error as exc:
             raise SlideError(f"cannot open slide: {_vips_reason(exc)}") from exc
+        except DicomError as exc:
+            raise SlideError(str(exc)) from exc
         if self.levels[0].width < 1 or self.levels[0].height < 1:
             raise SlideError("slide has no pixels")
         _refuse_implausible_size(self.path, self.levels[0])
@@ -130,6 +203,19 @@ class Slide:
                 mpp = None
         self.mpp = _plausible(mpp)
         self._loader = "openslide"
+
+    def _open_dicom(self) -> None:
+        instance = read_instance(self.path)
+        if instance.sop_class != WSI_SOP_CLASS:
+            raise DicomError(f"DICOM file is not a whole-slide image (SOP class {instance.sop_class or 'missing'})")
+        reader = DicomSlideReader(self.path)
+        self._dicom = reader
+        weakref.finalize(self, reader.close)
+        self.levels = [Level(i, w, h, ds) for i, ((w, h), ds) in
+                       enumerate(zip(reader.level_dimensions, reader.level_downsamples))]
+        self.vendor = "dicom"
+        self.mpp = _plausible(reader.mpp)
+        self._loader = "dicom"
 
     def _open_tiff(self) -> None:
         first = pyvips.Image.tiffload(str(self.path), page=0)
@@ -169,12 +255,16 @@ class Slide:
                 try:
                     if self._loader == "openslide":
                         im = pyvips.Image.openslideload(str(self.path), level=index)
+                    elif self._loader == "dicom":
+                        im = self._dicom.level_image(index)
                     elif self._loader == "tiff":
                         im = pyvips.Image.tiffload(str(self.path), page=self._pages[index], access="random")
                     else:
                         im = pyvips.Image.new_from_file(str(self.path), access="random")
                 except pyvips.Error as exc:
                     raise SlideError(f"cannot read level {index}: {_vips_reason(exc)}") from exc
+                except DicomError as exc:
+                    raise SlideError(f"cannot read level {index}: {exc}") from exc
                 self._level_images[index] = _to_rgb(im)
             return self._level_images[index]
 
@@ -205,7 +295,7 @@ class Slide:
 
 
 def _refuse_implausible_size(path: Path, level0: Level) -> None:
-    if path.suffix.lower() in MULTI_FILE_EXTENSIONS:
+    if path.suffix.lower() in MULTI_FILE_EXTENSIONS or _kind(path) == "dicom":
         return
     size = path.stat().st_size
     if level0.width * level0.height > MAX_PIXELS_PER_FILE_BYTE * size:
@@ -313,6 +403,11 @@ def image_to_array(image: pyvips.Image) -> np.ndarray:
 
 
 def file_fingerprint(path: Path) -> dict:
-    """Identity of an input for resume decisions: size and modification time (ns)."""
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """Identity of an input for resume decisions: size and modification time (ns), summed over
+    every file of the slide (a DICOM series has several)."""
+    files = slide_files(path)
+    stats = [os.stat(p) for p in files]
+    fingerprint = {"size": sum(st.st_size for st in stats), "mtime_ns": max(st.st_mtime_ns for st in stats)}
+    if len(files) > 1:
+        fingerprint["files"] = len(files)
+    return fingerprint
