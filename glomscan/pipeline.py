@@ -31,14 +31,11 @@ from .report import (
     write_mask_tiff,
     write_overview,
 )
-from .slides import Slide, SlideError, TileReader, image_to_array
+from .slides import Slide, SlideError, TileReader, analysis_resolution, image_to_array
 from .tiling import Tile, TileGrid
 
 log = logging.getLogger(__name__)
 
-MAX_UPSAMPLING = 2.0
-"""Slides scanned more than this factor coarser than the analysis resolution are refused
-(upsampling invents no detail)."""
 MIN_IMAGE_SIDE_PX = 64
 """Images whose longer side is shorter than this at the analysis resolution (64 µm at 1 µm/px)
 cannot hold a glomerulus and are refused with that reason."""
@@ -182,21 +179,13 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     report.mpp = slide.mpp
     report.mpp_source = ("metadata" if slide.mpp_from_metadata is not None
                          else "override" if slide.mpp is not None else "unknown")
-    target_mpp = settings.target_mpp or model.card.analysis_mpp
-    if slide.mpp is not None and slide.mpp > MAX_UPSAMPLING * target_mpp:
-        raise SlideError(f"scanned at {slide.mpp:.3g} µm/px, too coarse for analysis at {target_mpp:.3g} µm/px "
-                         f"(at most {MAX_UPSAMPLING * target_mpp:.3g} µm/px: scan at 10x or finer)")
-    if slide.mpp is not None:
-        downsample = target_mpp / slide.mpp
-        analysis_mpp: float | None = target_mpp
-    else:
-        downsample = settings.downsample
-        analysis_mpp = None
+    resolution = analysis_resolution(slide, settings.target_mpp or model.card.analysis_mpp, settings.downsample)
+    downsample, analysis_mpp, assumed_mpp = resolution.downsample, resolution.analysis_mpp, resolution.assumed_mpp
+    if analysis_mpp is None:
         log.warning("%s: no mpp in metadata and no --mpp given; analysing at level-0 / %.3g, "
                     "areas in pixels only", name, downsample)
     image, level = slide.image_at(downsample)
     report.analysis_mpp, report.analysis_downsample, report.pyramid_level = analysis_mpp, downsample, level.index
-    assumed_mpp = analysis_mpp or target_mpp
 
     if max(image.width, image.height) < MIN_IMAGE_SIDE_PX:
         raise SlideError(f"image too small to hold a glomerulus: {image.width} x {image.height} px at the analysis "

@@ -40,6 +40,11 @@ PLAUSIBLE_MPP = (0.05, 20.0)
 without resolution tags, i.e. 1000 µm/px)."""
 
 
+MAX_UPSAMPLING = 2.0
+"""Slides scanned more than this factor coarser than the analysis resolution are refused
+(upsampling invents no detail)."""
+
+
 class SlideError(Exception):
     """A slide cannot be used; the message is the reason shown in the batch summary."""
 
@@ -292,6 +297,31 @@ class Slide:
     def __repr__(self) -> str:
         dims = "x".join(map(str, (self.levels[0].width, self.levels[0].height)))
         return f"Slide({self.path.name}, {dims}, levels={len(self.levels)}, mpp={self.mpp})"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How a slide is read for analysis (decided once, by ``analysis_resolution``)."""
+
+    downsample: float
+    """Level-0 pixels per analysis pixel."""
+    analysis_mpp: float | None
+    """µm per analysis pixel; None when the slide's mpp is unknown."""
+    assumed_mpp: float
+    """``analysis_mpp``, or the target when unknown: converts µm settings (tissue fragments,
+    minimum glomerulus area) to pixels."""
+
+
+def analysis_resolution(slide: Slide, target_mpp: float, fallback_downsample: float) -> Resolution:
+    """The one resolution rule, for analyze, prepare and evaluation alike: with an mpp, read at
+    ``target_mpp`` (refusing slides scanned more than MAX_UPSAMPLING times coarser); without
+    one, read level 0 / ``fallback_downsample`` and report areas in pixels only."""
+    if slide.mpp is None:
+        return Resolution(float(fallback_downsample), None, float(target_mpp))
+    if slide.mpp > MAX_UPSAMPLING * target_mpp:
+        raise SlideError(f"scanned at {slide.mpp:.3g} µm/px, too coarse for analysis at {target_mpp:.3g} µm/px "
+                         f"(at most {MAX_UPSAMPLING * target_mpp:.3g} µm/px: scan at 10x or finer)")
+    return Resolution(target_mpp / slide.mpp, float(target_mpp), float(target_mpp))
 
 
 def _refuse_implausible_size(path: Path, level0: Level) -> None:

@@ -26,7 +26,7 @@ import pyvips
 from skimage.draw import polygon as fill_polygon
 
 from ..config import TissueSettings
-from ..slides import Slide, TileReader, find_slides, image_to_array
+from ..slides import Slide, TileReader, analysis_resolution, find_slides, image_to_array
 from ..tiling import TileGrid
 from .composite import CompositeSettings, paste_glomeruli
 from .sources import UNKNOWN_CLASS, read_crop_set, read_tile_set
@@ -313,12 +313,13 @@ def _slide_patches(slides_dir: Path, annotations_dir: Path | None, out_dir: Path
     rows = []
     for path in slides:
         slide = Slide(path)
-        downsample = settings.target_mpp / slide.mpp if slide.mpp else settings.downsample
+        resolution = analysis_resolution(slide, settings.target_mpp, settings.downsample)
+        downsample = resolution.downsample
         image, _ = slide.image_at(downsample)
         labels = LabelSource(slide, annotations_dir, settings.class_map, (image.width, image.height), downsample)
         for name, count in labels.skipped.items():
             log.warning("%s: %d annotation(s) classified %r are not in the class map; skipped", path.name, count, name)
-        tissue = slide.tissue(downsample, settings.target_mpp if slide.mpp else 1.0, settings.tissue)
+        tissue = slide.tissue(downsample, resolution.assumed_mpp, settings.tissue)
         grid = TileGrid(image.width, image.height, settings.tile, settings.stride)
         reader = TileReader(image, settings.tile)
         for t in grid.tissue_tiles(tissue):
