@@ -158,8 +158,8 @@ def _load_model_or_exit(model_path: Path | None):
 def _warn_if_not_for_real_tissue(model) -> None:
     """Printed even with --quiet: results of such a model must not be read as findings."""
     if not model.card.for_real_tissue:
-        click.echo(f"WARNING: model {model.model_id} is not for real tissue ({model.card.intended_use}); "
-                   "its glomeruli and percentages are meaningless on real slides.", err=True)
+        click.echo(f"WARNING: model {model.model_id} is not validated on real tissue (its card: "
+                   f"{model.card.intended_use}); its glomeruli and percentages mean nothing on real slides.", err=True)
 
 
 @main.command("init-model")

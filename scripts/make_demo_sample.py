@@ -24,6 +24,8 @@ from glomscan.train.data import split_slides
 from glomscan.train.sources import glomerulus_mask, tile_groups
 
 TILE_MPP = 0.5
+GAP_PX = 128
+"""White glass between the tiles: they are not neighbours on their slides."""
 NAME = "aidpath_validation_tiles"
 
 
@@ -35,7 +37,8 @@ def main(tiles_dir: Path, out_dir: Path) -> None:
     images = [pyvips.Image.new_from_file(str(tiles_dir / "images" / f"{n}.png"))[:3] for n in chosen]
     masks = [glomerulus_mask(image_to_array(pyvips.Image.new_from_file(str(tiles_dir / "masks" / f"{n}.png"))))
              for n in chosen]
-    mosaic = pyvips.Image.arrayjoin(images, across=len(images)).copy(interpretation="srgb")
+    mosaic = pyvips.Image.arrayjoin(images, across=len(images), shim=GAP_PX, background=[255, 255, 255])
+    mosaic = mosaic.copy(interpretation="srgb")
     out_dir.mkdir(parents=True, exist_ok=True)
     mosaic.tiffsave(str(out_dir / f"{NAME}.tif"), tile=True, tile_width=256, tile_height=256, pyramid=True,
                     compression="jpeg", Q=85, xres=1000.0 / TILE_MPP, yres=1000.0 / TILE_MPP, resunit="cm")
@@ -47,7 +50,7 @@ def main(tiles_dir: Path, out_dir: Path) -> None:
             features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [contour]},
                              "properties": {"objectType": "annotation", "source_tile": name,
                                             "classification": {"name": "Glomerulus (class unknown)"}}})
-        x_offset += mask.shape[1]
+        x_offset += mask.shape[1] + GAP_PX
     (out_dir / f"{NAME}.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     print(f"{out_dir / NAME}.tif: tiles {', '.join(chosen)}, {mosaic.width}x{mosaic.height} px at {TILE_MPP} µm/px, "
           f"{len(features)} outlined glomeruli")
