@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/glomscan analyze glomscan/sample --out demo-out
 	$(BIN)/glomscan evaluate --results demo-out --truth glomscan/sample --out demo-out/evaluation
-	@echo "Results: demo-out/index.html, demo-out/summary.csv, demo-out/aidpath_validation_tiles/{mask.tif,glomeruli.csv,glomeruli.geojson,overview.png,report.json}; against the outlines: demo-out/evaluation.md"
+	@echo "Results: demo-out/index.html, demo-out/summary.csv, demo-out/aidpath_<id>/{mask.tif,glomeruli.csv,glomeruli.geojson,overview.png,report.json}; against the outlines: demo-out/evaluation.md"
 
 test: setup
 	$(BIN)/python -m pytest -q

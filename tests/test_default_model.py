@@ -48,9 +48,11 @@ def test_sample_analysed_with_default_model_reports_its_intended_use(tmp_path):
     res = CliRunner().invoke(main, ["analyze", str(SAMPLE_DIR), "--out", str(tmp_path / "out"), "--quiet"])
     assert res.exit_code == 0, res.output
     assert "WARNING" not in res.output
-    report = json.loads((tmp_path / "out" / "aidpath_validation_tiles" / "report.json").read_text())
-    assert "research" in report["model_intended_use"] and "CC BY-NC-SA" in report["model_licence"]
-    assert report["n_glomeruli"] >= 1
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("aidpath_*/report.json"))]
+    assert len(reports) == 3
+    for report in reports:
+        assert "research" in report["model_intended_use"] and "CC BY-NC-SA" in report["model_licence"]
+    assert sum(r["n_glomeruli"] for r in reports) >= 2
     html = (tmp_path / "out" / "index.html").read_text()
     assert 'id="intended-use"' in html and "research use only" in html
 

@@ -80,15 +80,17 @@ def test_otsu_separates_two_modes():
     assert 0.1 < otsu_threshold(values) < 0.6
 
 
-def test_tile_reader_pads_outside_with_white(small_slide):
+def test_tile_reader_mirrors_past_the_edge(small_slide):
     slide = Slide(small_slide.path)
     image, _ = slide.image_at(2.0)
     reader = TileReader(image, 256)
     tile = reader.read(image.width - 100, image.height - 50)
     assert tile.shape == (256, 256, 3)
-    assert (tile[60:, :] == 255).all() and (tile[:, 110:] == 255).all()
     inside = image_to_array(image.crop(image.width - 100, image.height - 50, 100, 50))
     assert np.array_equal(tile[:50, :100], inside)
+    assert np.array_equal(tile[50:100, :100], inside[::-1])  # mirrored below the edge
+    assert np.array_equal(tile[:50, 100:200], inside[:, ::-1])  # and right of it
+    assert (reader.read(image.width + 10, 0) == 255).all()  # wholly outside: glass
 
 
 def test_find_slides_by_extension(tmp_path):

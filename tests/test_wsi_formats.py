@@ -58,8 +58,10 @@ def test_tile_reads_match_openslide(path):
     ours = TileReader(image, t).read(x, y).astype(np.int16)
     ds = reference.level_downsamples[level]
     rgba = np.asarray(reference.read_region((int(x * ds), int(y * ds)), level, (t, t))).astype(np.int16)
-    alpha = rgba[..., 3:] / 255.0  # outside the image OpenSlide is transparent, glomscan pads white
+    alpha = rgba[..., 3:] / 255.0  # outside the image OpenSlide is transparent
     theirs = np.rint(rgba[..., :3] * alpha + 255 * (1 - alpha)).astype(np.int16)
+    h, w = min(t, image.height - y), min(t, image.width - x)  # compare inside the image only
+    ours, theirs = ours[:h, :w], theirs[:h, :w]
     # the same compressed tiles decoded by libvips' and OpenSlide 4's own decoders
     assert np.abs(ours - theirs).mean() < 1.5, np.abs(ours - theirs).mean()
 

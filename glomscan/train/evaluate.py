@@ -284,6 +284,8 @@ def real_metrics_markdown(metrics: dict) -> str:
         f"| detection recall, IoU >= 0.5 (composites: {metrics.get('composite_glomeruli_true', 0)} glomeruli) "
         f"| {f('composite_detection_recall')} | >= 0.90 | – |",
         f"| detection precision, IoU >= 0.5 (composites) | {f('composite_detection_precision')} | >= 0.85 | – |",
+        f"| graded (pasted) glomeruli detected | {metrics.get('glomeruli_detected', 0)} of "
+        f"{metrics.get('glomeruli_graded', 0)} | – | – |",
         f"| detection recall / precision on the real tiles ({metrics.get('tile_glomeruli_true', 0)} outlined glomeruli) "
         f"| {f('tile_detection_recall')} / {f('tile_detection_precision')} | – | – |",
         f"| glomerulus pixel Dice, composites / real tiles | {f('composite_glomerulus_dice')} / "
