@@ -288,3 +288,15 @@ def test_unknown_class_outlines_rasterise_below_graded_ones():
     labels = rasterise_polygons([normal, unknown], 0, 0, 32, 32, 1.0)
     assert labels[5, 5] == 3 and labels[15, 15] == 1 and labels[25, 25] == 1 and labels[31, 31] == 0
     assert parse_class_map("Glom=unknown")["glom"] == 3
+
+
+def test_edge_patch_labels_are_mirrored_like_their_pixels():
+    from glomscan.train.data import mirror_past_edge
+
+    labels = np.zeros((8, 8), np.uint8)
+    labels[4:6, 1:3] = 2
+    mirrored = mirror_past_edge(labels, width=6, height=6)
+    assert np.array_equal(mirrored[:6, :6], labels[:6, :6])
+    assert np.array_equal(mirrored[6:, :6], labels[4:6, :6][::-1])
+    assert np.array_equal(mirrored[:6, 6:], labels[:6, 4:6][:, ::-1])
+    assert mirror_past_edge(labels, 20, 20) is labels

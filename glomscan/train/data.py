@@ -298,6 +298,15 @@ def _tile_and_crop_patches(tiles_dir: Path, crops_dir: Path | None, out_dir: Pat
     return rows, placements
 
 
+def mirror_past_edge(labels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Labels of a tile whose first ``width`` x ``height`` pixels lie inside the image, mirrored
+    past the edge exactly as ``TileReader`` mirrors the pixels."""
+    h, w = min(height, labels.shape[0]), min(width, labels.shape[1])
+    if (h, w) == labels.shape:
+        return labels
+    return np.pad(labels[:h, :w], ((0, labels.shape[0] - h), (0, labels.shape[1] - w)), mode="symmetric")
+
+
 def _write_patch(out_dir: Path, patch_id: str, image: np.ndarray, labels: np.ndarray) -> None:
     write_png(out_dir / "images" / f"{patch_id}.png", image, compression=3)
     write_png(out_dir / "masks" / f"{patch_id}.png", labels, compression=6)
@@ -324,16 +333,11 @@ def _slide_patches(slides_dir: Path, annotations_dir: Path | None, out_dir: Path
         reader = TileReader(image, settings.tile)
         for t in grid.tissue_tiles(tissue):
             pixels = reader.read(t.x, t.y)
-            mask = labels.window(t.x, t.y, settings.tile)
+            mask = mirror_past_edge(labels.window(t.x, t.y, settings.tile), image.width - t.x, image.height - t.y)
             patch_id = f"{path.stem}_x{t.x}_y{t.y}"
-            write_png(out_dir / "images" / f"{patch_id}.png", pixels, compression=3)
-            write_png(out_dir / "masks" / f"{patch_id}.png", mask, compression=6)
-            rows.append({"patch_id": patch_id, "slide": path.stem, "split": split[path.stem],
-                         "x0": round(t.x * downsample), "y0": round(t.y * downsample), "x": t.x, "y": t.y,
-                         "tile": settings.tile, "n_normal_px": int((mask == 1).sum()),
-                         "n_sclerosed_px": int((mask == 2).sum()), "synthetic": False,
-                         "image": f"images/{patch_id}.png", "mask": f"masks/{patch_id}.png", "kind": "slide",
-                         "n_unknown_class_px": 0})
+            _write_patch(out_dir, patch_id, pixels, mask)
+            rows.append({**_patch_row(patch_id, path.stem, split[path.stem], "slide", mask),
+                         "x0": round(t.x * downsample), "y0": round(t.y * downsample), "x": t.x, "y": t.y})
         log.info("%s: %s, %d patches (%s)", path.name, labels.source, sum(r["slide"] == path.stem for r in rows),
                  split[path.stem])
     return rows
