@@ -74,6 +74,15 @@ def read_instance(path: Path) -> DicomInstance:
         raise DicomError(f"not a readable DICOM file: {exc}") from exc
 
 
+def read_slide_instance(path: Path) -> DicomInstance:
+    """The header of a file that must be part of a whole-slide image; DicomError otherwise."""
+    instance = read_instance(path)
+    if instance.sop_class != WSI_SOP_CLASS:
+        raise DicomError(f"DICOM file is not a whole-slide image (SOP class {instance.sop_class or 'missing'}; "
+                         f"expected VL Whole Slide Microscopy {WSI_SOP_CLASS})")
+    return instance
+
+
 def group_dicom_files(paths: list[Path]) -> tuple[dict[Path, list[Path]], dict[Path, str]]:
     """Group DICOM files into slides by series. Returns {representative file: all files of its
     series} and {file: reason} for files that cannot be part of a slide (not DICOM, not a
@@ -82,13 +91,9 @@ def group_dicom_files(paths: list[Path]) -> tuple[dict[Path, list[Path]], dict[P
     problems: dict[Path, str] = {}
     for path in sorted(paths):
         try:
-            instance = read_instance(path)
+            instance = read_slide_instance(path)
         except DicomError as exc:
             problems[path] = str(exc)
-            continue
-        if instance.sop_class != WSI_SOP_CLASS:
-            problems[path] = (f"DICOM file is not a whole-slide image (SOP class {instance.sop_class or 'missing'}; "
-                              f"expected VL Whole Slide Microscopy {WSI_SOP_CLASS})")
             continue
         series.setdefault(instance.series_uid or str(path), []).append(instance)
     slides = {}
@@ -107,6 +112,7 @@ class DicomSlideReader:
         except ImportError as exc:  # pragma: no cover - the package depends on it
             raise DicomError("DICOM slides need the openslide-bin and openslide-python packages") from exc
         self.path = Path(path)
+        read_slide_instance(self.path)
         if not OPENSLIDE_LOADED_BEFORE_VIPS:
             raise DicomError("DICOM reading is unavailable in this process: pyvips was imported before glomscan "
                              "(import glomscan first, so that OpenSlide 4 loads before libvips)")

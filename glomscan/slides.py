@@ -7,6 +7,7 @@ Slides are opened read-only; nothing here ever writes to an input.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -19,7 +20,7 @@ import pyvips
 from scipy import ndimage
 
 from .config import TissueSettings
-from .dicom import DICOM_EXTENSIONS, DicomError, DicomSlideReader, group_dicom_files, read_instance, WSI_SOP_CLASS
+from .dicom import DICOM_EXTENSIONS, DicomError, DicomSlideReader, group_dicom_files
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,11 @@ def find_slides(folder: Path, recursive: bool = False) -> list[Path]:
         if p.is_file() and not p.name.startswith(".")
         and (p.suffix.lower() in SLIDE_EXTENSIONS or (p.suffix.lower() not in NOT_SLIDES and sniff_format(p)))
     ]
-    dicom = [p for p in found if _kind(p) == "dicom"]
-    if dicom:
-        by_folder: dict[Path, list[Path]] = {}
-        for p in dicom:
-            by_folder.setdefault(p.parent, []).append(p)
+    dicom_folders = {p.parent for p in found if _kind(p) == "dicom"}
+    if dicom_folders:
         keep = set()
-        for files in by_folder.values():
-            series, problems = group_dicom_files(files)
+        for d in dicom_folders:
+            series, problems = dicom_series(d)
             keep |= set(series) | set(problems)
         found = [p for p in found if _kind(p) != "dicom" or p in keep]
     return sorted(found)
@@ -120,13 +118,25 @@ def slide_files(path: Path) -> list[Path]:
     path = Path(path)
     if _kind(path) != "dicom":
         return [path]
-    siblings = [p for p in path.parent.iterdir() if p.is_file() and p.suffix.lower() not in NOT_SLIDES
-                and _kind(p) == "dicom"]
-    series, _ = group_dicom_files(siblings)
+    series, _ = dicom_series(path.parent)
     for files in series.values():
         if path in files:
             return files
     return [path]
+
+
+def dicom_series(folder: Path) -> tuple[dict[Path, list[Path]], dict[Path, str]]:
+    """``group_dicom_files`` of a folder's DICOM files, read once per state of the folder (the
+    batch lists slides, then fingerprints each: the headers are not read again each time)."""
+    files = sorted(p for p in Path(folder).iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in NOT_SLIDES
+                   and _kind(p) == "dicom")
+    return _grouped(tuple((p, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=64)
+def _grouped(files: tuple[tuple[Path, int, int], ...]) -> tuple[dict[Path, list[Path]], dict[Path, str]]:
+    return group_dicom_files([p for p, _, _ in files])
 
 
 @dataclass(frozen=True)
@@ -210,9 +220,6 @@ class Slide:
         self._loader = "openslide"
 
     def _open_dicom(self) -> None:
-        instance = read_instance(self.path)
-        if instance.sop_class != WSI_SOP_CLASS:
-            raise DicomError(f"DICOM file is not a whole-slide image (SOP class {instance.sop_class or 'missing'})")
         reader = DicomSlideReader(self.path)
         self._dicom = reader
         weakref.finalize(self, reader.close)

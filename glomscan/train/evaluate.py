@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyvips
-
 from scipy import ndimage
 
 from ..config import AnalysisSettings
@@ -18,12 +17,8 @@ from ..postprocess import EIGHT_CONNECTED, glomeruli_in_image
 from ..engines.torch_engine import TorchEngine
 from ..slides import image_to_array
 from .data import DEFAULT_CLASS_MAP, label_image_from_masks, load_patch, rasterise_polygons, read_qupath_geojson
-from .metrics import confusion_counts, instance_matches, pixel_metrics, sclerosis_percent
-from .sources import UNKNOWN_CLASS
-
-
-def _dice(tp: float, fp: float, fn: float) -> float:
-    return float(2 * tp / (2 * tp + fp + fn)) if 2 * tp + fp + fn > 0 else float("nan")
+from .metrics import (dice, glomerulus_counts, instance_matches, known_class_counts, pixel_metrics,
+                      sclerosis_percent)
 
 
 class _Scores:
@@ -36,16 +31,14 @@ class _Scores:
         self.rows: list[dict] = []
 
     def add(self, item: str, pred: np.ndarray, truth: np.ndarray, **extra) -> dict:
-        known = truth != UNKNOWN_CLASS  # glomeruli of unknown class count for detection only
-        t, f, n = confusion_counts(np.where(known, pred, 0), np.where(known, truth, 0))
+        t, f, n = known_class_counts(pred, truth)
         self.tp, self.fp, self.fn = self.tp + t, self.fp + f, self.fn + n
-        g = np.array([((pred > 0) & (truth > 0)).sum(), ((pred > 0) & (truth == 0)).sum(),
-                      ((pred == 0) & (truth > 0)).sum()], float)
+        g = glomerulus_counts(pred, truth)
         self.glomerulus += g
         inst = instance_matches(pred, truth)
         for k in self.detection:
             self.detection[k] += inst[k]
-        row = {"item": item, **pixel_metrics(t, f, n), "dice_glomerulus": _dice(*g), **inst, **extra}
+        row = {"item": item, **pixel_metrics(t, f, n), "dice_glomerulus": dice(*g), **inst, **extra}
         self.rows.append(row)
         return row
 
@@ -53,7 +46,7 @@ class _Scores:
         d = self.detection
         p, r = d["matched"] / max(d["n_predicted"], 1), d["matched"] / max(d["n_true"], 1)
         return {"item": "ALL", **pixel_metrics(self.tp, self.fp, self.fn),
-                "dice_glomerulus": _dice(*self.glomerulus), "detection_precision": p,
+                "dice_glomerulus": dice(*self.glomerulus), "detection_precision": p,
                 "detection_recall": r, "detection_f1": 2 * p * r / (p + r) if p + r else 0.0, **d}
 
 
@@ -193,17 +186,14 @@ def score_prepared_set(dataset_dir: Path, manifest: pd.DataFrame, out_dir: Path)
         pred = image_to_array(pyvips.Image.tiffload(str(result / "mask.tif"), page=0))[..., 0]
         truth = load_patch(dataset_dir, row)[1]
         pred = pred[: truth.shape[0], : truth.shape[1]]
-        d = detection.setdefault(row["kind"], {"n_predicted": 0, "n_true": 0, "matched": 0, "tp": 0, "fp": 0, "fn": 0})
+        d = detection.setdefault(row["kind"], {"n_predicted": 0, "n_true": 0, "matched": 0,
+                                               "glomerulus": np.zeros(3)})
         inst = instance_matches(pred, truth)
         for k in ("n_predicted", "n_true", "matched"):
             d[k] += inst[k]
-        p, t = pred > 0, truth > 0
-        d["tp"] += int((p & t).sum())
-        d["fp"] += int((p & ~t).sum())
-        d["fn"] += int((~p & t).sum())
+        d["glomerulus"] += glomerulus_counts(pred, truth)
         if row["kind"] == "composite":
-            known = truth != UNKNOWN_CLASS
-            t_, f_, n_ = confusion_counts(np.where(known, pred, 0), np.where(known, truth, 0))
+            t_, f_, n_ = known_class_counts(pred, truth)
             tp, fp, fn = tp + t_, fp + f_, fn + n_
             pred_cc, _ = ndimage.label(pred > 0, structure=EIGHT_CONNECTED)
             for g in placements[placements.patch_id == row["patch_id"]].to_dict("records"):
@@ -216,12 +206,12 @@ def score_prepared_set(dataset_dir: Path, manifest: pd.DataFrame, out_dir: Path)
         metrics[f"{kind}_detection_precision"] = d["matched"] / max(d["n_predicted"], 1)
         metrics[f"{kind}_glomeruli_true"] = d["n_true"]
         metrics[f"{kind}_glomeruli_predicted"] = d["n_predicted"]
-        metrics[f"{kind}_glomerulus_dice"] = 2 * d["tp"] / max(2 * d["tp"] + d["fp"] + d["fn"], 1)
+        metrics[f"{kind}_glomerulus_dice"] = dice(*d["glomerulus"], empty=0.0)
     metrics.update({f"composite_{k}": v for k, v in pixel_metrics(tp, fp, fn).items() if k.startswith("dice")})
     glomeruli = pd.DataFrame(rows)
     if not glomeruli.empty:
         metrics.update(classification_metrics(glomeruli))
-        slides = per_slide_sclerosis(glomeruli, dataset_dir)
+        slides = per_slide_sclerosis(glomeruli)
         slides.to_csv(Path(out_dir) / "slides.csv", index=False)
         metrics["slides"] = int(len(slides))
         metrics["sclerosis_pct_mae"] = float(slides.error_points.abs().mean())
@@ -259,7 +249,7 @@ def classification_metrics(glomeruli: pd.DataFrame) -> dict:
                                   if not (math.isnan(sensitivity) and math.isnan(specificity)) else float("nan"))}
 
 
-def per_slide_sclerosis(glomeruli: pd.DataFrame, dataset_dir: Path) -> pd.DataFrame:
+def per_slide_sclerosis(glomeruli: pd.DataFrame) -> pd.DataFrame:
     """Per crop slide: pathologist %GS over the slide's pasted crops, analyze's over those it detected."""
     rows = []
     for slide, g in glomeruli.groupby("slide"):

@@ -7,6 +7,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..postprocess import EIGHT_CONNECTED
+from .sources import UNKNOWN_CLASS
 
 CLASS_KEYS = ("normal", "sclerosed")
 
@@ -39,6 +40,25 @@ def confusion_counts(pred_labels: np.ndarray, true_labels: np.ndarray) -> tuple[
         p, t = pred_labels == c + 1, true_labels == c + 1
         tp[c], fp[c], fn[c] = (p & t).sum(), (p & ~t).sum(), (~p & t).sum()
     return tp, fp, fn
+
+
+def known_class_counts(pred_labels: np.ndarray, true_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``confusion_counts`` over the pixels whose true class is known: glomeruli of unknown
+    class (label 3) count for detection and glomerulus-vs-background only."""
+    known = true_labels != UNKNOWN_CLASS
+    return confusion_counts(np.where(known, pred_labels, 0), np.where(known, true_labels, 0))
+
+
+def glomerulus_counts(pred_labels: np.ndarray, true_labels: np.ndarray) -> np.ndarray:
+    """TP, FP, FN pixels of glomerulus (any class) against background."""
+    p, t = pred_labels > 0, true_labels > 0
+    return np.array([(p & t).sum(), (p & ~t).sum(), (~p & t).sum()], np.float64)
+
+
+def dice(tp: float, fp: float, fn: float, empty: float = float("nan")) -> float:
+    """2TP / (2TP + FP + FN); ``empty`` when there is nothing on either side."""
+    denominator = 2 * tp + fp + fn
+    return float(2 * tp / denominator) if denominator > 0 else empty
 
 
 def instance_matches(pred_labels: np.ndarray, true_labels: np.ndarray, iou_threshold: float = 0.5) -> dict:

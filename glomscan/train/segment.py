@@ -22,7 +22,7 @@ from .composite import from_optical_density, optical_density
 from .data import load_patch
 from .harness import TrainingDevice, choose_training_device
 from .sources import UNKNOWN_CLASS
-from .metrics import pixel_metrics
+from .metrics import dice, glomerulus_counts, known_class_counts, pixel_metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,11 @@ def targets_from_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([(labels == 1), (labels == 2)], dim=1).float()
 
 
-def log_glomerulus_probability(logits: torch.Tensor) -> torch.Tensor:
-    """log P(glomerulus) = log(1 - (1 - p_normal)(1 - p_sclerosed)) from (N, 2, H, W) logits,
-    computed stably: the union of the two class probabilities."""
+def glomerulus_probability(logits: torch.Tensor) -> torch.Tensor:
+    """P(glomerulus) = 1 - (1 - p_normal)(1 - p_sclerosed) from (N, 2, H, W) logits, the union of
+    the two class probabilities, computed stably (never exactly 0)."""
     log_background = F.logsigmoid(-logits[:, 0]) + F.logsigmoid(-logits[:, 1])
-    return torch.log(-torch.expm1(log_background.clamp(max=-1e-7)))
+    return -torch.expm1(log_background.clamp(max=-1e-7))
 
 
 class PartialLabelLoss(nn.Module):
@@ -104,9 +104,8 @@ class PartialLabelLoss(nn.Module):
         p = torch.sigmoid(logits)
         dices = self._dice(p * known, target, (0, 2, 3))
         if unknown.any():
-            log_glomerulus = log_glomerulus_probability(logits)
-            bce_sum = bce_sum - 2 * log_glomerulus[unknown].sum()
-            union = -torch.expm1(F.logsigmoid(-logits[:, 0]) + F.logsigmoid(-logits[:, 1]))
+            union = glomerulus_probability(logits)
+            bce_sum = bce_sum - 2 * torch.log(union[unknown]).sum()
             dices = torch.cat([dices, self._dice(union, (labels > 0).float(), (0, 1, 2)).reshape(1)])
         bce = bce_sum / per_pixel.numel()
         return self.bce_weight * bce + (1 - dices.mean())
@@ -181,24 +180,18 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: TrainingDevice,
     from .evaluate import predicted_labels
 
     model.eval()
-    tp, fp, fn = np.zeros(3), np.zeros(3), np.zeros(3)
+    tp, fp, fn = np.zeros(2), np.zeros(2), np.zeros(2)
+    glomerulus = np.zeros(3)
     with torch.inference_mode(), device.autocast():
         for x, labels in loader:
             probabilities = torch.sigmoid(model(device.prepare(x)).float()).cpu().numpy()
             for prob, truth in zip(probabilities, labels.numpy()):
                 pred = predicted_labels(prob, min_area_px=min_area_px)
-                known = truth != UNKNOWN_CLASS
-                for c in range(2):
-                    p, t = (pred == c + 1) & known, truth == c + 1
-                    tp[c] += (p & t).sum()
-                    fp[c] += (p & ~t).sum()
-                    fn[c] += (~p & t).sum()
-                p, t = pred > 0, truth > 0
-                tp[2] += (p & t).sum()
-                fp[2] += (p & ~t).sum()
-                fn[2] += (~p & t).sum()
-    metrics = pixel_metrics(tp[:2], fp[:2], fn[:2])
-    metrics["dice_glomerulus"] = float(2 * tp[2] / max(2 * tp[2] + fp[2] + fn[2], 1))
+                t, f, n = known_class_counts(pred, truth)
+                tp, fp, fn = tp + t, fp + f, fn + n
+                glomerulus += glomerulus_counts(pred, truth)
+    metrics = pixel_metrics(tp, fp, fn)
+    metrics["dice_glomerulus"] = dice(*glomerulus, empty=0.0)
     metrics["selection_score"] = float(np.nanmean([metrics["dice_mean"], metrics["dice_glomerulus"]]))
     return metrics
 
