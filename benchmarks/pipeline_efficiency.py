@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small slide and 512 px tiles (about a minute)")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--model", type=Path, help="checkpoint (default: random-init EfficientNet-B3 U-Net)")
+    ap.add_argument("--batch-size", type=int, default=2, help="tiles per engine call")
+    ap.add_argument("--readers", type=int, default=2, help="tile reader threads")
     args = ap.parse_args()
     torch.manual_seed(0)
     tile, size = (512, (4000, 3000)) if args.quick else (1024, (9000, 7000))
@@ -48,7 +50,7 @@ def main() -> None:
         slides.mkdir()
         write_synthetic_slide(slides / "bench.tif", w, h, scatter_glomeruli(tissue, 20, (80, 150), 0.3), tissue,
                               mpp=0.5, compression="jpeg")
-        settings = AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=2, workers=2)
+        settings = AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=args.batch_size, workers=args.readers)
 
         # the tiles analyze will infer, read once into memory for the model-only timing
         slide = Slide(slides / "bench.tif")

@@ -319,10 +319,13 @@ def train():
               help="Analysis tile the model card records (default: the patch size of the set).")
 @click.option("--stain-jitter", type=float, default=0.0, show_default=True,
               help="Whole-patch stain augmentation: optical density gain 1 +- this.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Processes that load and augment patches while the model trains (0: in the training process).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
 def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, encoder, encoder_weights,
-                  max_steps_per_epoch, bn_recalibration_steps, name, precision, card_tile, stain_jitter, seed, quiet):
+                  max_steps_per_epoch, bn_recalibration_steps, name, precision, card_tile, stain_jitter, workers, seed,
+                  quiet):
     """Train the U-Net (0.5*BCE + Dice, Adam, cosine LR); resumes from OUT.last.pt if present."""
     _setup_logging(quiet)
     from .train.segment import TrainConfig, train_segmentation
@@ -330,7 +333,7 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, crop=crop, encoder=encoder,
                          encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch,
                          bn_recalibration_steps=bn_recalibration_steps, name=name, seed=seed,
-                         precision=precision, stain_jitter=stain_jitter, tile=card_tile)
+                         precision=precision, stain_jitter=stain_jitter, tile=card_tile, workers=workers)
     try:
         best = train_segmentation(dataset_dir, out_path, config, quiet=quiet)
     except ValueError as exc:

@@ -145,6 +145,13 @@ class PatchDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))
 
 
+def seed_worker(worker_id: int) -> None:
+    """Give each loader process its own augmentation stream, derived from the loader's seed
+    (otherwise every process would repeat the same random crops, flips and stain gains)."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.rng = np.random.default_rng(info.seed)
+
+
 def jitter_stain(image: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
     """Whole-patch stain variation: optical density scaled per channel by 1 +- ``amount`` and
     overall by 1 +- ``amount`` (staining intensity), as between labs and scanners."""
@@ -202,6 +209,7 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
     The selection score is the mean of the class Dice (known-class pixels) and the glomerulus
     Dice (all pixels), so that tiles with unknown-class glomeruli count too."""
     dataset_dir, out_path = Path(dataset_dir), Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     manifest = pd.read_csv(dataset_dir / "manifest.csv")
     train_rows, val_rows = manifest[manifest.split == "train"], manifest[manifest.split == "val"]
     if train_rows.empty or val_rows.empty:
@@ -240,12 +248,15 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
         history = pd.read_csv(metrics_path).to_dict("records")[:start_epoch] if metrics_path.is_file() else []
         log.info("resuming from %s at epoch %d (best val score %.4f)", last_path, start_epoch, best_score)
     sampler_generator = torch.Generator().manual_seed(config.seed + start_epoch)
+    pin_memory = device.device.startswith("cuda")
+    if pin_memory:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     train_loader = DataLoader(PatchDataset(dataset_dir, train_rows, card, True, config.crop, config.seed + start_epoch,
                                            config.stain_jitter),
                               batch_size=config.batch_size, shuffle=True, num_workers=config.workers, drop_last=True,
-                              generator=sampler_generator)
+                              generator=sampler_generator, worker_init_fn=seed_worker, pin_memory=pin_memory)
     val_loader = DataLoader(PatchDataset(dataset_dir, val_rows, card, False), batch_size=config.batch_size,
-                            num_workers=config.workers)
+                            num_workers=config.workers, pin_memory=pin_memory)
     best = {}
     batches = iter(())
     for epoch in range(start_epoch, config.epochs):

@@ -1,0 +1,5 @@
+"""``python -m glomscan ...`` is the ``glomscan`` command."""
+
+from .cli import main
+
+main()
