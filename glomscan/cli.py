@@ -61,7 +61,7 @@ def main() -> None:
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="ONNX exports and TensorRT engines cache [env GLOMSCAN_ENGINE_DIR, default ./engines].")
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
-              help="TensorRT precision.")
+              help="Precision of the GPU backends (TensorRT engine, torch CUDA autocast); CPUs run fp32.")
 @click.option("--recursive", is_flag=True, help="Also look for slides in sub-folders.")
 @click.option("--force", is_flag=True, help="Redo slides whose outputs are complete and up to date.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors.")

@@ -108,6 +108,9 @@ def write_geojson(collection: dict, path: Path) -> None:
 
 
 # -- label mask ------------------------------------------------------------------------------
+PGM_SOURCE_LOADER = "ppmload_source"
+
+
 class StreamedLabelFile:
     """Label rows streamed to a binary PGM file with plain writes (not mmap, so the pages do not
     count against the process). Untouched (all-background) rows stay holes in a sparse file.
@@ -142,7 +145,11 @@ class StreamedLabelFile:
             self._reader = None
 
     def image(self) -> pyvips.Image:
-        """The labels as a sequential pyvips image (valid until ``close``)."""
+        """The labels as a sequential pyvips image (valid until ``close``). A libvips built
+        without the PPM source loader (the pyvips-binary wheel) reads the file as raw pixels
+        instead (mapped: same labels, more resident memory for very large masks)."""
+        if not pyvips.type_find("VipsOperation", PGM_SOURCE_LOADER):
+            return pyvips.Image.rawload(str(self.path), self.width, self.height, 1, offset=len(self._header))
         self._reader = open(self.path, "rb")
         source = pyvips.SourceCustom()
         source.on_read(self._reader.read)

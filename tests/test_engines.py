@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pyvips
 import pytest
+import torch
 from click.testing import CliRunner
 
 from glomscan.cli import main
@@ -21,11 +22,12 @@ from glomscan.engines.tensorrt import (
     check_cached_engine,
     engine_paths,
     find_other_engines,
-    mask_dice,
     prepare_tensorrt,
     tensorrt_status,
 )
-from glomscan.engines.torch_engine import TorchEngine
+from glomscan.engines.base import normalise
+from glomscan.engines.parity import mask_dice, parity_check
+from glomscan.engines.torch_engine import TorchEngine, normalisation_tensors, normalise_tensor
 from glomscan.model import ModelCard, build_model, load_checkpoint, save_checkpoint
 
 from conftest import copy_slide
@@ -187,8 +189,50 @@ def test_tensorrt_engine_builds_caches_and_matches_torch(tiny_checkpoint, tmp_pa
     engine, how = prepare_tensorrt(model, tmp_path, "fp32", tile=256, max_batch=2)
     assert how.startswith("built")
     tiles = np.random.default_rng(0).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
-    assert mask_dice(engine.predict(tiles), TorchEngine(model, "cuda").predict(tiles)) > 0.99
+    assert mask_dice(engine.predict(tiles), TorchEngine(model, "cuda", "fp32").predict(tiles)) > 0.99
     _, how = prepare_tensorrt(model, tmp_path, "fp32", tile=256, max_batch=2)
     assert how.startswith("cached")
     with pytest.raises(EngineMismatch):
         prepare_tensorrt(model, tmp_path, "fp16", tile=256, max_batch=2, rebuild=False)
+
+
+def test_gpu_normalisation_matches_the_cpu_one():
+    """The CUDA fast path normalises uint8 tiles on the device: same values, channels_last."""
+    card = ModelCard(name="n", tile=64)
+    tiles = np.random.default_rng(3).integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
+    x = normalise_tensor(torch.from_numpy(tiles), *normalisation_tensors(card, "cpu"))
+    assert x.shape == (2, 3, 64, 48) and x.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(x.numpy(), normalise(tiles, card), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_engine_precision_is_checked_and_cpu_runs_fp32(tiny_checkpoint):
+    model = load_checkpoint(tiny_checkpoint)
+    with pytest.raises(ValueError, match="precision"):
+        TorchEngine(model, "cpu", precision="int8")
+    engine = TorchEngine(model, "cpu", precision="fp16")
+    assert engine.precision == "fp32" and "fp32" in engine.description
+
+
+def test_parity_check_warns_when_masks_differ(tiny_checkpoint, caplog):
+    model = load_checkpoint(tiny_checkpoint)
+    tiles = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    reference = TorchEngine(model, "cpu")
+    assert parity_check(reference, reference, tiles) == 1.0
+
+    class Inverted(TorchEngine):
+        def predict(self, t):
+            return 1.0 - super().predict(t)
+
+    with caplog.at_level("WARNING"):
+        assert parity_check(Inverted(model, "cpu"), reference, tiles) < 0.99
+    assert "differs" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the torch CUDA fast path needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_torch_cuda_fast_path_matches_fp32(tiny_checkpoint, precision):
+    model = load_checkpoint(tiny_checkpoint)
+    tiles = np.random.default_rng(0).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
+    fast = TorchEngine(model, "cuda", precision)
+    assert mask_dice(fast.predict(tiles), TorchEngine(load_checkpoint(tiny_checkpoint), "cuda", "fp32").predict(tiles)) >= 0.99
+    assert fast.predict(tiles[:2]).shape == (2, len(model.card.classes), 256, 256)  # staging buffer resized

@@ -28,7 +28,10 @@ def test_wilson_interval_without_glomeruli():
     assert wilson_interval(0, 0) == (None, None)
 
 
-def test_label_tiff_reads_back_identically(tmp_path):
+@pytest.mark.parametrize("pgm_loader", ["ppmload_source", "raw fallback"])
+def test_label_tiff_reads_back_identically(tmp_path, monkeypatch, pgm_loader):
+    if pgm_loader != "ppmload_source":  # a libvips without the PPM source loader (pyvips-binary)
+        monkeypatch.setattr("glomscan.report.PGM_SOURCE_LOADER", "no_such_loader_source")
     rng = np.random.default_rng(0)
     labels = np.zeros((900, 1300), np.uint8)
     labels[100:300, 200:500] = 1

@@ -60,8 +60,8 @@ def create_engine(backend: str, model: LoadedModel, options: EngineOptions | Non
                                 options.workspace_gb)
 
     if backend == "torch":
-        engine = TorchEngine(model)
-        return engine, EngineChoice("torch", f"requested; torch on {engine.device}")
+        engine = TorchEngine(model, precision=options.precision)
+        return engine, EngineChoice("torch", f"requested; torch on {engine.device} ({engine.precision})")
     if backend == "onnxruntime":
         if not providers:
             raise RuntimeError("--backend onnxruntime: the onnxruntime package is not installed (pip install onnxruntime)")
@@ -88,7 +88,7 @@ def create_engine(backend: str, model: LoadedModel, options: EngineOptions | Non
         return onnxruntime_engine(), EngineChoice("onnxruntime", f"auto: CUDA execution provider; passed over {', '.join(passed_over)}")
     passed_over.append("onnxruntime-cuda (no CUDA execution provider)")
     if cuda:
-        return TorchEngine(model, "cuda"), EngineChoice("torch", f"auto: torch CUDA; passed over {', '.join(passed_over)}")
+        return TorchEngine(model, "cuda", options.precision), EngineChoice("torch", f"auto: torch CUDA {options.precision}; passed over {', '.join(passed_over)}")
     passed_over.append("torch-cuda (no CUDA GPU)")
     if providers:
         return onnxruntime_engine(), EngineChoice("onnxruntime", f"auto: onnxruntime CPU; passed over {', '.join(passed_over)}")

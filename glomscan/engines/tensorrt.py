@@ -26,6 +26,7 @@ from ..model import LoadedModel
 from ..atomic import atomic_write_bytes, atomic_write_text
 from .base import Engine
 from .onnx import INPUT_NAME, OUTPUT_NAME, _slug, cached_onnx
+from .parity import parity_check, random_tiles
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +236,6 @@ class TensorRTEngine(Engine):
         return self.max_batch
 
 
-def mask_dice(a: np.ndarray, b: np.ndarray, threshold: float = 0.5) -> float:
-    """Dice of the thresholded masks of two probability arrays (1.0 when both are empty)."""
-    ma, mb = a >= threshold, b >= threshold
-    total = ma.sum() + mb.sum()
-    return 1.0 if total == 0 else float(2 * (ma & mb).sum() / total)
-
-
 def prepare_tensorrt(model: LoadedModel, engine_dir: Path, precision: str = "fp16", tile: int | None = None,
                      max_batch: int = 8, workspace_gb: float = 4.0, rebuild: bool = True,
                      parity_tiles: np.ndarray | None = None) -> tuple[TensorRTEngine, str]:
@@ -266,26 +260,12 @@ def prepare_tensorrt(model: LoadedModel, engine_dir: Path, precision: str = "fp1
     sidecar = build_engine(onnx_path, spec, engine_path, sidecar_path, workspace_gb,
                            timing_cache=engine_dir / f"timing-sm{spec.compute_capability.replace('.', '')}-trt{spec.tensorrt_version}.cache")
     engine = TensorRTEngine(model, engine_path, max_batch)
-    sidecar.parity_mask_dice = parity_check(model, engine, tile, parity_tiles)
-    atomic_write_text(sidecar_path, sidecar.to_json())
-    return engine, f"built engine {engine_path.name} in {sidecar.build_seconds:.0f} s"
-
-
-def parity_check(model: LoadedModel, engine: Engine, tile: int, tiles: np.ndarray | None = None,
-                 min_dice: float = 0.99) -> float:
-    """Compare the engine with torch on a few tiles; warn when the masks' Dice < ``min_dice``."""
     from .torch_engine import TorchEngine
 
-    if tiles is None:
-        rng = np.random.default_rng(0)
-        tiles = rng.integers(0, 256, size=(2, tile, tile, 3), dtype=np.uint8)
-    reference = TorchEngine(model).predict(tiles)
-    dice = mask_dice(engine.predict(tiles), reference)
-    if dice < min_dice:
-        log.warning("TensorRT output differs from torch: mask Dice %.4f < %.2f", dice, min_dice)
-    else:
-        log.info("TensorRT vs torch mask Dice on %d tiles: %.4f", len(tiles), dice)
-    return dice
+    sidecar.parity_mask_dice = parity_check(engine, TorchEngine(model, "cuda", precision="fp32"),
+                                            random_tiles(tile) if parity_tiles is None else parity_tiles)
+    atomic_write_text(sidecar_path, sidecar.to_json())
+    return engine, f"built engine {engine_path.name} in {sidecar.build_seconds:.0f} s"
 
 
 def default_engine_dir() -> Path:
