@@ -1,0 +1,152 @@
+"""Speed on a GPU, in one run on one synthetic pyramidal TIFF (JPEG, 0.5 µm/px):
+
+1. model-only vs end-to-end tiles/s for torch CUDA fp32 and fp16 (pipeline efficiency on the
+   GPU), and the fp16 masks' Dice against fp32;
+2. the CPU side alone (a null engine that returns one real prediction again and again) in
+   tiles/s against the number of tile-reader threads;
+3. slides per hour for the needle-biopsy layout of benchmarks/vs_monai.py (three cores).
+
+Ratios are measured within this one run. ``--device cpu --quick`` checks the script on a CPU.
+
+    python benchmarks/gpu.py [--device cuda] [--quick] [--model CKPT] [--readers 1,2,4,8,16] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glomscan.batch import run_batch
+from glomscan.config import AnalysisSettings
+from glomscan.engines.base import Engine, EngineChoice
+from glomscan.engines.parity import mask_dice
+from glomscan.engines.torch_engine import TorchEngine
+from glomscan.model import load_checkpoint
+from glomscan.shipped import default_model_path
+from glomscan.slides import Slide, TileReader
+from glomscan.synthetic import scatter_glomeruli, write_synthetic_slide
+from glomscan.tiling import TileGrid
+
+
+class ReplayEngine(Engine):
+    """The CPU side alone: returns a stored real prediction for every tile, so blending and
+    labelling do their usual work while no model runs."""
+
+    backend = "replay"
+
+    def __init__(self, card, probabilities: np.ndarray):
+        self.card, self.probabilities = card, probabilities
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        return np.repeat(self.probabilities[None], len(tiles), axis=0)
+
+
+def analyse(slides: Path, out: Path, model, engine: Engine, settings: AnalysisSettings) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    report = run_batch(slides, out, model, engine, EngineChoice(engine.backend, "benchmark"), settings,
+                       force=True, quiet=True).reports[0]
+    assert report.status == "ok", report.reason
+    return time.perf_counter() - t0, report.tiles_tissue
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="small slides and 512 px tiles (a CPU check)")
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
+    ap.add_argument("--readers", default="1,2,4,8,16", help="tile-reader thread counts for the CPU-side run")
+    ap.add_argument("--batch-size", type=int, default=None, help="tiles per engine call (default 8 on CUDA, 1 on CPU)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    precisions = ["fp32", "fp16"] if cuda else ["fp32"]
+    batch = args.batch_size or (8 if cuda else 1)
+    readers = [int(r) for r in args.readers.split(",")]
+    model_path = args.model or default_model_path()
+    tile = 512 if args.quick else 1024
+    w, h = (6000, 4000) if args.quick else (16000, 12000)
+    results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cpu_count": os.cpu_count(),
+                     "tile": tile, "batch": batch, "model": str(model_path)}
+    settings = AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=batch, workers=max(4, min(readers)))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        tissue = [(int(w * 0.05), int(h * 0.05), int(w * 0.6), int(h * 0.95)),
+                  (int(w * 0.65), int(h * 0.2), int(w * 0.95), int(h * 0.8))]
+        slides = tmp / "slides"
+        slides.mkdir()
+        write_synthetic_slide(slides / "bench.tif", w, h, scatter_glomeruli(tissue, 60, (80, 150), 0.3), tissue,
+                              mpp=0.5, compression="jpeg")
+        slide = Slide(slides / "bench.tif")
+        image, _ = slide.image_at(2.0)
+        tiles = TileGrid(image.width, image.height, tile, settings.stride).tissue_tiles(slide.tissue(2.0, 1.0, settings.tissue))
+        reader = TileReader(image, tile)
+        pixels = np.stack([reader.read(t.x, t.y) for t in tiles])
+        n = len(tiles)
+        results.update(slide_px=[w, h], analysis_px=[image.width, image.height], tissue_tiles=n,
+                       setup_s=round(time.perf_counter() - t0, 1))
+        print(f"{results['device']}, {os.cpu_count()} CPUs; slide {w}x{h} px -> {n} tissue tiles of {tile} px, "
+              f"batch {batch}", flush=True)
+
+        model = load_checkpoint(model_path)
+        outputs = {}
+        for precision in precisions:
+            engine = TorchEngine(model, args.device, precision)
+            for i in range(0, min(n, 2 * batch), batch):  # warm-up: cuDNN autotuning, allocator
+                engine.predict(pixels[i:i + batch])
+            t0 = time.perf_counter()
+            for i in range(0, n, batch):
+                out = engine.predict(pixels[i:i + batch])
+                if i == 0:
+                    outputs[precision] = out
+            model_only = time.perf_counter() - t0
+            end_to_end, inferred = analyse(slides, tmp / f"out-{precision}", model, engine, settings)
+            assert inferred == n
+            results[precision] = {"model_only_tiles_per_s": round(n / model_only, 2),
+                                  "end_to_end_tiles_per_s": round(n / end_to_end, 2),
+                                  "pipeline_efficiency": round(model_only / end_to_end, 3)}
+            print(f"torch {precision}: model only {n / model_only:.1f} tiles/s, end to end {n / end_to_end:.1f} tiles/s, "
+                  f"efficiency {model_only / end_to_end:.3f}", flush=True)
+            del engine
+        if "fp16" in outputs:
+            results["fp16_vs_fp32_mask_dice"] = round(mask_dice(outputs["fp16"], outputs["fp32"]), 5)
+            print(f"fp16 vs fp32 mask Dice (first batch): {results['fp16_vs_fp32_mask_dice']}", flush=True)
+
+        replay = ReplayEngine(model.card, outputs[precisions[-1]][0])
+        results["cpu_side_tiles_per_s"] = {}
+        for r in readers:
+            seconds, _ = analyse(slides, tmp / f"out-replay-{r}", model, replay,
+                                 AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=batch, workers=r))
+            results["cpu_side_tiles_per_s"][r] = round(n / seconds, 2)
+            print(f"CPU side (replay engine), {r:2d} reader threads: {n / seconds:.1f} tiles/s", flush=True)
+
+        # needle biopsy: three cores 0.9 mm wide, 3-7 mm long, in a 10 x 6 mm region (vs_monai.py)
+        nw, nh = (8000, 5000) if args.quick else (20000, 12000)
+        core = 900 if args.quick else 1800
+        cores = [(int(nw * 0.05), int(nh * 0.10), int(nw * 0.75), int(nh * 0.10) + core),
+                 (int(nw * 0.20), int(nh * 0.45), int(nw * 0.80), int(nh * 0.45) + core),
+                 (int(nw * 0.10), int(nh * 0.78), int(nw * 0.45), int(nh * 0.78) + core)]
+        needle = tmp / "needle"
+        needle.mkdir()
+        write_synthetic_slide(needle / "biopsy.tif", nw, nh, scatter_glomeruli(cores, 30, (80, 150), 0.3), cores,
+                              mpp=0.5, compression="jpeg")
+        engine = TorchEngine(model, args.device, precisions[-1])
+        analyse(needle, tmp / "needle-warm", model, engine, settings)
+        seconds, inferred = analyse(needle, tmp / "needle-out", model, engine, settings)
+        results["needle_biopsy"] = {"seconds": round(seconds, 2), "tissue_tiles": inferred,
+                                    "slides_per_hour_one_process": round(3600 / seconds, 1)}
+        print(f"needle biopsy {nw}x{nh} px ({inferred} tissue tiles), torch {precisions[-1]}: {seconds:.2f} s "
+              f"-> {3600 / seconds:.0f} slides/hour in one process", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
