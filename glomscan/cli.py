@@ -319,13 +319,18 @@ def train():
               help="Analysis tile the model card records (default: the patch size of the set).")
 @click.option("--stain-jitter", type=float, default=0.0, show_default=True,
               help="Whole-patch stain augmentation: optical density gain 1 +- this.")
+@click.option("--jpeg-min-quality", type=click.IntRange(1, 95), default=None,
+              help="JPEG augmentation: half the patches compressed (4:2:0 chroma, as scanners do) at a quality "
+                   "drawn from [this, 95].")
+@click.option("--init", "init_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Start from this glomscan checkpoint's weights (fine-tuning) instead of random ones.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes that load and augment patches while the model trains (0: in the training process).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
 def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, encoder, encoder_weights,
-                  max_steps_per_epoch, bn_recalibration_steps, name, precision, card_tile, stain_jitter, workers, seed,
-                  quiet):
+                  max_steps_per_epoch, bn_recalibration_steps, name, precision, card_tile, stain_jitter, jpeg_min_quality,
+                  init_path, workers, seed, quiet):
     """Train the U-Net (0.5*BCE + Dice, Adam, cosine LR); resumes from OUT.last.pt if present."""
     _setup_logging(quiet)
     from .train.segment import TrainConfig, train_segmentation
@@ -333,7 +338,8 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, crop=crop, encoder=encoder,
                          encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch,
                          bn_recalibration_steps=bn_recalibration_steps, name=name, seed=seed,
-                         precision=precision, stain_jitter=stain_jitter, tile=card_tile, workers=workers)
+                         precision=precision, stain_jitter=stain_jitter, tile=card_tile, workers=workers,
+                         jpeg_min_quality=jpeg_min_quality, init=init_path)
     try:
         best = train_segmentation(dataset_dir, out_path, config, quiet=quiet)
     except ValueError as exc:
@@ -460,7 +466,8 @@ def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channe
 @click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="A set made by 'glomscan prepare --tiles ... --crops ...'.")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]), default="auto", show_default=True,
+              help="Inference backend (see analyze --help).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("evaluation-real"),
               show_default=True, help="analyze's outputs and the scores (metrics.json, glomeruli.csv, slides.csv).")
 def evaluate_real(model_path, dataset_dir, split, backend, out_dir):

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 """Inference backends ``analyze --backend`` accepts."""
 BLEND_WINDOWS = ("cosine", "gaussian")
 """Blending windows for overlapping tiles (see ``merge.blending_window``)."""

@@ -300,3 +300,52 @@ def test_edge_patch_labels_are_mirrored_like_their_pixels():
     assert np.array_equal(mirrored[6:, :6], labels[4:6, :6][::-1])
     assert np.array_equal(mirrored[:6, 6:], labels[:6, 4:6][:, ::-1])
     assert mirror_past_edge(labels, 20, 20) is labels
+
+
+def test_jpeg_augmentation_compresses_with_chroma_subsampling():
+    from glomscan.train.segment import jpeg_roundtrip
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:, 32:] = (200, 40, 160)  # a sharp colour edge: 4:2:0 smears the colour over 2 px
+    out = jpeg_roundtrip(image, 90)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - image).max() > 20  # the edge's chroma is smeared
+    assert np.abs(out[:, :28].astype(int) - image[:, :28]).mean() < 3  # flat areas survive
+
+
+def test_patch_loader_processes_draw_different_augmentations(dataset):
+    from torch.utils.data import DataLoader
+
+    from glomscan.model import ModelCard
+    from glomscan.train.segment import PatchDataset, seed_worker
+
+    out, manifest, _ = dataset
+    rows = pd.concat([manifest[manifest.split == "train"].head(1)] * 4)  # the same patch four times
+    ds = PatchDataset(out, rows, ModelCard(name="t"), augment=True, crop=64, stain_jitter=0.1, jpeg_min_quality=50)
+    loader = DataLoader(ds, batch_size=1, num_workers=2, worker_init_fn=seed_worker,
+                        generator=torch.Generator().manual_seed(0), multiprocessing_context="forkserver")
+    first = [x for x, _ in loader]
+    assert not torch.equal(first[0], first[1])  # one from each process: different draws
+    again = [x for x, _ in DataLoader(ds, batch_size=1, num_workers=2, worker_init_fn=seed_worker,
+                                      generator=torch.Generator().manual_seed(0), multiprocessing_context="forkserver")]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # seeded: repeatable
+
+
+def test_training_starts_from_a_glomscan_checkpoint(dataset, tmp_path, tiny_checkpoint):
+    out, _, _ = dataset
+    config = TrainConfig(epochs=1, batch_size=2, crop=128, max_steps_per_epoch=1, name="ft", **TINY)
+    # loader processes, in a process that has run libvips (prepare) before: must not hang
+    train_segmentation(out, tmp_path / "a.pt", TrainConfig(**{**config.__dict__, "workers": 2}), quiet=True)
+    start = load_checkpoint(tmp_path / "a.pt")
+    # one step at a tiny learning rate from those weights: the result stays close to them
+    tuned = train_segmentation(out, tmp_path / "b.pt", TrainConfig(**{**config.__dict__, "init": str(tmp_path / "a.pt"),
+                                                                      "lr": 1e-9, "min_lr": 1e-9,
+                                                                      "bn_recalibration_steps": 0}), quiet=True)
+    assert tuned is not None
+    after = load_checkpoint(tmp_path / "b.pt").module.state_dict()
+    for key, value in start.module.state_dict().items():
+        if value.dtype.is_floating_point and "running" not in key:
+            torch.testing.assert_close(after[key], value, atol=1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="architecture"):
+        train_segmentation(out, tmp_path / "c.pt", TrainConfig(epochs=1, batch_size=2, crop=128, max_steps_per_epoch=1,
+                                                               init=str(tmp_path / "a.pt")), quiet=True)

@@ -1,7 +1,7 @@
 """Inference backends behind one small interface (see ``base.Engine``).
 
 ``auto`` order: tensorrt (CUDA GPU + TensorRT >= 10) -> onnxruntime with CUDA -> torch CUDA ->
-onnxruntime CPU -> torch CPU. The choice and the reason go to the log and into report.json.
+openvino (CPU) -> onnxruntime CPU -> torch CPU. The choice and the reason go to the log and into report.json.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def create_engine(backend: str, model: LoadedModel, options: EngineOptions | Non
     import torch
 
     from .onnx import OnnxRuntimeEngine, cached_onnx, onnxruntime_providers
+    from .openvino import OpenVinoEngine, openvino_status
     from .tensorrt import prepare_tensorrt, tensorrt_status
     from .torch_engine import TorchEngine
 
@@ -54,6 +55,10 @@ def create_engine(backend: str, model: LoadedModel, options: EngineOptions | Non
 
     def onnxruntime_engine() -> OnnxRuntimeEngine:
         return OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir), threads=options.cpu_threads)
+
+    def openvino_engine() -> OpenVinoEngine:
+        return OpenVinoEngine(model, cached_onnx(model, options.engine_dir), options.engine_dir,
+                              precision="f32" if options.precision == "fp32" else "auto", threads=options.cpu_threads)
 
     def tensorrt_engine():
         return prepare_tensorrt(model, options.engine_dir, options.precision, options.tile, options.max_batch,
@@ -67,6 +72,12 @@ def create_engine(backend: str, model: LoadedModel, options: EngineOptions | Non
             raise RuntimeError("--backend onnxruntime: the onnxruntime package is not installed (pip install onnxruntime)")
         engine = onnxruntime_engine()
         return engine, EngineChoice("onnxruntime", f"requested; providers {engine.providers}")
+    if backend == "openvino":
+        ok, why = openvino_status()
+        if not ok:
+            raise RuntimeError(f"--backend openvino is not available here: {why}")
+        engine = openvino_engine()
+        return engine, EngineChoice("openvino", f"requested; {why}, {engine.precision} ({engine.reason})")
     if backend == "tensorrt":
         ok, why = tensorrt_status()
         if not ok:
@@ -90,6 +101,12 @@ def create_engine(backend: str, model: LoadedModel, options: EngineOptions | Non
     if cuda:
         return TorchEngine(model, "cuda", options.precision), EngineChoice("torch", f"auto: torch CUDA {options.precision}; passed over {', '.join(passed_over)}")
     passed_over.append("torch-cuda (no CUDA GPU)")
+    ok, why = openvino_status()
+    if ok:
+        engine = openvino_engine()
+        return engine, EngineChoice("openvino", f"auto: {why} on the CPU, {engine.precision} ({engine.reason}); "
+                                                f"passed over {', '.join(passed_over)}")
+    passed_over.append(f"openvino ({why})")
     if providers:
         return onnxruntime_engine(), EngineChoice("onnxruntime", f"auto: onnxruntime CPU; passed over {', '.join(passed_over)}")
     passed_over.append("onnxruntime (not installed)")

@@ -38,6 +38,7 @@ class TorchEngine(Engine):
         self.precision = precision if self.cuda else "fp32"
         self.module = model.module.to(self.device).eval()
         self._staging: torch.Tensor | None = None
+        self._results: torch.Tensor | None = None
         if self.cuda:
             torch.backends.cudnn.benchmark = True  # one tile size per run: let cuDNN pick its kernels
             self.module.to(memory_format=torch.channels_last)
@@ -48,19 +49,28 @@ class TorchEngine(Engine):
             with torch.inference_mode():
                 logits = self.module(torch.from_numpy(normalise(tiles, self.card)))
             return torch.sigmoid(logits.float()).numpy()
+        n = len(tiles)
         with torch.inference_mode():
             x = self._to_gpu(tiles)
             with torch.autocast("cuda", dtype=TORCH_PRECISIONS[self.precision] or torch.float32,
                                 enabled=self.precision != "fp32"):
                 logits = self.module(x)
-            return torch.sigmoid(logits.float()).cpu().numpy()  # waits for the GPU: the staging buffer is free again
+            probabilities = torch.sigmoid(logits.float())
+            if self._results is None or self._results.shape != probabilities.shape:
+                self._results = torch.empty(probabilities.shape, dtype=torch.float32).pin_memory()
+            self._results.copy_(probabilities, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()  # staging and results buffers free again
+        return self._results[:n].numpy().copy()  # the caller may keep it while the next batch runs
 
     def _to_gpu(self, tiles: np.ndarray) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float32 on the GPU in channels_last
-        layout (the NHWC bytes as they are): a quarter of the bytes of float32 cross the bus."""
-        if self._staging is None or self._staging.shape != tiles.shape:
-            self._staging = torch.empty(tiles.shape, dtype=torch.uint8).pin_memory()
-        self._staging.numpy()[...] = tiles
+        """(N, H, W, 3) uint8 -> normalised (B, 3, H, W) float32 on the GPU in channels_last
+        layout (the NHWC bytes as they are: a quarter of the bytes of float32 cross the bus).
+        B is the largest batch seen: a smaller one (a slide's last) is padded to it, so the GPU
+        always sees one shape and cuDNN does not tune its kernels again for every new size."""
+        shape = tiles.shape
+        if self._staging is None or self._staging.shape[1:] != shape[1:] or self._staging.shape[0] < shape[0]:
+            self._staging = torch.zeros(shape, dtype=torch.uint8).pin_memory()
+        self._staging.numpy()[:len(tiles)] = tiles
         return normalise_tensor(self._staging.to(self.device, non_blocking=True), self._scale, self._offset)
 
     @property

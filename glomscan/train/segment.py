@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_torch_save, atomic_write_text
-from ..model import ModelCard, build_model, save_checkpoint
+from ..model import ModelCard, build_model, load_checkpoint, save_checkpoint
 from ..progress import Progress
 from .composite import from_optical_density, optical_density
 from .data import load_patch
@@ -57,6 +57,11 @@ class TrainConfig:
     """auto, bf16, fp16 (CUDA) or fp32; auto: fp16 on CUDA, bf16 on CPUs with bf16 instructions."""
     stain_jitter: float = 0.0
     """Whole-patch stain augmentation (optical density gain 1 +- this per channel)."""
+    jpeg_min_quality: int | None = None
+    """JPEG augmentation: half the training patches are JPEG-compressed with chroma subsampling
+    (4:2:0, as in most scanners' files) at a quality uniform in [this, 95]. None: off."""
+    init: str | None = None
+    """glomscan checkpoint whose weights start the training (fine-tuning); None: random init."""
     intended_use: str = ""
     licence: str = ""
 
@@ -115,12 +120,14 @@ class PartialLabelLoss(nn.Module):
 
 class PatchDataset(Dataset):
     def __init__(self, dataset_dir: Path, manifest: pd.DataFrame, card: ModelCard, augment: bool,
-                 crop: int | None = None, seed: int = 0, stain_jitter: float = 0.0):
+                 crop: int | None = None, seed: int = 0, stain_jitter: float = 0.0,
+                 jpeg_min_quality: int | None = None):
         self.dir = Path(dataset_dir)
         self.rows = manifest.to_dict("records")
         self.mean = np.asarray(card.mean, np.float32).reshape(3, 1, 1)
         self.std = np.asarray(card.std, np.float32).reshape(3, 1, 1)
         self.augment, self.crop, self.stain_jitter = augment, crop, stain_jitter
+        self.jpeg_min_quality = jpeg_min_quality
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -141,6 +148,8 @@ class PatchDataset(Dataset):
                 image, labels = image[::-1], labels[::-1]
             if self.stain_jitter > 0:
                 image = jitter_stain(image, self.stain_jitter, self.rng)
+            if self.jpeg_min_quality is not None and self.rng.random() < 0.5:
+                image = jpeg_roundtrip(image, int(self.rng.integers(self.jpeg_min_quality, 96)))
         x = (image.transpose(2, 0, 1).astype(np.float32) / 255.0 - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))
 
@@ -150,6 +159,18 @@ def seed_worker(worker_id: int) -> None:
     (otherwise every process would repeat the same random crops, flips and stain gains)."""
     info = torch.utils.data.get_worker_info()
     info.dataset.rng = np.random.default_rng(info.seed)
+
+
+def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
+    """``image`` after JPEG compression with 4:2:0 chroma subsampling, as scanners store slides."""
+    import pyvips
+
+    from ..slides import image_to_array
+
+    height, width = image.shape[:2]
+    vips = pyvips.Image.new_from_memory(np.ascontiguousarray(image).tobytes(), width, height, 3, "uchar")
+    encoded = vips.jpegsave_buffer(Q=quality, subsample_mode="on")
+    return image_to_array(pyvips.Image.new_from_buffer(encoded, ""))[..., :3]
 
 
 def jitter_stain(image: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
@@ -225,6 +246,14 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
                                                      f"{len(train_rows)} train / {len(val_rows)} val patches",
                      **{k: v for k, v in (("intended_use", config.intended_use), ("licence", config.licence)) if v})
     model = build_model(card)
+    if config.init:
+        init = load_checkpoint(config.init)
+        architecture = ("encoder", "encoder_depth", "decoder_channels", "classes")
+        if any(getattr(init.card, k) != getattr(card, k) for k in architecture):
+            raise ValueError(f"--init {config.init}: its architecture ({', '.join(f'{k} {getattr(init.card, k)}' for k in architecture)}) "
+                             "differs from the one asked for")
+        model.load_state_dict(init.module.state_dict())
+        log.info("weights from %s (%s)", config.init, init.model_id)
     if config.encoder_weights:
         state = torch.load(config.encoder_weights, map_location="cpu", weights_only=True)
         missing, unexpected = model.encoder.load_state_dict(state, strict=False)
@@ -249,14 +278,18 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
         log.info("resuming from %s at epoch %d (best val score %.4f)", last_path, start_epoch, best_score)
     sampler_generator = torch.Generator().manual_seed(config.seed + start_epoch)
     pin_memory = device.device.startswith("cuda")
+    # loader processes start from a clean server process, not forked from this one: a fork
+    # taken while libvips threads hold locks (e.g. after `prepare` in the same process) hangs
+    context = "forkserver" if config.workers > 0 else None
     if pin_memory:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     train_loader = DataLoader(PatchDataset(dataset_dir, train_rows, card, True, config.crop, config.seed + start_epoch,
-                                           config.stain_jitter),
+                                           config.stain_jitter, config.jpeg_min_quality),
                               batch_size=config.batch_size, shuffle=True, num_workers=config.workers, drop_last=True,
-                              generator=sampler_generator, worker_init_fn=seed_worker, pin_memory=pin_memory)
+                              generator=sampler_generator, worker_init_fn=seed_worker, pin_memory=pin_memory,
+                              multiprocessing_context=context)
     val_loader = DataLoader(PatchDataset(dataset_dir, val_rows, card, False), batch_size=config.batch_size,
-                            num_workers=config.workers, pin_memory=pin_memory)
+                            num_workers=config.workers, pin_memory=pin_memory, multiprocessing_context=context)
     best = {}
     batches = iter(())
     for epoch in range(start_epoch, config.epochs):
