@@ -35,6 +35,7 @@ from .slides import SLIDE_EXTENSIONS, SlideError, file_fingerprint, find_slides
 log = logging.getLogger(__name__)
 
 STAGING = ".glomscan-staging"
+LOCK_FILE = ".glomscan.lock"
 SUMMARY_COLUMNS = [
     "slide", "status", "reason", "n_glomeruli", "n_normal", "n_sclerosed",
     "percent_global_glomerulosclerosis", "ci95_low", "ci95_high", "tissue_area_mm2",
@@ -158,7 +159,7 @@ def write_summary(out_dir: Path, reports: list[SlideReport], skipped: set[str]) 
     rows = []
     for r in reports:
         row = {c: getattr(r, c, None) for c in SUMMARY_COLUMNS}
-        row["skipped"] = r.slide in skipped
+        row["skipped"] = "yes" if r.slide in skipped else "no"
         rows.append(row)
     atomic_write_text(out_dir / "summary.csv", pd.DataFrame(rows, columns=SUMMARY_COLUMNS).to_csv(index=False))
 
@@ -171,8 +172,7 @@ def run_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, engine: Engin
     slides = prepare_output(slides_dir, out_dir, recursive)
     with output_lock(out_dir):
         clean_staging(out_dir)
-        log.info("%d slide(s) in %s -> %s (backend %s: %s)", len(slides), slides_dir, out_dir,
-                 choice.backend, choice.reason)
+        log.info("%d slide(s) in %s -> %s (backend %s)", len(slides), slides_dir, out_dir, choice.backend)
         jobs, recorder = plan_batch(slides, slides_dir, out_dir, model.sha256, settings, force)
         with Progress(len(slides), "batch", quiet=quiet, unit="slide") as progress:
             progress.update(len(recorder.skipped))
@@ -216,7 +216,7 @@ def plan_batch(slides: list[Path], slides_dir: Path, out_dir: Path, model_sha256
             log.info("%s: outputs complete and up to date, skipping (--force to redo)", name)
             recorder.add(load_report(out_dir / name), skipped=True)
         else:
-            jobs.append(SlideJob(path, name, fingerprint))
+            jobs.append(SlideJob(Path(os.path.abspath(path)), name, fingerprint))  # reports name it wherever run from
     return jobs, recorder
 
 
@@ -288,20 +288,34 @@ class BatchRecorder:
 
 @contextlib.contextmanager
 def output_lock(out_dir: Path):
-    """One batch per output folder at a time (a second one would delete the first one's staging)."""
-    try:
-        handle = open(out_dir / ".glomscan.lock", "a+")
-    except OSError as exc:
-        raise OutputNotWritable.folder(out_dir, exc) from exc
-    with handle:
+    """One batch per output folder at a time (a second one would delete the first one's staging).
+    On the way out the lock file and an empty staging folder are removed, so a finished output
+    folder holds only results."""
+    path = out_dir / LOCK_FILE
+    while True:
+        try:
+            handle = open(path, "a+")
+        except OSError as exc:
+            raise OutputNotWritable.folder(out_dir, exc) from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             raise ValueError(f"another glomscan batch is writing to {out_dir}; wait for it or use another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        try:  # the holder before us may have removed the file after we opened it: lock the current one
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            (out_dir / STAGING).rmdir()  # only when empty
+        with contextlib.suppress(OSError):
+            path.unlink()
+        handle.close()
 
 
 def process_slide(job: SlideJob, out_dir: Path, model: LoadedModel, engine: Engine, choice: EngineChoice,

@@ -17,7 +17,7 @@ from urllib.parse import quote
 from . import __version__
 from .atomic import atomic_write_text
 from .pipeline import SlideReport
-from .report import CLASS_COLOURS
+from .report import CLASS_COLOURS, THUMBNAIL_NAME
 
 LINKED_FILES = (("glomeruli.csv", "CSV"), ("glomeruli.geojson", "GeoJSON"), ("mask.tif", "mask TIFF"),
                 ("report.json", "report"))
@@ -73,9 +73,10 @@ def _num(value, suffix: str = "") -> str:
 
 def _row(out_dir: Path, r: SlideReport, skipped: bool) -> str:
     folder = out_dir / r.slide
-    has = {name: (folder / name).is_file() for name in ("overview.png", *dict(LINKED_FILES))}
+    has = {name: (folder / name).is_file() for name in ("overview.png", THUMBNAIL_NAME, *dict(LINKED_FILES))}
+    shown = THUMBNAIL_NAME if has[THUMBNAIL_NAME] else "overview.png"  # results of older versions: no thumbnail
     thumb = (f'<a href="{_href(r.slide, "overview.png")}"><img class="overview" '
-             f'src="{_href(r.slide, "overview.png")}" alt="overview of {_esc(r.slide)}"></a>'
+             f'src="{_href(r.slide, shown)}" alt="overview of {_esc(r.slide)}"></a>'
              if has["overview.png"] else "–")
     ci = (f"{_num(r.ci95_low)}–{_num(r.ci95_high)} %" if r.ci95_low is not None and r.ci95_high is not None else "–")
     status = f'<span class="status-{_esc(r.status)}">{_esc(r.status)}</span>'

@@ -36,7 +36,9 @@ def main() -> None:
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="glomscan checkpoint (.pt). Default: the model shipped with the package.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto",
-              show_default=True)
+              show_default=True,
+              help="Inference backend. auto: the first that works here of tensorrt, onnxruntime-CUDA, torch-CUDA, "
+                   "openvino, onnxruntime, torch (the choice and its reason go into report.json).")
 @click.option("--batch-size", type=int, default=0, show_default=True,
               help="Tiles per inference call; 0: the backend's choice (1 on CPU, 8 on GPU).")
 @click.option("--tile", type=int, default=1024, show_default=True, help="Tile side, analysis pixels.")
@@ -163,10 +165,14 @@ def _warn_if_not_for_real_tissue(model) -> None:
 
 
 @main.command("init-model")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--encoder", default="efficientnet-b3", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--analysis-mpp", type=float, default=1.0, show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Checkpoint file to write.")
+@click.option("--encoder", default="efficientnet-b3", show_default=True,
+              help="smp encoder of the U-Net.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed (same seed, same result).")
+@click.option("--analysis-mpp", type=float, default=1.0, show_default=True,
+              help="Resolution the model will analyse at, µm per pixel.")
 def init_model(out_path, encoder, seed, analysis_mpp):
     """Write a randomly initialised checkpoint (for demos and tests: it finds nothing real)."""
     import torch
@@ -184,8 +190,10 @@ def init_model(out_path, encoder, seed, analysis_mpp):
 @main.command("export-onnx")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="glomscan checkpoint (default: the shipped model).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="ONNX file to write.")
+@click.option("--opset", type=int, default=17, show_default=True,
+              help="ONNX opset (17 or later).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compare ONNX Runtime with torch on a random batch (max abs difference <= 1e-4).")
 def export_onnx_cmd(model_path, out_path, opset, check):
@@ -212,7 +220,8 @@ def export_onnx_cmd(model_path, out_path, opset, check):
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="glomscan checkpoint (default: the shipped model).")
 @click.option("--fp16/--fp32", "fp16", default=True, show_default=True, help="Engine precision.")
-@click.option("--max-batch", type=int, default=8, show_default=True)
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="Largest batch the TensorRT profile accepts.")
 @click.option("--tile", type=int, default=None, help="Tile size of the profile (default: the model's).")
 @click.option("--workspace", "workspace_gb", type=float, default=4.0, show_default=True, help="Builder workspace, GiB.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -233,8 +242,10 @@ def build_engine_cmd(model_path, fp16, max_batch, tile, workspace_gb, engine_dir
 
 @main.command("synth-slides")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--count", type=int, default=10, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--count", type=int, default=10, show_default=True,
+              help="Number of synthetic slides.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed (same seed, same result).")
 def synth_slides(out_dir, count, seed):
     """Write synthetic training slides (OUT/slides/*.tif) with QuPath GeoJSON annotations
     (OUT/annotations/*.geojson)."""
@@ -263,7 +274,8 @@ def synth_slides(out_dir, count, seed):
                    "composited into the tile set's tissue.")
 @click.option("--composite-uses", type=int, default=3, show_default=True,
               help="Times each training crop is pasted (each time another size, place and stain).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the prepared set (images/, masks/, manifest.csv).")
 @click.option("--tile", type=int, default=1024, show_default=True, help="Patch side cut from slides (analysis px).")
 @click.option("--stride", type=int, default=512, show_default=True, help="Patch stride on slides (analysis px).")
 @click.option("--target-mpp", type=float, default=1.0, show_default=True, help="Analysis resolution, µm/px.")
@@ -272,7 +284,8 @@ def synth_slides(out_dir, count, seed):
               help="Share of slides (and tile groups) for validation.")
 @click.option("--class-map", default=None,
               help='QuPath class names, e.g. "Glomerulus=normal,Sclerotic=sclerosed,Other=ignore" (default: common names).')
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed (same seed, same result).")
 def prepare(slides_dir, annotations_dir, tiles_dir, tiles_mpp, crops_dir, composite_uses, out_dir, tile, stride,
             target_mpp, downsample, val_fraction, class_map, seed):
     """Build a training set (patches + label masks + manifest.csv) from annotated slides, tile sets
@@ -299,20 +312,29 @@ def train():
 
 
 @train.command("segment")
-@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--epochs", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--min-lr", type=float, default=1e-5, show_default=True)
+@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Set made by 'glomscan prepare'.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Best checkpoint; OUT.last.pt (resume state) and OUT.metrics.csv are written next to it.")
+@click.option("--epochs", type=int, default=200, show_default=True,
+              help="Training epochs.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Samples per training step.")
+@click.option("--lr", type=float, default=1e-4, show_default=True,
+              help="Adam learning rate at the start (cosine schedule).")
+@click.option("--min-lr", type=float, default=1e-5, show_default=True,
+              help="Learning rate at the end of the cosine schedule.")
 @click.option("--crop", type=int, default=None, help="Random training crops of this side (CPU-friendly).")
-@click.option("--encoder", default="efficientnet-b3", show_default=True)
+@click.option("--encoder", default="efficientnet-b3", show_default=True,
+              help="smp encoder of the U-Net.")
 @click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local encoder state dict (no downloads).")
-@click.option("--max-steps-per-epoch", type=int, default=None)
+@click.option("--max-steps-per-epoch", type=int, default=None,
+              help="Stop each epoch after this many steps (default: one pass over the training set).")
 @click.option("--bn-recalibration-steps", type=int, default=20, show_default=True,
               help="Exact BatchNorm statistics over this many batches before each validation (0: off).")
-@click.option("--name", default="glomscan-unet", show_default=True)
+@click.option("--name", default="glomscan-unet", show_default=True,
+              help="Model name recorded in the card.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="auto: fp16 autocast on CUDA, bf16 autocast + channels_last on CPUs with bf16 instructions, else fp32.")
 @click.option("--tile", "card_tile", type=int, default=None,
@@ -326,8 +348,10 @@ def train():
               help="Start from this glomscan checkpoint's weights (fine-tuning) instead of random ones.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes that load and augment patches while the model trains (0: in the training process).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed (same seed, same result).")
+@click.option("--quiet", "-q", is_flag=True,
+              help="Only warnings and errors.")
 def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, encoder, encoder_weights,
                   max_steps_per_epoch, bn_recalibration_steps, name, precision, card_tile, stain_jitter, jpeg_min_quality,
                   init_path, workers, seed, quiet):
@@ -348,11 +372,16 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
 
 
 @main.group(invoke_without_command=True)
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None)
-@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
-@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
-@click.option("--results", "results_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
-@click.option("--truth", "truth_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="glomscan checkpoint (default: the shipped model).")
+@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Patch set made by 'glomscan prepare' (with --model).")
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
+              help="Which part of the prepared set to use.")
+@click.option("--results", "results_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="An analyze output folder (with --truth).")
+@click.option("--truth", "truth_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of QuPath GeoJSON outlines named after the slides (with --results).")
 @click.option("--out", "out_prefix", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
               help="Writes OUT.csv and OUT.md.")
 @click.pass_context
@@ -409,7 +438,8 @@ def pack_model(checkpoint, out_path, name, trained_on, intended_use, licence, fo
 
 @main.command("demo-slide")
 @click.argument("out_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True,
+              help="Random seed of the glomeruli's placement.")
 def demo_slide_cmd(out_path, seed):
     """Write the synthetic demo slide (pyramidal TIFF, 0.5 µm/px, known glomeruli)."""
     from .synthetic import demo_slide
@@ -428,19 +458,26 @@ def demo_slide_cmd(out_path, seed):
               help="Crops folder made by 'glomscan crops'.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Generator file; OUT.last.pt (resume), OUT.metrics.csv, OUT.samples/ are written next to it.")
-@click.option("--epochs", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--epochs", type=int, default=100, show_default=True,
+              help="Training epochs.")
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Samples per training step.")
+@click.option("--lr", type=float, default=1e-4, show_default=True,
+              help="Adam learning rate at the start (cosine schedule).")
 @click.option("--size", type=int, default=None, help="Train at this crop side (resized; CPU-friendly, e.g. 128).")
-@click.option("--base-channels", type=int, default=64, show_default=True)
+@click.option("--base-channels", type=int, default=64, show_default=True,
+              help="Width of the first convolution layer (network size).")
 @click.option("--lambda-local-l1", type=float, default=1.0, show_default=True, help="Weight of the local L1 loss.")
 @click.option("--vgg-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local torchvision VGG19 state dict for the perceptual/style losses (without it they are off).")
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Random flips and 90° rotations.")
-@click.option("--max-steps-per-epoch", type=int, default=None)
+@click.option("--max-steps-per-epoch", type=int, default=None,
+              help="Stop each epoch after this many steps (default: one pass over the training set).")
 @click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed (same seed, same result).")
+@click.option("--quiet", "-q", is_flag=True,
+              help="Only warnings and errors.")
 def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channels, lambda_local_l1, vgg_weights,
                   augment, max_steps_per_epoch, device, seed, quiet):
     """Train the inpainting GAN (AOT generator, global + local LSGAN discriminators); resumes
@@ -465,7 +502,8 @@ def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channe
               help="glomscan checkpoint (default: the shipped model).")
 @click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="A set made by 'glomscan prepare --tiles ... --crops ...'.")
-@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
+              help="Which part of the prepared set to use.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]), default="auto", show_default=True,
               help="Inference backend (see analyze --help).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("evaluation-real"),
@@ -489,12 +527,16 @@ def evaluate_real(model_path, dataset_dir, split, backend, out_dir):
 
 @evaluate.command("inpaint")
 @click.option("--generator", "generator_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True)
-@click.option("--crops", "crops_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--split", type=click.Choice(["test", "train", "all"]), default="test", show_default=True)
+              required=True,
+              help="Inpainting generator file made by 'glomscan train inpaint'.")
+@click.option("--crops", "crops_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Crops folder made by 'glomscan crops'.")
+@click.option("--split", type=click.Choice(["test", "train", "all"]), default="test", show_default=True,
+              help="Which part of the prepared set to use.")
 @click.option("--out", "out_prefix", type=click.Path(path_type=Path), default=None,
               help="Writes OUT.csv (one row per crop) and OUT.summary.csv (default: inpaint-evaluation).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True,
+              help="cuda, cuda:1 or cpu (default: cuda if available).")
 def evaluate_inpaint(generator_path, crops_dir, split, out_prefix, device):
     """MAE, PSNR and SSIM inside each crop's mask between the original and the inpainted crop
     (generator output pasted inside the mask)."""
@@ -518,11 +560,14 @@ def evaluate_inpaint(generator_path, crops_dir, split, out_prefix, device):
 # `masks generate`, `synthesize` ----------------------------------------------------------------
 
 @main.command("crops")
-@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Set made by 'glomscan prepare'.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the glomerulus crops.")
 @click.option("--size", type=int, default=256, show_default=True, help="Crop side, px.")
 @click.option("--test-fraction", type=float, default=0.2, show_default=True, help="Share of glomeruli for the test split.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed (same seed, same result).")
 @click.option("--split", type=click.Choice(["train", "val", "all"]), default="train", show_default=True,
               help="Dataset split the glomeruli come from.")
 def crops_cmd(dataset_dir, out_dir, size, test_fraction, seed, split):
@@ -541,18 +586,29 @@ def crops_cmd(dataset_dir, out_dir, size, test_fraction, seed, split):
 
 
 @train.command("masks")
-@click.option("--crops", "crops_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--epochs", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--image-size", type=click.Choice(["64", "128"]), default="64", show_default=True)
-@click.option("--latent", type=int, default=100, show_default=True)
-@click.option("--base-channels", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--crops", "crops_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Crops folder made by 'glomscan crops' (their outlines are the training masks).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Generator file; OUT.last.pt and OUT.metrics.csv are written next to it.")
+@click.option("--epochs", type=int, default=200, show_default=True,
+              help="Training epochs.")
+@click.option("--batch-size", type=int, default=64, show_default=True,
+              help="Samples per training step.")
+@click.option("--image-size", type=click.Choice(["64", "128"]), default="64", show_default=True,
+              help="Side of the generated masks, px.")
+@click.option("--latent", type=int, default=100, show_default=True,
+              help="Size of the DCGAN's latent vector.")
+@click.option("--base-channels", type=int, default=64, show_default=True,
+              help="Width of the first convolution layer (network size).")
+@click.option("--lr", type=float, default=2e-4, show_default=True,
+              help="Adam learning rate.")
 @click.option("--steps-per-epoch", type=int, default=None, help="Default: one pass over the masks.")
-@click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True,
+              help="Which part of the prepared set to use.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed (same seed, same result).")
+@click.option("--quiet", "-q", is_flag=True,
+              help="Only warnings and errors.")
 def train_masks(crops_dir, out_path, epochs, batch_size, image_size, latent, base_channels, lr, steps_per_epoch,
                 split, seed, quiet):
     """Train the mask DCGAN on the crops' glomerulus masks; resumes from OUT.last.pt if present."""
@@ -579,15 +635,20 @@ def masks():
 
 
 @masks.command("generate")
-@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
-@click.option("--count", type=click.IntRange(min=1), required=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Mask generator made by 'glomscan train masks'.")
+@click.option("--count", type=click.IntRange(min=1), required=True,
+              help="How many to write.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the generated masks.")
 @click.option("--size", type=int, default=256, show_default=True, help="Mask canvas side, px.")
-@click.option("--threshold", type=float, default=0.5, show_default=True)
+@click.option("--threshold", type=float, default=0.5, show_default=True,
+              help="Probability above which a generated pixel belongs to the mask.")
 @click.option("--min-island-px", type=int, default=64, show_default=True, help="Islands below this area are removed.")
 @click.option("--diameter-range", type=(float, float), default=None, metavar="MIN MAX",
               help="Equivalent diameters (px) spread evenly over this range (default: the real masks' range).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed (same seed, same result).")
 def masks_generate(model_path, count, out_dir, size, threshold, min_island_px, diameter_range, seed):
     """Sample masks, threshold, keep one main contour, spread sizes evenly over a range, save PNGs + masks.csv."""
     from .train.maskgan import MaskSettings, generate_masks, load_mask_generator, write_masks
@@ -606,18 +667,22 @@ def masks_generate(model_path, count, out_dir, size, threshold, min_island_px, d
 
 
 @main.command("synthesize")
-@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Set made by 'glomscan prepare' whose tissue receives the synthetic glomeruli.")
 @click.option("--generator", "generator_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               required=True, help="Inpainting generator from 'glomscan train inpaint'.")
-@click.option("--masks", "mask_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--masks", "mask_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder of glomerulus masks (from 'glomscan masks generate' or crops).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the new training patches.")
 @click.option("--amount", type=float, default=1.0, show_default=True,
               help="Synthetic glomeruli per real sclerosed glomerulus of the training split.")
 @click.option("--feather", "feather_px", type=float, default=0.0, show_default=True,
               help="Blend width (px) inside the mask border.")
 @click.option("--min-distance-px", type=int, default=16, show_default=True,
               help="Gap kept to every labelled glomerulus.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed (same seed, same result).")
 def synthesize_cmd(dataset_dir, generator_path, mask_dir, out_dir, amount, feather_px, min_distance_px, seed):
     """Inpaint synthetic sclerosed glomeruli into training patches; writes a dataset 'train segment' reads."""
     _setup_logging(quiet=False)

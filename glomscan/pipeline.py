@@ -58,7 +58,7 @@ class SlideReport:
     ci95_low: float | None = None
     ci95_high: float | None = None
     tissue_area_mm2: float | None = None
-    tissue_area_px: float | None = None
+    tissue_area_px: int | None = None
     """Level-0 pixels."""
     mpp: float | None = None
     mpp_source: str = "unknown"
@@ -197,7 +197,7 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
         tissue_settings = replace(tissue_settings, thumbnail_downsample=max(
             1.0, min(tissue_settings.thumbnail_downsample, max(image.width, image.height) / 256)))
     tissue = slide.tissue(downsample, assumed_mpp, tissue_settings)
-    report.tissue_area_px = round(tissue.area_px() * downsample**2, 1)
+    report.tissue_area_px = int(round(tissue.area_px() * downsample**2))
     if analysis_mpp is not None:
         report.tissue_area_mm2 = round(tissue.area_px() * analysis_mpp**2 / 1e6, 4)
     grid = TileGrid(image.width, image.height, settings.tile, settings.stride)

@@ -60,7 +60,7 @@ def glomeruli_table(instances: list[Glomerulus], scale: float, analysis_mpp: flo
             "class_probability": round(g.probability, 4),
             "p_normal": round(g.mean_probabilities[0], 4),
             "p_sclerosed": round(g.mean_probabilities[1], 4),
-            "area_px": round(area0, 1),
+            "area_px": int(round(area0)),  # a pixel count
             "area_um2": round(area_um2, 1) if area_um2 is not None else None,
             "centroid_x": round(g.centroid[0] * scale, 1),
             "centroid_y": round(g.centroid[1] * scale, 1),
@@ -172,6 +172,11 @@ def write_mask_tiff(labels: pyvips.Image, path: Path, analysis_mpp: float | None
 
 
 # -- overview --------------------------------------------------------------------------------
+THUMBNAIL_NAME = "thumbnail.png"
+THUMBNAIL_MAX_SIDE = 440
+"""Twice the size index.html shows it at (sharp on high-density screens)."""
+
+
 def write_overview(thumbnail: np.ndarray, downsample: float, instances: list[Glomerulus], path: Path) -> None:
     """Thumbnail (uint8 RGB at ``downsample`` analysis px per pixel) with each glomerulus
     filled translucent and outlined in its class colour."""
@@ -198,3 +203,5 @@ def write_overview(thumbnail: np.ndarray, downsample: float, instances: list[Glo
         box[outline] = colour
     image = pyvips.Image.new_from_array(np.ascontiguousarray(canvas.astype(np.uint8)), interpretation="srgb")
     atomic_write_bytes(path, image.pngsave_buffer(compression=1))  # level 6 took ~1.5 s per slide
+    small = image.thumbnail_image(THUMBNAIL_MAX_SIDE, size="down")  # what index.html shows: a page of
+    atomic_write_bytes(path.with_name(THUMBNAIL_NAME), small.pngsave_buffer(compression=6))  # slides loads fast

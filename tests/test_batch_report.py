@@ -7,6 +7,7 @@ import subprocess
 from html.parser import HTMLParser
 
 import pytest
+import pyvips
 
 from glomscan.batch import run_batch
 from glomscan.config import AnalysisSettings
@@ -77,7 +78,11 @@ def test_index_has_one_escaped_row_per_slide_with_relative_links(report_dir):
     cells = ok["text"]
     assert f"{len(TEST_GLOMERULI)}" in cells and f"{100 * n_scl / len(TEST_GLOMERULI):.2f}".rstrip("0") in cells
     quoted = "we%3Ci%3Erd%20%26%20%22quoted%22%20%231%3F"
-    assert ok["imgs"][0]["src"] == f"{quoted}/overview.png"
+    assert ok["imgs"][0]["src"] == f"{quoted}/thumbnail.png"  # the small copy: a page of slides loads fast
+    assert f"{quoted}/overview.png" in ok["links"]  # the full overview one click away
+    thumb = pyvips.Image.new_from_file(str(report_dir / ODD_NAME / "thumbnail.png"))
+    overview = pyvips.Image.new_from_file(str(report_dir / ODD_NAME / "overview.png"))
+    assert max(thumb.width, thumb.height) == min(440, max(overview.width, overview.height))
     for name in ("glomeruli.csv", "glomeruli.geojson", "mask.tif"):
         assert f"{quoted}/{name}" in ok["links"]
     bad = rows[BAD_NAME]

@@ -59,7 +59,7 @@ def test_cluster_kills_retries_and_matches_the_single_process_run(small_slide, t
     assert list(s.index) == ["a", "b", "c"] and list(s.status) == ["ok", "failed", "ok"]
     assert "died 2 times (retried once)" in s.loc["b", "reason"]
     assert (out / "b" / "report.json").is_file() and not (out / "b" / "mask.tif").exists()
-    assert list((out / STAGING).iterdir()) == []  # dead workers' debris cleaned up
+    assert not any((out / STAGING).glob("*"))  # dead workers' debris cleaned up
     assert 'data-slide="b" data-status="failed"' in (out / "index.html").read_text()
 
     # the same slides in one process give the same numbers and tables

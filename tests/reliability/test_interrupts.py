@@ -49,7 +49,7 @@ def test_sigint_of_the_batch_then_resume(small_slide, tiny_checkpoint, tmp_path)
     assert proc.returncode == 130, stderr
     assert "rerun the same command to resume" in stderr
     assert published(out, "a") == done and not (out / "b").exists()
-    assert list((out / STAGING).iterdir()) == []  # the interrupted slide's staging is removed
+    assert not any((out / STAGING).glob("*"))  # the interrupted slide's staging is removed
     s = summary(out)
     assert list(s.index) == ["a"] and s.loc["a", "status"] == "ok"
     assert "interrupted" in (out / "index.html").read_text()
@@ -97,4 +97,4 @@ def test_ctrl_c_of_a_cluster_batch_then_resume(small_slide, tiny_checkpoint, tmp
     assert res.exit_code == 0, res.output
     s = summary(out)
     assert list(s.status) == ["ok"] * 3 and list(s.skipped) == [n in finished for n in ("a", "b", "c")]
-    assert list((out / STAGING).iterdir()) == []
+    assert not any((out / STAGING).glob("*"))

@@ -83,7 +83,7 @@ def test_disk_full_fails_the_slide_with_a_reason_stops_and_resumes(small_slide, 
         assert s.loc["b", "status"] == "failed" and "No space left on device" in s.loc["b", "reason"]
         assert s.loc["c", "status"] == "failed" and s.loc["c", "reason"].startswith("not analysed")
         assert published(out, "a") == before
-        assert list((out / ".glomscan-staging").iterdir()) == []  # the half-written slide is gone
+        assert not any((out / ".glomscan-staging").glob("*"))  # the half-written slide is gone
         assert not (out / "b" / "mask.tif").exists()
 
         if mounted:
