@@ -61,7 +61,8 @@ def main() -> None:
 @click.option("--blend", type=click.Choice(BLEND_WINDOWS), default="cosine", show_default=True,
               help="Blending window of overlapping tiles.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="ONNX exports and TensorRT engines cache [env GLOMSCAN_ENGINE_DIR, default ./engines].")
+              help="Cache of ONNX exports, OpenVINO models and TensorRT engines [env GLOMSCAN_ENGINE_DIR, "
+                   "default ~/.cache/glomscan/engines].")
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="Precision of the GPU backends (TensorRT engine, torch CUDA autocast); CPUs run fp32.")
 @click.option("--recursive", is_flag=True, help="Also look for slides in sub-folders.")
@@ -225,11 +226,12 @@ def export_onnx_cmd(model_path, out_path, opset, check):
 @click.option("--tile", type=int, default=None, help="Tile size of the profile (default: the model's).")
 @click.option("--workspace", "workspace_gb", type=float, default=4.0, show_default=True, help="Builder workspace, GiB.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Engine cache [env GLOMSCAN_ENGINE_DIR, default ./engines].")
+              help="Engine cache [env GLOMSCAN_ENGINE_DIR, default ~/.cache/glomscan/engines].")
 def build_engine_cmd(model_path, fp16, max_batch, tile, workspace_gb, engine_dir):
     """Build (or find) the TensorRT engine for this model on this GPU."""
     _setup_logging(quiet=False)
-    from .engines.tensorrt import TensorRTUnavailable, default_engine_dir, prepare_tensorrt
+    from .engines.base import default_engine_dir
+    from .engines.tensorrt import TensorRTUnavailable, prepare_tensorrt
 
     model = _load_model_or_exit(model_path)
     try:

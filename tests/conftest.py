@@ -17,6 +17,17 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# Engine caches (ONNX exports, OpenVINO models) of this run go to a private folder, shared by the
+# tests (an export made once serves them all) and removed at the end; never the user's cache.
+if "GLOMSCAN_ENGINE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _ENGINE_DIR = tempfile.mkdtemp(prefix="glomscan-test-engines-")
+    os.environ["GLOMSCAN_ENGINE_DIR"] = _ENGINE_DIR
+    atexit.register(shutil.rmtree, _ENGINE_DIR, ignore_errors=True)
+
 # A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and so would
 # every process it starts; the Ctrl-C tests need the normal disposition in both.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:

@@ -3,6 +3,7 @@
 TensorRT itself needs a CUDA GPU and the tensorrt package: those tests skip with the reason."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -238,3 +239,16 @@ def test_torch_cuda_fast_path_matches_fp32(tiny_checkpoint, precision):
     fast = TorchEngine(model, "cuda", precision)
     assert mask_dice(fast.predict(tiles), TorchEngine(load_checkpoint(tiny_checkpoint), "cuda", "fp32").predict(tiles)) >= 0.99
     assert fast.predict(tiles[:2]).shape == (2, len(model.card.classes), 256, 256)  # staging buffer resized
+
+
+def test_engine_cache_defaults_to_the_users_cache_folder(monkeypatch, tmp_path):
+    from glomscan.engines.base import default_engine_dir
+
+    monkeypatch.delenv("GLOMSCAN_ENGINE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_engine_dir() == tmp_path / "xdg" / "glomscan" / "engines"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_engine_dir() == tmp_path / "home" / ".cache" / "glomscan" / "engines"
+    monkeypatch.setenv("GLOMSCAN_ENGINE_DIR", "/engines")  # Docker's volume
+    assert default_engine_dir() == Path("/engines") and EngineOptions().engine_dir == Path("/engines")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import BACKENDS
 from ..model import LoadedModel
-from .base import Engine, EngineChoice
+from .base import Engine, EngineChoice, default_engine_dir
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineOptions:
-    engine_dir: Path = field(default_factory=lambda: _default_dir())
+    engine_dir: Path = field(default_factory=default_engine_dir)
     """Where ONNX exports, TensorRT engines, sidecars and the timing cache live."""
     precision: str = "fp16"
     max_batch: int = 8
@@ -29,12 +29,6 @@ class EngineOptions:
     """Tile size the TensorRT profile is built for (default: the model card's)."""
     cpu_threads: int | None = None
     """ONNX Runtime CPU threads (default: all cores; a Dask worker sharing the CPU sets its share)."""
-
-
-def _default_dir() -> Path:
-    from .tensorrt import default_engine_dir
-
-    return default_engine_dir()
 
 
 def create_engine(backend: str, model: LoadedModel, options: EngineOptions | None = None) -> tuple[Engine, EngineChoice]:

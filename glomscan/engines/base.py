@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -48,3 +50,13 @@ def normalise(tiles: np.ndarray, card: ModelCard) -> np.ndarray:
     x *= scale
     x += offset
     return x
+
+
+def default_engine_dir() -> Path:
+    """Where ONNX exports, OpenVINO's compiled models and TensorRT engines are cached:
+    $GLOMSCAN_ENGINE_DIR (Docker sets /engines, a volume), else the user's cache folder
+    ($XDG_CACHE_HOME/glomscan/engines, by default ~/.cache/glomscan/engines)."""
+    if os.environ.get("GLOMSCAN_ENGINE_DIR"):
+        return Path(os.environ["GLOMSCAN_ENGINE_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "glomscan" / "engines"

@@ -266,7 +266,3 @@ def prepare_tensorrt(model: LoadedModel, engine_dir: Path, precision: str = "fp1
                                             random_tiles(tile) if parity_tiles is None else parity_tiles)
     atomic_write_text(sidecar_path, sidecar.to_json())
     return engine, f"built engine {engine_path.name} in {sidecar.build_seconds:.0f} s"
-
-
-def default_engine_dir() -> Path:
-    return Path(os.environ.get("GLOMSCAN_ENGINE_DIR", "engines"))
