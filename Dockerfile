@@ -14,7 +14,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     GLOMSCAN_ENGINE_DIR=/engines
 
-# Same installer as .ci/run (through `make test`): distribution libvips built with OpenSlide.
+# Same installer as .ci/run (through scripts/test.sh): distribution libvips built with OpenSlide.
 COPY scripts/install-system-deps.sh /tmp/install-system-deps.sh
 RUN bash /tmp/install-system-deps.sh && rm -rf /var/lib/apt/lists/* /tmp/install-system-deps.sh
 

@@ -332,9 +332,10 @@ def process_slide(job: SlideJob, out_dir: Path, model: LoadedModel, engine: Engi
         raise OutputNotWritable.folder(out_dir, exc, failed_report(job, model, f"output folder: {exc.strerror or exc}",
                                                                    choice, 0.0)) from exc
     started = time.perf_counter()
+    report = failed_report(job, model, "", choice)  # filled in while the slide is analysed
     try:
         report = analyze_slide(job.path, job.name, staging_dir, model, engine, choice, settings,
-                               job.fingerprint, quiet)
+                               job.fingerprint, quiet, report=report)
         raise_if_interrupted()  # Ctrl-C came after the last tile: this slide is redone, as promised
         publish(staging_dir, final_dir)
         return report
@@ -345,7 +346,7 @@ def process_slide(job: SlideJob, out_dir: Path, model: LoadedModel, engine: Engi
         shutil.rmtree(staging_dir, ignore_errors=True)
         reason = str(exc) if isinstance(exc, SlideError) else f"{type(exc).__name__}: {exc}"
         log.debug("%s failed:\n%s", job.name, traceback.format_exc())
-        report = failed_report(job, model, reason, choice, time.perf_counter() - started)
+        report.mark_failed(reason, time.perf_counter() - started)
         output_side = isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS
         if output_side:
             report.reason = f"output folder: {exc.strerror} (while writing {getattr(exc, 'filename', None) or 'outputs'})"

@@ -43,6 +43,10 @@ OUTPUT_FILES = ("mask.tif", "glomeruli.csv", "glomeruli.geojson", "overview.png"
 OVERVIEW_MAX_SIDE = 2048
 
 
+RESULT_FIELDS = ("n_glomeruli", "n_normal", "n_sclerosed", "percent_global_glomerulosclerosis", "ci95_low",
+                 "ci95_high", "dropped_small_components", "inference_s")
+
+
 @dataclass
 class SlideReport:
     """Everything report.json and the summary row say about one slide."""
@@ -65,6 +69,8 @@ class SlideReport:
     analysis_mpp: float | None = None
     analysis_downsample: float | None = None
     pyramid_level: int | None = None
+    n_levels: int | None = None
+    """Pyramid levels in the file."""
     width: int | None = None
     height: int | None = None
     tiles_total: int | None = None
@@ -83,6 +89,14 @@ class SlideReport:
 
     def to_json(self) -> str:
         return _json_dumps(asdict(self))
+
+    def mark_failed(self, reason: str, runtime_s: float | None) -> None:
+        """Failed: keep what was learnt about the slide (size, mpp and its source, levels,
+        tissue, tiles), drop results that were not completed."""
+        self.status, self.reason = "failed", reason
+        self.runtime_s = None if runtime_s is None else round(runtime_s, 3)
+        for name in RESULT_FIELDS:
+            setattr(self, name, None)
 
 
 def _json_dumps(obj) -> str:
@@ -166,19 +180,24 @@ def predict_tiles(tiles: list[Tile], read: Callable[[int, int], np.ndarray], eng
 
 def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engine: Engine,
                   choice: EngineChoice, settings: AnalysisSettings, fingerprint: dict,
-                  quiet: bool = False) -> SlideReport:
+                  quiet: bool = False, report: SlideReport | None = None) -> SlideReport:
     """Analyse one slide, writing every output file into ``out_dir`` (report.json last).
-    Raises SlideError (or pyvips/OS errors) on failure; the caller records them."""
+    Raises SlideError (or pyvips/OS errors) on failure; the caller records them. ``report``,
+    when given, is filled in as the slide is learnt about, so a caller still holds what was
+    known when a failure came."""
     started = time.perf_counter()
-    report = SlideReport(slide=name, path=str(path), backend=choice.backend, backend_reason=choice.reason,
-                         model_id=model.model_id, model_sha256=model.sha256, fingerprint=fingerprint,
-                         model_intended_use=model.card.intended_use, model_licence=model.card.licence)
+    report = report or SlideReport(slide=name, path=str(path))
+    report.backend, report.backend_reason, report.fingerprint = choice.backend, choice.reason, fingerprint
+    report.model_id, report.model_sha256 = model.model_id, model.sha256
+    report.model_intended_use, report.model_licence = model.card.intended_use, model.card.licence
     slide = Slide(path, mpp_override=settings.mpp_override)
     level0 = slide.levels[0]
-    report.width, report.height = level0.width, level0.height
+    report.width, report.height, report.n_levels = level0.width, level0.height, len(slide.levels)
     report.mpp = slide.mpp
     report.mpp_source = ("metadata" if slide.mpp_from_metadata is not None
                          else "override" if slide.mpp is not None else "unknown")
+    if slide.colour_problem:
+        raise SlideError(slide.colour_problem)
     resolution = analysis_resolution(slide, settings.target_mpp or model.card.analysis_mpp, settings.downsample)
     downsample, analysis_mpp, assumed_mpp = resolution.downsample, resolution.analysis_mpp, resolution.assumed_mpp
     if analysis_mpp is None:

@@ -63,16 +63,18 @@ def find_slides(folder: Path, recursive: bool = False) -> list[Path]:
     found = [
         p
         for p in folder.glob(pattern)
-        if p.is_file() and not p.name.startswith(".")
-        and (p.suffix.lower() in SLIDE_EXTENSIONS or (p.suffix.lower() not in NOT_SLIDES and sniff_format(p)))
+        if not p.name.startswith(".")
+        and ((p.is_file() and (p.suffix.lower() in SLIDE_EXTENSIONS
+                               or (p.suffix.lower() not in NOT_SLIDES and sniff_format(p))))
+             or (_broken_link(p) and p.suffix.lower() in SLIDE_EXTENSIONS))  # reported, not skipped
     ]
-    dicom_folders = {p.parent for p in found if _kind(p) == "dicom"}
+    dicom_folders = {p.parent for p in found if p.exists() and _kind(p) == "dicom"}
     if dicom_folders:
         keep = set()
         for d in dicom_folders:
             series, problems = dicom_series(d)
             keep |= set(series) | set(problems)
-        found = [p for p in found if _kind(p) != "dicom" or p in keep]
+        found = [p for p in found if not p.exists() or _kind(p) != "dicom" or p in keep]
     return sorted(found)
 
 
@@ -96,6 +98,10 @@ def sniff_format(path: Path) -> str | None:
     if head[:3] == b"\xff\xd8\xff":
         return "jpeg"
     return None
+
+
+def _broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def _kind(path: Path) -> str:
@@ -148,12 +154,30 @@ class Level:
     """Level-0 pixels per pixel of this level."""
 
 
+def colour_problem(image: pyvips.Image) -> str:
+    """Why the pixels of ``image`` cannot be analysed as a colour stain, or '' when they can
+    (RGB or CMYK, 8 or 16 bit, with or without alpha, palette images expanded by the loader)."""
+    what = f"{image.bands} band{'s' if image.bands > 1 else ''}, {image.format}, {image.interpretation}"
+    if image.bands <= 2 or image.interpretation in ("b-w", "grey16"):
+        return (f"greyscale image ({what}): glomscan analyses colour (RGB) images of PAS-stained tissue; "
+                "rescan or export in colour")
+    if image.bands > 4 and image.interpretation != "cmyk":
+        return (f"multichannel image ({what}): glomscan analyses colour (RGB) images of PAS-stained tissue "
+                "(fluorescence and multispectral images are not supported)")
+    return ""
+
+
 def _to_rgb(image: pyvips.Image) -> pyvips.Image:
-    """uint8 sRGB, 3 bands; alpha flattened onto white (glass)."""
-    if image.format != "uchar":
+    """uint8 sRGB, 3 bands: CMYK converted through libvips' colour management, 16-bit scaled
+    to 8 (not stretched per image), alpha flattened onto white (glass)."""
+    if image.interpretation == "cmyk":
+        image = image.colourspace("srgb")
+    elif image.format in ("ushort", "short"):
+        image = (image.cast("ushort") >> 8).cast("uchar")  # the top 8 bits: stain intensities kept
+    elif image.format != "uchar":
         image = image.cast("uchar") if image.format == "char" else image.scaleimage()
-    if image.bands in (2, 4):
-        image = image.flatten(background=[255] * (image.bands - 1))
+    if image.bands == 4:
+        image = image.flatten(background=[255, 255, 255])
     if image.bands == 1:
         image = image.bandjoin([image, image])
     elif image.bands > 3:
@@ -170,12 +194,15 @@ class Slide:
 
     def __init__(self, path: Path, mpp_override: float | None = None):
         self.path = Path(path)
+        if _broken_link(self.path):
+            raise SlideError(f"link points nowhere: {self.path} -> {os.readlink(self.path)} does not exist")
         if not self.path.exists():
             raise SlideError(f"file not found: {self.path}")
         if self.path.stat().st_size == 0:
             raise SlideError("empty file (0 bytes)")
         kind = _kind(self.path)
         self._dicom: DicomSlideReader | None = None
+        self.colour_problem = ""  # OpenSlide and DICOM (through OpenSlide) deliver 8-bit RGB(A)
         try:
             if kind == "openslide":
                 self._open_openslide()
@@ -251,6 +278,7 @@ class Slide:
         self.vendor = "tiff-pyramid" if len(self.levels) > 1 else "tiff-flat"
         self.mpp = _plausible(1000.0 / first.xres if first.xres > 0 else None)
         self._loader = "tiff"
+        self.colour_problem = colour_problem(first)
 
     def _open_flat(self) -> None:
         im = pyvips.Image.new_from_file(str(self.path))
@@ -258,6 +286,7 @@ class Slide:
         self.vendor = "flat-image"
         self.mpp = _plausible(1000.0 / im.xres if im.xres > 0 else None)
         self._loader = "flat"
+        self.colour_problem = colour_problem(im)
 
     # -- pixels ------------------------------------------------------------------------------
     def level_image(self, index: int) -> pyvips.Image:
@@ -449,6 +478,8 @@ def image_to_array(image: pyvips.Image) -> np.ndarray:
 def file_fingerprint(path: Path) -> dict:
     """Identity of an input for resume decisions: size and modification time (ns), summed over
     every file of the slide (a DICOM series has several)."""
+    if _broken_link(Path(path)):
+        return {"broken_link": os.readlink(path)}
     files = slide_files(path)
     stats = [os.stat(p) for p in files]
     fingerprint = {"size": sum(st.st_size for st in stats), "mtime_ns": max(st.st_mtime_ns for st in stats)}

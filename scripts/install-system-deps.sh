@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# System libraries glomscan needs: libvips (built with OpenSlide) from the distribution.
-# Used by .ci/run, `make system-deps` and the Dockerfile, so all three install the same way.
+# System packages glomscan needs on Debian 12 / Ubuntu 22.04-24.04: python3 with venv, and the
+# distribution's libvips built with OpenSlide. Runs as root, or as a user with sudo.
+# Used by scripts/setup.sh (hence the README's two commands), .ci/run and the Dockerfile.
 # Do NOT add pyvips-binary: it has no openslideload and shadows the system libvips.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 SUDO=""
-if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+if [ "$(id -u)" != "0" ]; then
+    command -v sudo > /dev/null || { echo "run as root, or install sudo and give this user sudo rights" >&2; exit 2; }
+    SUDO="sudo"
+fi
 
-if ldconfig -p | grep -q 'libvips\.so\.42' && ldconfig -p | grep -q 'libopenslide\.so'; then
-    echo "libvips and OpenSlide already installed"
+have_python() { command -v python3 > /dev/null && python3 -c "import ensurepip, venv" 2> /dev/null; }
+have_vips() { ldconfig -p 2> /dev/null | grep -q 'libvips\.so\.42' && ldconfig -p 2> /dev/null | grep -q 'libopenslide\.so'; }
+
+if have_python && have_vips; then
+    echo "python3 (with venv), libvips and OpenSlide already installed"
     exit 0
 fi
 $SUDO apt-get update -qq
+packages=(python3 python3-venv ca-certificates)
 # Debian 12: libvips42; Ubuntu 24.04 renamed it libvips42t64 (64-bit time_t transition).
-if apt-cache show libvips42t64 >/dev/null 2>&1; then
-    $SUDO apt-get install -y -qq --no-install-recommends libvips42t64 libopenslide0t64 || \
-    $SUDO apt-get install -y -qq --no-install-recommends libvips42t64
+if apt-cache show libvips42t64 > /dev/null 2>&1; then
+    packages+=(libvips42t64 libopenslide0t64)
 else
-    $SUDO apt-get install -y -qq --no-install-recommends libvips42 libopenslide0
+    packages+=(libvips42 libopenslide0)
 fi
+$SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}"
