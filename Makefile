@@ -21,7 +21,9 @@ test:
 bench: setup
 	$(BIN)/pip install -q $(TORCH) monai pyinstrument
 	$(BIN)/python benchmarks/backends.py
+	$(BIN)/python benchmarks/pipeline_efficiency.py --backend openvino
 	$(BIN)/python benchmarks/pipeline_efficiency.py --backend onnxruntime
+	$(BIN)/python benchmarks/jpeg_robustness.py
 	$(BIN)/python benchmarks/vs_monai.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/scaling.py
