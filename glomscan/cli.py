@@ -41,8 +41,9 @@ def main() -> None:
                    "openvino, onnxruntime, torch (the choice and its reason go into report.json).")
 @click.option("--batch-size", type=int, default=0, show_default=True,
               help="Tiles per inference call; 0: the backend's choice (1 on CPU, 8 on GPU).")
-@click.option("--tile", type=int, default=1024, show_default=True, help="Tile side, analysis pixels.")
-@click.option("--overlap", type=int, default=512, show_default=True, help="Tile overlap, analysis pixels.")
+@click.option("--tile", type=int, default=None,
+              help="Tile side, analysis pixels. Default: the model card's (1024 for the shipped model).")
+@click.option("--overlap", type=int, default=None, help="Tile overlap, analysis pixels. Default: half the tile.")
 @click.option("--target-mpp", type=float, default=None,
               help="Analysis resolution in µm/px. Default: the model's (1.0 for the paper's setup).")
 @click.option("--downsample", type=float, default=2.0, show_default=True,
@@ -86,6 +87,13 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
                                "(tile reader threads are --readers)")
     if cluster not in (None, "local") and "://" not in cluster:
         raise click.UsageError(f"--cluster {cluster!r}: use 'local' or a scheduler address such as tcp://host:8786")
+    model = _load_model_or_exit(model_path)
+    # settings the model card owns are resolved here, once, and checked before any slide
+    tile = tile or model.card.tile
+    overlap = tile // 2 if overlap is None else overlap
+    if tile % model.card.tile_multiple:
+        raise click.UsageError(f"--tile {tile}: {model.card.name}'s encoder needs tiles that are multiples of "
+                               f"{model.card.tile_multiple} px")
     settings = AnalysisSettings(target_mpp=target_mpp, downsample=downsample, mpp_override=mpp_override,
                                 tile=tile, overlap=overlap, batch_size=max(batch_size, 1), workers=readers,
                                 min_glomerulus_area_um2=min_area_um2, blend=blend)
@@ -93,7 +101,6 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
         settings.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    model = _load_model_or_exit(model_path)
     _warn_if_not_for_real_tissue(model)
 
     from .batch import OutputNotWritable, run_batch

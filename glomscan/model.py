@@ -57,6 +57,11 @@ class ModelCard:
     """Terms the weights inherit from their training data."""
     metrics: dict = field(default_factory=dict)
 
+    @property
+    def tile_multiple(self) -> int:
+        """Tile sides must be multiples of this: the encoder halves the image encoder_depth times."""
+        return 2 ** self.encoder_depth
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelCard":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}

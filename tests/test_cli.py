@@ -110,3 +110,18 @@ def test_sigkill_mid_batch_then_resume(small_slide, tiny_checkpoint, tmp_path):
     assert not any((out / ".glomscan-staging").glob("*"))
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.status) == ["ok", "ok"] and list(summary.skipped) == ["yes", "no"]
+
+
+def test_tile_defaults_to_the_model_card_and_must_suit_the_encoder(small_slide, tiny_checkpoint, tmp_path):
+    slides = tmp_path / "slides"
+    copy_slide(small_slide.path, slides)
+    res = CliRunner().invoke(main, ["analyze", str(slides), "--model", str(tiny_checkpoint), "--tile", "260",
+                                    "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "multiples of 8 px" in res.output and not (tmp_path / "bad").exists()
+    res = CliRunner().invoke(main, ["analyze", str(slides), "--model", str(tiny_checkpoint), "--quiet",
+                                    "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    from glomscan.config import AnalysisSettings
+
+    settings = json.loads((tmp_path / "out" / "case01" / "report.json").read_text())["fingerprint"]["settings"]
+    assert settings == AnalysisSettings(tile=256, overlap=128).fingerprint()  # the tiny model's card: 256 px tiles
