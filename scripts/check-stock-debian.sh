@@ -2,7 +2,9 @@
 # Repeats the README's two commands on a freshly bootstrapped minimal Debian 12 (debootstrap
 # minbase with git, ca-certificates and sudo only), as a non-root user with sudo, from a clone of
 # this repository. Not part of CI. Needs root, debootstrap (installed if missing), a Debian
-# mirror and PyPI, and about 15 GB of disk. Usage: sudo bash scripts/check-stock-debian.sh [ROOT]
+# mirror and PyPI, and about 15 GB of disk. Behind an HTTPS-inspecting proxy, export PIP_CERT
+# (the proxy's CA file) first: it is copied into the chroot, as the README tells users to do.
+# Usage: sudo [PIP_CERT=...] bash scripts/check-stock-debian.sh [ROOT]
 set -euo pipefail
 ROOT=${1:-/var/tmp/glomscan-debian12}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,5 +22,10 @@ echo 'tester ALL=(ALL) NOPASSWD:ALL' > "$ROOT/etc/sudoers.d/tester"
 rm -rf "$ROOT/home/tester/glomscan"
 git clone -q "$REPO" "$ROOT/home/tester/glomscan"
 chroot "$ROOT" chown -R tester:tester /home/tester/glomscan
-chroot "$ROOT" su - tester -c 'cd glomscan && bash scripts/demo.sh && bash scripts/test.sh'
+cert=""
+if [ -n "${PIP_CERT:-}" ]; then
+    cp "$PIP_CERT" "$ROOT/etc/glomscan-pip-ca.pem"
+    cert="export PIP_CERT=/etc/glomscan-pip-ca.pem;"
+fi
+chroot "$ROOT" su - tester -c "$cert cd glomscan && bash scripts/demo.sh && bash scripts/test.sh"
 echo "stock Debian 12 check passed: $(date -u +%Y-%m-%d)"
