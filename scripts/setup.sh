@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything glomscan needs, on a stock Debian 12 / Ubuntu machine (root, or a user with sudo):
 # system packages (scripts/install-system-deps.sh), then a virtual environment in .venv with
-# glomscan and its Python packages. Downloads several GB and needs about 7 GB of disk (the venv
+# glomscan and its Python packages. Downloads about 3 GB and needs about 7 GB of disk (the venv
 # measures 6.2 GB): PyPI's torch for Linux is the CUDA build with its CUDA libraries. Safe to rerun: the venv is rebuilt only when pyproject.toml
 # changed. Behind an HTTPS-inspecting proxy, point pip at the proxy's CA certificate first:
 #   export PIP_CERT=/path/to/proxy-ca.pem   (and HTTPS_PROXY=http://proxy:port if needed)
@@ -24,7 +24,7 @@ free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
 if [ "$free_kb" -lt $((7 * 1024 * 1024)) ]; then
     echo "warning: $((free_kb / 1024 / 1024)) GiB free here; the environment needs about 7 GiB" >&2
 fi
-echo "creating $VENV (downloads several GB: torch with its CUDA libraries; a few minutes)"
+echo "creating $VENV (downloads about 3 GB: torch with its CUDA libraries; a few minutes)"
 "$PYTHON" -m venv "$VENV"
 # shellcheck disable=SC2086
 "$VENV/bin/pip" install -q $TORCH -e ".[onnx,test]"
