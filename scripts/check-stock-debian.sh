@@ -15,8 +15,11 @@ if [ ! -x "$ROOT/bin/bash" ]; then
     debootstrap --variant=minbase --include=git,ca-certificates,sudo bookworm "$ROOT" "$MIRROR"
 fi
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
-for fs in proc sys dev; do mountpoint -q "$ROOT/$fs" || mount --bind "/$fs" "$ROOT/$fs"; done
-trap 'for fs in dev sys proc; do umount -l "$ROOT/$fs" 2> /dev/null || true; done' EXIT
+# /dev with its sub-mounts (/dev/shm: Python's multiprocessing locks need it, /dev/pts)
+for fs in proc sys dev; do
+    mountpoint -q "$ROOT/$fs" || { mount --rbind "/$fs" "$ROOT/$fs" && mount --make-rslave "$ROOT/$fs"; }
+done
+trap 'for fs in dev sys proc; do umount -R -l "$ROOT/$fs" 2> /dev/null || true; done' EXIT
 chroot "$ROOT" id tester > /dev/null 2>&1 || chroot "$ROOT" useradd -m -s /bin/bash tester
 echo 'tester ALL=(ALL) NOPASSWD:ALL' > "$ROOT/etc/sudoers.d/tester"
 rm -rf "$ROOT/home/tester/glomscan"
