@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import BACKENDS, BLEND_WINDOWS, AnalysisSettings
+from .config import BACKENDS, BLEND_WINDOWS, GPU_PRECISIONS, AnalysisSettings
 
 log = logging.getLogger("glomscan")
 
@@ -64,7 +64,7 @@ def main() -> None:
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache of ONNX exports, OpenVINO models and TensorRT engines [env GLOMSCAN_ENGINE_DIR, "
                    "default ~/.cache/glomscan/engines].")
-@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+@click.option("--precision", type=click.Choice(GPU_PRECISIONS), default="fp16", show_default=True,
               help="Precision of the GPU backends (TensorRT engine, torch CUDA autocast); CPUs run fp32.")
 @click.option("--recursive", is_flag=True, help="Also look for slides in sub-folders.")
 @click.option("--force", is_flag=True, help="Redo slides whose outputs are complete and up to date.")
@@ -227,14 +227,15 @@ def export_onnx_cmd(model_path, out_path, opset, check):
 @main.command("build-engine")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="glomscan checkpoint (default: the shipped model).")
-@click.option("--fp16/--fp32", "fp16", default=True, show_default=True, help="Engine precision.")
+@click.option("--precision", type=click.Choice(GPU_PRECISIONS), default="fp16", show_default=True,
+              help="Engine precision (the same flag as analyze's, so analyze finds this engine).")
 @click.option("--max-batch", type=int, default=8, show_default=True,
-              help="Largest batch the TensorRT profile accepts.")
+              help="Largest batch the TensorRT profile accepts (analyze asks for --batch-size, else 8).")
 @click.option("--tile", type=int, default=None, help="Tile size of the profile (default: the model's).")
 @click.option("--workspace", "workspace_gb", type=float, default=4.0, show_default=True, help="Builder workspace, GiB.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Engine cache [env GLOMSCAN_ENGINE_DIR, default ~/.cache/glomscan/engines].")
-def build_engine_cmd(model_path, fp16, max_batch, tile, workspace_gb, engine_dir):
+def build_engine_cmd(model_path, precision, max_batch, tile, workspace_gb, engine_dir):
     """Build (or find) the TensorRT engine for this model on this GPU."""
     _setup_logging(quiet=False)
     from .engines.base import default_engine_dir
@@ -242,7 +243,7 @@ def build_engine_cmd(model_path, fp16, max_batch, tile, workspace_gb, engine_dir
 
     model = _load_model_or_exit(model_path)
     try:
-        _, how = prepare_tensorrt(model, engine_dir or default_engine_dir(), "fp16" if fp16 else "fp32", tile,
+        _, how = prepare_tensorrt(model, engine_dir or default_engine_dir(), precision, tile or model.card.tile,
                                   max_batch, workspace_gb)
     except TensorRTUnavailable as exc:
         raise click.ClickException(f"cannot build a TensorRT engine here: {exc}") from exc

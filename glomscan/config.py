@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field
 
 
+GPU_PRECISIONS = ("fp16", "fp32")
+"""--precision of analyze and build-engine: one engine spec, so an engine built by one is found by the other."""
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 """Inference backends ``analyze --backend`` accepts."""
 BLEND_WINDOWS = ("cosine", "gaussian")
