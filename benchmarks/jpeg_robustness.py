@@ -11,21 +11,15 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import pyvips
 
 from glomscan.engines.torch_engine import TorchEngine
 from glomscan.model import load_checkpoint
 from glomscan.shipped import default_model_path
-from glomscan.slides import image_to_array
+from glomscan.train.segment import jpeg_roundtrip
 from glomscan.train.sources import read_tile_set
 
-CASES = [("lossless", None, None), ("Q95 4:4:4", 95, "off"), ("Q85 4:4:4", 85, "off"), ("Q85 4:2:0", 85, "on"),
-         ("Q70 4:2:0", 70, "on")]
-
-
-def compress(image: np.ndarray, quality: int, subsample: str) -> np.ndarray:
-    vips = pyvips.Image.new_from_memory(np.ascontiguousarray(image).tobytes(), image.shape[1], image.shape[0], 3, "uchar")
-    return image_to_array(pyvips.Image.new_from_buffer(vips.jpegsave_buffer(Q=quality, subsample_mode=subsample), ""))[..., :3]
+CASES = [("lossless", None, None), ("Q95 4:4:4", 95, False), ("Q85 4:4:4", 85, False), ("Q85 4:2:0", 85, True),
+         ("Q70 4:2:0", 70, True)]
 
 
 def main() -> None:
@@ -42,7 +36,7 @@ def main() -> None:
         for t in tiles:
             row = []
             for _, quality, subsample in CASES:
-                image = t.image if quality is None else compress(t.image, quality, subsample)
+                image = t.image if quality is None else jpeg_roundtrip(t.image, quality, subsample)
                 row.append((engine.predict(image[None])[0].max(axis=0) >= 0.5).mean())
             shares.append(row)
         print(str(path)[-28:].ljust(28) + "".join(f"{v:12.3f}" for v in np.mean(shares, axis=0)))

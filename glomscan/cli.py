@@ -473,7 +473,7 @@ def demo_slide_cmd(out_path, seed):
 @click.option("--batch-size", type=int, default=16, show_default=True,
               help="Samples per training step.")
 @click.option("--lr", type=float, default=1e-4, show_default=True,
-              help="Adam learning rate at the start (cosine schedule).")
+              help="Adam learning rate of the generator and both discriminators (constant).")
 @click.option("--size", type=int, default=None, help="Train at this crop side (resized; CPU-friendly, e.g. 128).")
 @click.option("--base-channels", type=int, default=64, show_default=True,
               help="Width of the first convolution layer (network size).")

@@ -4,7 +4,6 @@ models not meant for real tissue, and regressions on real AIDPATH data it never 
 import json
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -15,7 +14,7 @@ from glomscan.shipped import SAMPLE_DIR, SHIPPED_MODEL, default_model_path
 from glomscan.slides import image_to_array
 from glomscan.train.data import split_slides, write_png
 from glomscan.train.metrics import instance_matches
-from glomscan.train.sources import glomerulus_mask, read_tile_set, tile_groups
+from glomscan.train.sources import read_tile_set
 
 from conftest import SHARED_DATA
 

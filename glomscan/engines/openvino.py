@@ -39,21 +39,18 @@ def cpu_has_bf16(core) -> bool:
 
 
 def real_tissue_tiles(tile: int, analysis_mpp: float) -> np.ndarray | None:
-    """The shipped sample's PAS tiles at ``analysis_mpp``, mirrored to ``tile`` px as analyze
-    pads them; None when the sample is not installed."""
-    import pyvips
-
+    """The shipped sample's PAS tiles as analyze reads them (the one resolution rule, tiles
+    mirrored past the image edge); None when the sample is not installed."""
+    from ..config import AnalysisSettings
     from ..shipped import SAMPLE_DIR
-    from ..slides import image_to_array
+    from ..slides import Slide, TileReader, analysis_resolution
 
-    paths = sorted(SAMPLE_DIR.glob("*.tif")) if SAMPLE_DIR.is_dir() else []
     tiles = []
-    for path in paths:
-        image = pyvips.Image.new_from_file(str(path))
-        mpp = 1000.0 / image.xres if image.xres > 1 else analysis_mpp
-        pixels = image_to_array(image.resize(mpp / analysis_mpp))[..., :3][:tile, :tile]
-        pad = ((0, tile - pixels.shape[0]), (0, tile - pixels.shape[1]), (0, 0))
-        tiles.append(np.pad(pixels, pad, mode="symmetric"))
+    for path in sorted(SAMPLE_DIR.glob("*.tif")) if SAMPLE_DIR.is_dir() else []:
+        slide = Slide(path)
+        resolution = analysis_resolution(slide, analysis_mpp, AnalysisSettings().downsample)
+        image, _ = slide.image_at(resolution.downsample)
+        tiles.append(TileReader(image, tile).read(0, 0))
     return np.stack(tiles) if tiles else None
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, fields

@@ -161,15 +161,16 @@ def seed_worker(worker_id: int) -> None:
     info.dataset.rng = np.random.default_rng(info.seed)
 
 
-def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
-    """``image`` after JPEG compression with 4:2:0 chroma subsampling, as scanners store slides."""
+def jpeg_roundtrip(image: np.ndarray, quality: int, chroma_subsampling: bool = True) -> np.ndarray:
+    """``image`` after JPEG compression, by default with 4:2:0 chroma subsampling as scanners
+    store slides."""
     import pyvips
 
     from ..slides import image_to_array
 
     height, width = image.shape[:2]
     vips = pyvips.Image.new_from_memory(np.ascontiguousarray(image).tobytes(), width, height, 3, "uchar")
-    encoded = vips.jpegsave_buffer(Q=quality, subsample_mode="on")
+    encoded = vips.jpegsave_buffer(Q=quality, subsample_mode="on" if chroma_subsampling else "off")
     return image_to_array(pyvips.Image.new_from_buffer(encoded, ""))[..., :3]
 
 
