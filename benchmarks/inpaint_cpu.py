@@ -5,12 +5,12 @@ that project's model predictions, not pathologist labels). They have no masks, a
 tight around its glomerulus (the glomerulus fills most of the picture, so a stain/tissue
 threshold does not separate it from the surrounding tissue). The approximate glomerulus mask
 is therefore geometric: each crop is centre-cropped to a square (its shorter side), resized to
-``--crop-size`` (256, like ``glomscan crops``), and the mask is the centred disk of radius
+``--crop-size`` (256, like ``glomscan augment crops``), and the mask is the centred disk of radius
 ``--mask-radius`` x side (default 0.3: 28 % of the crop). Train/test split 8:2 by
 ``glomscan.train.crops.split_crops`` (seed 0).
 
 The crops folder is written to a temporary folder (never into the repository), in the format
-of ``glomscan crops``. Training runs at ``--size`` (default 128) with ``--base-channels``
+of ``glomscan augment crops``. Training runs at ``--size`` (default 128) with ``--base-channels``
 (default 32) and OMP/torch threads limited to 1. Evaluation is on the held-out crops at 256 px
 (the generator output is resized back up), composited inside the mask, with the same
 MAE/PSNR/SSIM as ``glomscan evaluate inpaint``; baselines on the same crops and masks:

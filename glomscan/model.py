@@ -11,7 +11,7 @@ needs: architecture, classes, input normalisation, analysis mpp, tile size.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -109,6 +109,27 @@ def save_checkpoint(path: Path, module: nn.Module, card: ModelCard, half: bool =
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(path, payload)
     return sha256_file(path)
+
+
+def write_random_checkpoint(path: Path, encoder: str = "efficientnet-b3", seed: int = 0,
+                            analysis_mpp: float = 1.0) -> tuple[ModelCard, str]:
+    """A randomly initialised checkpoint (demos and tests: it finds nothing real); returns its
+    card and sha256. The same seed gives the same weights."""
+    torch.manual_seed(seed)
+    card = ModelCard(name=f"random-init-{encoder}-seed{seed}", encoder=encoder, analysis_mpp=analysis_mpp,
+                     trained_on="nothing (random initialisation)",
+                     notes="Random weights: the output is meaningless. Demo/testing only.")
+    return card, save_checkpoint(path, build_model(card), card)
+
+
+def repack_checkpoint(model: LoadedModel, path: Path, card_edits: dict, validation: dict | None = None) -> str:
+    """Write ``model`` with fp16 weights (half the size; loaded back as fp32) and its card edited:
+    ``card_edits`` replaces card fields (None values are ignored), ``validation`` (metrics of
+    ``evaluate real``) is recorded under the card's metrics. Returns the new file's sha256."""
+    card = replace(model.card, **{k: v for k, v in card_edits.items() if v is not None})
+    if validation is not None:
+        card = replace(card, metrics={**card.metrics, "validation": validation})
+    return save_checkpoint(path, model.module, card, half=True)
 
 
 def load_checkpoint(path: Path) -> LoadedModel:

@@ -165,6 +165,7 @@ def scatter_glomeruli(tissue: list[tuple[int, int, int, int]], n: int, radius_ra
 
 def demo_slide(path: Path, seed: int = 7) -> SyntheticSlide:
     """The bundled demo: 6000 x 5000 px at 0.5 µm/px (20x), two tissue cores, 14 glomeruli."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tissue = [(300, 400, 2900, 4600), (3300, 800, 5700, 4300)]
     glomeruli = scatter_glomeruli(tissue, 14, (90, 160), sclerosed_fraction=0.3, seed=seed)
     return write_synthetic_slide(path, 6000, 5000, glomeruli, tissue, mpp=0.5, seed=seed, compression="jpeg")
@@ -187,3 +188,16 @@ def training_slide(path: Path, seed: int, width: int = 4000, height: int = 3000)
     shift = tuple(float(v) for v in rng.normal(0, 8, 3))
     return write_synthetic_slide(path, width, height, glomeruli, tissue, mpp=0.5, seed=seed, compression="jpeg",
                                  colour_shift=shift, distractors=distractors)
+
+
+def write_training_slides(out_dir: Path, count: int, seed: int) -> None:
+    """``count`` training slides as ``OUT/slides/synthetic000.tif``... with their outlines as
+    QuPath GeoJSON in ``OUT/annotations/``; slide i uses seed ``seed + i``."""
+    import json
+
+    out_dir = Path(out_dir)
+    (out_dir / "slides").mkdir(parents=True, exist_ok=True)
+    (out_dir / "annotations").mkdir(exist_ok=True)
+    for i in range(count):
+        slide = training_slide(out_dir / "slides" / f"synthetic{i:03d}.tif", seed=seed + i)
+        (out_dir / "annotations" / f"synthetic{i:03d}.geojson").write_text(json.dumps(slide.qupath_geojson()))

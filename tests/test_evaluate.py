@@ -18,7 +18,7 @@ def test_evaluate_analyze_results_against_geojson_truth(small_slide, tmp_path):
               AnalysisSettings(tile=256, overlap=128), quiet=True)
     (tmp_path / "truth").mkdir()
     (tmp_path / "truth" / "case01.geojson").write_text(json.dumps(small_slide.qupath_geojson()))
-    res = CliRunner().invoke(main, ["evaluate", "--results", str(tmp_path / "out"), "--truth", str(tmp_path / "truth"),
+    res = CliRunner().invoke(main, ["evaluate", "results", "--results", str(tmp_path / "out"), "--truth", str(tmp_path / "truth"),
                                     "--out", str(tmp_path / "eval")])
     assert res.exit_code == 0, res.output
     table = pd.read_csv(tmp_path / "eval.csv")

@@ -178,7 +178,7 @@ def test_clear_errors(dataset, tmp_path):
 
 
 def test_cli_crops_mask_gan_generate_synthesize_then_train_segment(tmp_path):
-    """End to end through the command line: crops -> train masks -> masks generate ->
+    """End to end through the command line: augment crops -> train masks -> augment masks ->
     synthesize (a tiny random inpainting generator) -> one tiny train segment step."""
     from click.testing import CliRunner
 
@@ -195,17 +195,17 @@ def test_cli_crops_mask_gan_generate_synthesize_then_train_segment(tmp_path):
         assert result.exit_code == 0, result.output
         return result.output
 
-    out = ok("crops", "--data", data, "--out", tmp_path / "crops", "--size", 64)
+    out = ok("augment", "crops", "--data", data, "--out", tmp_path / "crops", "--size", 64)
     assert "wrote 3 crops" in out and "1 wider than 64 px" in out
     ok("train", "masks", "--crops", tmp_path / "crops", "--out", tmp_path / "gan.pt", "--epochs", 1,
        "--batch-size", 4, "--latent", 8, "--base-channels", 8, "--quiet")
     assert (tmp_path / "gan.losses.csv").is_file() and (tmp_path / "gan.samples.png").is_file()
-    out = ok("masks", "generate", "--model", tmp_path / "gan.pt", "--count", 3, "--out", tmp_path / "masks",
+    out = ok("augment", "masks", "--model", tmp_path / "gan.pt", "--count", 3, "--out", tmp_path / "masks",
              "--size", 64, "--threshold", 0.5, "--min-island-px", 4, "--diameter-range", 12, 24)
     assert "wrote 3 masks" in out
     torch.manual_seed(0)
     save_generator(tmp_path / "gen.pt", InpaintGenerator(base_channels=8, n_aot_blocks=1), {"size": 64})
-    out = ok("synthesize", "--data", data, "--generator", tmp_path / "gen.pt", "--masks", tmp_path / "masks",
+    out = ok("augment", "synthesize", "--data", data, "--generator", tmp_path / "gen.pt", "--masks", tmp_path / "masks",
              "--out", tmp_path / "aug", "--amount", 0.6, "--min-distance-px", 4, "--feather", 2)
     assert "3 synthetic sclerosed glomeruli (0.6 x 5 real)" in out
     m = pd.read_csv(tmp_path / "aug" / "manifest.csv")
@@ -215,6 +215,6 @@ def test_cli_crops_mask_gan_generate_synthesize_then_train_segment(tmp_path):
        "--bn-recalibration-steps", 0, "--quiet")
     assert (tmp_path / "seg.pt").is_file()
     # errors a person understands
-    result = runner.invoke(main, ["synthesize", "--data", str(data), "--generator", str(tmp_path / "gen.pt"),
+    result = runner.invoke(main, ["augment", "synthesize", "--data", str(data), "--generator", str(tmp_path / "gen.pt"),
                                   "--masks", str(tmp_path / "crops"), "--out", str(tmp_path / "aug2")])
     assert result.exit_code == 1 and "no glomerulus masks" in result.output

@@ -323,7 +323,7 @@ def crop_ids(crops_dir: Path, split: str | None = "train") -> list[str]:
     """The ids of the crops in ``split`` ("train", "test", or None for all), in manifest order."""
     manifest_path = Path(crops_dir) / "manifest.csv"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{crops_dir}: no manifest.csv (make it with 'glomscan crops')")
+        raise FileNotFoundError(f"{crops_dir}: no manifest.csv (make it with 'glomscan augment crops')")
     manifest = pd.read_csv(manifest_path, dtype={"crop_id": str})
     return list(manifest.crop_id if split is None else manifest[manifest.split == split].crop_id)
 

@@ -130,6 +130,26 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 # --- a prepared tile + crop set, scored through analyze -----------------------------------------
 
+def write_evaluation(table: pd.DataFrame, out_prefix: Path) -> str:
+    """``OUT.csv`` and ``OUT.md`` (the markdown table, returned) of a segmentation evaluation."""
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_prefix.with_suffix(".csv"), index=False)
+    md = markdown_table(table)
+    out_prefix.with_suffix(".md").write_text(md)
+    return md
+
+
+def write_inpaint_evaluation(table: pd.DataFrame, summary: pd.DataFrame, out_prefix: Path) -> Path:
+    """``OUT.csv`` (one row per crop) and ``OUT.summary.csv`` of an inpainting evaluation;
+    returns the per-crop file."""
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_prefix.with_suffix(".csv"), index=False)
+    summary.to_csv(Path(f"{out_prefix}.summary.csv"), index=False)
+    return out_prefix.with_suffix(".csv")
+
+
 def evaluate_prepared_set(model: LoadedModel, dataset_dir: Path, out_dir: Path, backend: str = "auto",
                           split: str = "val", settings: AnalysisSettings | None = None,
                           quiet: bool = True) -> dict:
@@ -143,7 +163,7 @@ def evaluate_prepared_set(model: LoadedModel, dataset_dir: Path, out_dir: Path, 
     (d) normal and sclerosed pixel Dice on the composites (pixels of known class).
 
     Writes ``OUT/analysis`` (analyze's outputs), ``OUT/glomeruli.csv`` (one row per pasted
-    glomerulus), ``OUT/slides.csv`` and ``OUT/metrics.json``; returns the metrics."""
+    glomerulus), ``OUT/slides.csv``, ``OUT/metrics.json`` and ``OUT/metrics.md``; returns the metrics."""
     from ..batch import run_batch
     from ..engines import EngineOptions, create_engine
 
@@ -217,6 +237,7 @@ def score_prepared_set(dataset_dir: Path, manifest: pd.DataFrame, out_dir: Path)
         metrics["sclerosis_pct_mae"] = float(slides.error_points.abs().mean())
         glomeruli.to_csv(Path(out_dir) / "glomeruli.csv", index=False)
     (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (Path(out_dir) / "metrics.md").write_text(real_metrics_markdown(metrics))
     return metrics
 
 

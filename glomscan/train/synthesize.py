@@ -1,6 +1,6 @@
 """Synthetic sclerosed glomeruli pasted into training patches by inpainting (issue #5, step 6).
 
-For each synthetic glomerulus: a generated mask (``glomscan masks generate``), a training
+For each synthetic glomerulus: a generated mask (``glomscan augment masks``), a training
 patch, and a crop position where the whole mask lies on tissue and at least
 ``min_distance_px`` away from every labelled glomerulus (real or synthetic). The crop's
 gapped image ``X * (1 - mask)`` goes through the inpainting generator, the result is pasted
@@ -194,7 +194,7 @@ def synthesize(dataset_dir: Path, out_dir: Path, inpainter: Callable, masks: lis
                settings: SynthesisSettings = SynthesisSettings()) -> SynthesisSummary:
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     if not masks:
-        raise SynthesisError("no glomerulus masks given (make them with 'glomscan masks generate')")
+        raise SynthesisError("no glomerulus masks given (make them with 'glomscan augment masks')")
     size = masks[0].shape[0]
     if any(m.shape != (size, size) or not m.any() for m in masks):
         raise SynthesisError("masks must be non-empty, square and all the same size")

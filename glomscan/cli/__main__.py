@@ -1,0 +1,5 @@
+"""``python -m glomscan.cli ...`` is the ``glomscan`` command."""
+
+from . import main
+
+main()

@@ -1,0 +1,149 @@
+"""For the people who run glomscan on slides: ``analyze`` and ``demo-slide``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from ..config import BACKENDS, BLEND_WINDOWS, GPU_PRECISIONS, AnalysisSettings
+from .common import is_quiet, load_model_or_exit, model_option, seed_option, verbosity, \
+    warn_if_not_for_real_tissue
+
+log = logging.getLogger("glomscan")
+
+
+@click.command(short_help="Analyse a folder of slides (masks, tables, %GS, batch report).")
+@click.argument("slides_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("glomscan-out"),
+              show_default=True, help="Output folder (one sub-folder per slide, plus summary.csv).")
+@model_option()
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
+              show_default=True,
+              help="Inference backend. auto: the first that works here of tensorrt, onnxruntime-CUDA, torch-CUDA, "
+                   "openvino, onnxruntime, torch (the choice and its reason go into report.json).")
+@click.option("--batch-size", type=int, default=0, show_default=True,
+              help="Tiles per inference call; 0: the backend's choice (1 on CPU, 8 on GPU).")
+@click.option("--tile", type=int, default=None,
+              help="Tile side, analysis pixels. Default: the model card's (1024 for the shipped model).")
+@click.option("--overlap", type=int, default=None, help="Tile overlap, analysis pixels. Default: half the tile.")
+@click.option("--target-mpp", type=float, default=None,
+              help="Analysis resolution in µm/px. Default: the model's (1.0 for the paper's setup).")
+@click.option("--downsample", type=float, default=2.0, show_default=True,
+              help="Level-0 downsample used only for slides whose mpp is unknown.")
+@click.option("--mpp", "mpp_override", type=float, default=None,
+              help="Level-0 µm/px for slides that carry none in their metadata.")
+@click.option("--min-area-um2", type=float, default=1500.0, show_default=True,
+              help="Drop glomerulus candidates smaller than this.")
+@click.option("--readers", type=int, default=2, show_default=True,
+              help="Tile reader threads per slide (prefetch tiles while the model runs).")
+@click.option("--cluster", default=None, metavar="local|tcp://HOST:8786",
+              help="Spread slides over Dask workers: 'local' starts one worker process per visible GPU "
+                   "(or --workers on CPU); tcp://... uses a running Dask scheduler.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes of --cluster local (default: one per visible GPU; 2 without GPU).")
+@click.option("--blend", type=click.Choice(BLEND_WINDOWS), default="cosine", show_default=True,
+              help="Blending window of overlapping tiles.")
+@click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Cache of ONNX exports, OpenVINO models and TensorRT engines [env GLOMSCAN_ENGINE_DIR, "
+                   "default ~/.cache/glomscan/engines].")
+@click.option("--precision", type=click.Choice(GPU_PRECISIONS), default="fp16", show_default=True,
+              help="Precision of the GPU backends (TensorRT engine, torch CUDA autocast); CPUs run fp32.")
+@click.option("--recursive", is_flag=True, help="Also look for slides in sub-folders.")
+@click.option("--force", is_flag=True, help="Redo slides whose outputs are complete and up to date.")
+@verbosity
+def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap, target_mpp, downsample,
+            mpp_override, min_area_um2, readers, cluster, workers, blend, engine_dir, precision, recursive, force):
+    """Analyse every slide in SLIDES_DIR: masks, glomerulus tables, sclerosis reports, and the
+    batch report OUT/index.html.
+
+    Exit codes: 0 every slide ok; 1 some slide failed (reasons in summary.csv); 2 usage error
+    (bad model, bad settings, output folder busy) before any slide is touched; 3 the output
+    folder does not accept writes (read-only, disk full): the batch stopped, finished outputs
+    kept; 130 interrupted (Ctrl-C): rerun the same command to resume.
+    """
+    quiet = is_quiet()
+    if workers is not None and cluster != "local":
+        raise click.UsageError("--workers sets the worker processes of --cluster local "
+                               "(tile reader threads are --readers)")
+    if cluster not in (None, "local") and "://" not in cluster:
+        raise click.UsageError(f"--cluster {cluster!r}: use 'local' or a scheduler address such as tcp://host:8786")
+    model = load_model_or_exit(model_path)
+    # settings the model card owns are resolved here, once, and checked before any slide
+    tile = tile or model.card.tile
+    overlap = tile // 2 if overlap is None else overlap
+    if tile % model.card.tile_multiple:
+        raise click.UsageError(f"--tile {tile}: {model.card.name}'s encoder needs tiles that are multiples of "
+                               f"{model.card.tile_multiple} px")
+    settings = AnalysisSettings(target_mpp=target_mpp, downsample=downsample, mpp_override=mpp_override,
+                                tile=tile, overlap=overlap, batch_size=max(batch_size, 1), workers=readers,
+                                min_glomerulus_area_um2=min_area_um2, blend=blend)
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    warn_if_not_for_real_tissue(model)
+
+    from ..batch import OutputNotWritable, run_batch
+    from ..engines import EngineOptions, create_engine
+
+    options = EngineOptions(precision=precision, max_batch=batch_size or 8, tile=tile,
+                            **({"engine_dir": engine_dir} if engine_dir else {}))
+    try:
+        if cluster is not None:
+            from ..cluster import BackendEngine, run_cluster_batch
+
+            log.info("model %s (%s); backend %s chosen on each Dask worker", model.model_id, model.card.trained_on,
+                     backend)
+            outcome = run_cluster_batch(slides_dir, out_dir, model, BackendEngine(backend, options, batch_size == 0),
+                                        settings, cluster=cluster, workers=workers, force=force,
+                                        recursive=recursive, quiet=quiet)
+        else:
+            try:
+                engine, choice = create_engine(backend, model, options)
+            except (RuntimeError, ValueError) as exc:
+                raise click.UsageError(str(exc)) from exc
+            if batch_size == 0:
+                settings = dataclasses.replace(settings, batch_size=engine.preferred_batch_size)
+            log.info("model %s (%s); backend %s: %s; batch size %d", model.model_id, model.card.trained_on,
+                     choice.backend, choice.reason, settings.batch_size)
+            try:
+                outcome = run_batch(slides_dir, out_dir, model, engine, choice, settings, force=force,
+                                    recursive=recursive, quiet=quiet)
+            finally:
+                engine.close()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except OutputNotWritable as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted: finished slides are published in {out_dir}; rerun the same command to resume.",
+                   err=True)
+        sys.exit(130)
+    click.echo(f"{len(outcome.reports)} slide(s): {len(outcome.reports) - len(outcome.failed)} ok, "
+        f"{len(outcome.failed)} failed. Summary: {out_dir / 'summary.csv'}, report: {out_dir / 'index.html'}")
+    if outcome.output_error:
+        click.echo(f"Error: {outcome.output_error}", err=True)
+        sys.exit(3)
+    sys.exit(1 if outcome.failed else 0)
+
+
+@click.command("demo-slide", short_help="Write the synthetic demo slide (known glomeruli).")
+@click.argument("out_path", type=click.Path(dir_okay=False, path_type=Path))
+@seed_option("Random seed of the glomeruli's placement.", default=7)
+@verbosity
+def demo_slide(out_path, seed):
+    """Write the synthetic demo slide (pyramidal TIFF, 0.5 µm/px, known glomeruli)."""
+    from ..synthetic import demo_slide as write_demo_slide
+
+    slide = write_demo_slide(out_path, seed=seed)
+    n_scl = sum(g.sclerosed for g in slide.glomeruli)
+    click.echo(f"wrote {out_path}: {slide.width}x{slide.height} px, {len(slide.glomeruli)} glomeruli "
+        f"({n_scl} sclerosed, {100 * n_scl / max(len(slide.glomeruli), 1):.1f}%)")
+
+
+COMMANDS = (analyze, demo_slide)

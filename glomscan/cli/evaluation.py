@@ -1,0 +1,100 @@
+"""For the people who judge models and results: ``evaluate segment | results | real | inpaint``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import fail_on, load_model_or_exit, model_option, verbosity
+
+EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+@click.group(short_help="Score a model or a batch's results against pathologists' outlines.")
+def evaluate():
+    """Score segmentation models, analyze results and inpainting generators against the truth."""
+
+
+@evaluate.command("segment", short_help="Pixel and detection scores of a model on a prepared set.")
+@model_option("glomscan checkpoint (default: the shipped model).")
+@click.option("--data", "dataset_dir", type=EXISTING_DIR, required=True, help="Patch set made by 'glomscan prepare'.")
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
+              help="Which part of the prepared set to use.")
+@click.option("--out", "out_prefix", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
+              help="Writes OUT.csv and OUT.md.")
+@verbosity
+def evaluate_segment(model_path, dataset_dir, split, out_prefix):
+    """Pixel precision/recall/F1/Dice per class and glomerulus detection (IoU >= 0.5) of a model
+    on the patches of a prepared set."""
+    from ..train.evaluate import evaluate_patch_set, write_evaluation
+
+    click.echo(write_evaluation(evaluate_patch_set(load_model_or_exit(model_path), dataset_dir, split), out_prefix))
+
+
+@evaluate.command("results", short_help="Score an analyze output folder against QuPath outlines.")
+@click.option("--results", "results_dir", type=EXISTING_DIR, required=True, help="An analyze output folder.")
+@click.option("--truth", "truth_dir", type=EXISTING_DIR, required=True,
+              help="Folder of QuPath GeoJSON outlines named after the slides.")
+@click.option("--out", "out_prefix", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
+              help="Writes OUT.csv and OUT.md.")
+@verbosity
+def evaluate_results(results_dir, truth_dir, out_prefix):
+    """Per slide and overall: pixel Dice per class, glomerulus detection (IoU >= 0.5) and the
+    error of the percent global glomerulosclerosis, of a batch's results against outlines."""
+    from ..train.evaluate import evaluate_results as score, write_evaluation
+
+    click.echo(write_evaluation(score(results_dir, truth_dir), out_prefix))
+
+
+@evaluate.command("real", short_help="Score a model through analyze on a real tile + crop set.")
+@model_option("glomscan checkpoint (default: the shipped model).")
+@click.option("--data", "dataset_dir", type=EXISTING_DIR, required=True,
+              help="A set made by 'glomscan prepare --tiles ... --crops ...'.")
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
+              help="Which part of the prepared set to use.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]), default="auto",
+              show_default=True, help="Inference backend (see analyze --help).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("evaluation-real"),
+              show_default=True, help="analyze's outputs and the scores (metrics.json, glomeruli.csv, slides.csv).")
+@verbosity
+@fail_on(ValueError)
+def evaluate_real(model_path, dataset_dir, split, backend, out_dir):
+    """Score a model through analyze on a prepared tile + crop set: detection and glomerulus Dice
+    on real tiles and composites, sclerosed sensitivity / specificity / balanced accuracy per
+    graded glomerulus, per-slide %GS error, normal and sclerosed pixel Dice."""
+    from ..train.evaluate import evaluate_prepared_set
+
+    metrics = evaluate_prepared_set(load_model_or_exit(model_path), dataset_dir, out_dir, backend, split)
+    for key, value in metrics.items():
+        click.echo(f"  {key:<34} {value:.4f}" if isinstance(value, float) else f"  {key:<34} {value}")
+    click.echo(f"-> {out_dir / 'metrics.json'}, {out_dir / 'metrics.md'}")
+
+
+@evaluate.command("inpaint", short_help="MAE, PSNR, SSIM of an inpainting generator on crops.")
+@click.option("--generator", "generator_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="Inpainting generator file made by 'glomscan train inpaint'.")
+@click.option("--crops", "crops_dir", type=EXISTING_DIR, required=True,
+              help="Crops folder made by 'glomscan augment crops'.")
+@click.option("--split", type=click.Choice(["test", "train", "all"]), default="test", show_default=True,
+              help="Which part of the crops folder to use.")
+@click.option("--out", "out_prefix", type=click.Path(path_type=Path), default=Path("inpaint-evaluation"),
+              show_default=True, help="Writes OUT.csv (one row per crop) and OUT.summary.csv.")
+@click.option("--device", default="cpu", show_default=True, help="cuda, cuda:1 or cpu.")
+@verbosity
+@fail_on(ValueError, FileNotFoundError)
+def evaluate_inpaint(generator_path, crops_dir, split, out_prefix, device):
+    """MAE, PSNR and SSIM inside each crop's mask between the original and the inpainted crop
+    (generator output pasted inside the mask)."""
+    from ..train.evaluate import write_inpaint_evaluation
+    from ..train.inpaint import evaluate_crops_dir
+
+    table, summary = evaluate_crops_dir(generator_path, crops_dir, None if split == "all" else split, device)
+    per_crop = write_inpaint_evaluation(table, summary, out_prefix)
+    click.echo(f"{len(table)} {split} crops, inside the generated region (mean over crops):")
+    for _, row in summary.iterrows():
+        click.echo(f"  {row.metric:<5} {row.value:9.4f}   paper {row.paper:9.4f}")
+    click.echo(f"-> {per_crop}")
+
+
+COMMANDS = (evaluate,)

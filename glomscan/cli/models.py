@@ -1,0 +1,106 @@
+"""For the people who look after models: ``init-model``, ``pack-model``, ``export-onnx``,
+``build-engine``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..config import GPU_PRECISIONS
+from .common import load_model_or_exit, model_option, seed_option, verbosity
+
+
+@click.command("init-model", short_help="Write a randomly initialised checkpoint (demos, tests).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Checkpoint file to write.")
+@click.option("--encoder", default="efficientnet-b3", show_default=True,
+              help="smp encoder of the U-Net.")
+@seed_option()
+@click.option("--analysis-mpp", type=float, default=1.0, show_default=True,
+              help="Resolution the model will analyse at, µm per pixel.")
+@verbosity
+def init_model(out_path, encoder, seed, analysis_mpp):
+    """Write a randomly initialised checkpoint (for demos and tests: it finds nothing real)."""
+    from ..model import write_random_checkpoint
+
+    card, sha = write_random_checkpoint(out_path, encoder, seed, analysis_mpp)
+    click.echo(f"wrote {out_path} ({card.name}, sha256 {sha[:12]})")
+
+
+@click.command("pack-model", short_help="Rewrite a checkpoint with fp16 weights and card edits.")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", default=None, help="New model name for the card.")
+@click.option("--trained-on", default=None, help="Replace the card's training-data description.")
+@click.option("--intended-use", default=None, help="Replace the card's intended use (shown in every report).")
+@click.option("--licence", default=None, help="Terms the weights inherit from their training data.")
+@click.option("--for-real-tissue/--not-for-real-tissue", default=None,
+              help="Mark the model as validated on real tissue (analyze warns about models that are not).")
+@click.option("--validation", "validation_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="metrics.json of 'glomscan evaluate real' to record in the card.")
+@verbosity
+def pack_model(checkpoint, out_path, name, trained_on, intended_use, licence, for_real_tissue, validation_json):
+    """Rewrite a checkpoint with fp16 weights (half the size; loaded back as fp32) and card edits."""
+    from ..model import repack_checkpoint
+
+    edits = {"name": name or None, "trained_on": trained_on or None, "intended_use": intended_use or None,
+             "licence": licence or None, "for_real_tissue": for_real_tissue}
+    validation = json.loads(validation_json.read_text()) if validation_json is not None else None
+    sha = repack_checkpoint(load_model_or_exit(checkpoint), out_path, edits, validation)
+    click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, sha256 {sha[:12]})")
+
+
+@click.command("export-onnx", short_help="Export the U-Net to ONNX (sigmoid included).")
+@model_option()
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="ONNX file to write.")
+@click.option("--opset", type=int, default=17, show_default=True,
+              help="ONNX opset (17 or later).")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare ONNX Runtime with torch on a random batch (max abs difference <= 1e-4).")
+@verbosity
+def export_onnx(model_path, out_path, opset, check):
+    """Export the U-Net to ONNX (dynamic batch, height, width; sigmoid included)."""
+    from ..engines.onnx import export_onnx as export, onnx_parity
+
+    model = load_model_or_exit(model_path)
+    try:
+        export(model, out_path, opset=opset)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(f"wrote {out_path} (opset {opset}, model {model.model_id})")
+    if check:
+        diff = onnx_parity(model, out_path)
+        click.echo(f"ONNX Runtime vs torch: max abs difference {diff:.2e}")
+        if diff > 1e-4:
+            raise click.ClickException(f"parity check failed: {diff:.2e} > 1e-4")
+
+
+@click.command("build-engine", short_help="Build (or find) the TensorRT engine for this GPU.")
+@model_option()
+@click.option("--precision", type=click.Choice(GPU_PRECISIONS), default="fp16", show_default=True,
+              help="Engine precision (the same flag as analyze's, so analyze finds this engine).")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="Largest batch the TensorRT profile accepts (analyze asks for --batch-size, else 8).")
+@click.option("--tile", type=int, default=None, help="Tile size of the profile (default: the model's).")
+@click.option("--workspace", "workspace_gb", type=float, default=4.0, show_default=True, help="Builder workspace, GiB.")
+@click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Engine cache [env GLOMSCAN_ENGINE_DIR, default ~/.cache/glomscan/engines].")
+@verbosity
+def build_engine(model_path, precision, max_batch, tile, workspace_gb, engine_dir):
+    """Build (or find) the TensorRT engine for this model on this GPU."""
+    from ..engines.base import default_engine_dir
+    from ..engines.tensorrt import TensorRTUnavailable, prepare_tensorrt
+
+    model = load_model_or_exit(model_path)
+    try:
+        _, how = prepare_tensorrt(model, engine_dir or default_engine_dir(), precision, tile or model.card.tile,
+                                  max_batch, workspace_gb)
+    except TensorRTUnavailable as exc:
+        raise click.ClickException(f"cannot build a TensorRT engine here: {exc}") from exc
+    click.echo(how)
+
+
+COMMANDS = (init_model, pack_model, export_onnx, build_engine)

@@ -1,0 +1,221 @@
+"""For the people who (re)train models: ``prepare``, ``synth-slides`` and ``train segment |
+inpaint | masks``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import fail_on, is_quiet, seed_option, verbosity
+
+EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+NEW_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+def _epochs_option(default: int):
+    return click.option("--epochs", type=int, default=default, show_default=True, help="Training epochs.")
+
+
+def _batch_size_option(default: int):
+    return click.option("--batch-size", type=int, default=default, show_default=True,
+                        help="Samples per training step.")
+
+
+def _max_steps_option():
+    return click.option("--max-steps-per-epoch", type=int, default=None,
+                        help="Stop each epoch after this many steps (default: one pass over the training set).")
+
+
+def _out_option(what: str):
+    return click.option("--out", "out_path", type=NEW_FILE, required=True,
+                        help=f"{what}; OUT.last.pt (resume state) and OUT.metrics.csv are written next to it.")
+
+
+@click.command(short_help="Build a training set from annotated slides, tiles and crops.")
+@click.option("--slides", "slides_dir", type=EXISTING_DIR, default=None,
+              help="Annotated slides (with --annotations).")
+@click.option("--annotations", "annotations_dir", type=EXISTING_DIR, default=None,
+              help="Per slide: <stem>.geojson (QuPath), <stem>_labels.png, or <stem>_normal.png + <stem>_sclerosed.png.")
+@click.option("--tiles", "tiles_dir", type=EXISTING_DIR, default=None,
+              help="Tile set: images/<name> + masks/<name> (binary glomerulus masks, class unknown).")
+@click.option("--tiles-mpp", type=float, default=0.5, show_default=True, help="µm/px of the tile set's images.")
+@click.option("--crops", "crops_dir", type=EXISTING_DIR, default=None,
+              help="Glomerulus crop set: labels.csv (image, slide, globally_sclerosed) + images/ + masks/; "
+                   "composited into the tile set's tissue.")
+@click.option("--composite-uses", type=int, default=3, show_default=True,
+              help="Times each training crop is pasted (each time another size, place and stain).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the prepared set (images/, masks/, manifest.csv).")
+@click.option("--tile", type=int, default=1024, show_default=True, help="Patch side cut from slides (analysis px).")
+@click.option("--stride", type=int, default=512, show_default=True, help="Patch stride on slides (analysis px).")
+@click.option("--target-mpp", type=float, default=1.0, show_default=True, help="Analysis resolution, µm/px.")
+@click.option("--downsample", type=float, default=2.0, show_default=True, help="For slides without mpp.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Share of slides (and tile groups) for validation.")
+@click.option("--class-map", default=None,
+              help='QuPath class names, e.g. "Glomerulus=normal,Sclerotic=sclerosed,Other=ignore" (default: common names).')
+@seed_option()
+@verbosity
+def prepare(slides_dir, annotations_dir, tiles_dir, tiles_mpp, crops_dir, composite_uses, out_dir, tile, stride,
+            target_mpp, downsample, val_fraction, class_map, seed):
+    """Build a training set (patches + label masks + manifest.csv) from annotated slides, tile sets
+    with glomerulus masks, and graded glomerulus crops composited into tissue."""
+    from ..train.data import AnnotationError, PrepareSettings, parse_class_map, prepare_dataset
+    from ..train.sources import SourceError
+
+    try:
+        settings = PrepareSettings(target_mpp=target_mpp, downsample=downsample, tile=tile, stride=stride,
+                                   validation_fraction=val_fraction, seed=seed, class_map=parse_class_map(class_map),
+                                   tiles_mpp=tiles_mpp, composite_uses=composite_uses)
+        manifest = prepare_dataset(slides_dir, annotations_dir, out_dir, settings, tiles_dir=tiles_dir,
+                                   crops_dir=crops_dir)
+    except (AnnotationError, SourceError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    counts = manifest.groupby(["kind", "split"]).size().to_dict()
+    click.echo(f"wrote {len(manifest)} patches to {out_dir} ({counts}); manifest {out_dir / 'manifest.csv'}")
+
+
+@click.command("synth-slides", short_help="Write synthetic training slides with QuPath outlines.")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--count", type=int, default=10, show_default=True,
+              help="Number of synthetic slides.")
+@seed_option()
+@verbosity
+def synth_slides(out_dir, count, seed):
+    """Write synthetic training slides (OUT/slides/*.tif) with QuPath GeoJSON annotations
+    (OUT/annotations/*.geojson)."""
+    from ..synthetic import write_training_slides
+
+    write_training_slides(out_dir, count, seed)
+    click.echo(f"wrote {count} slides and annotations under {out_dir}")
+
+
+@click.group(short_help="Train the U-Net, the inpainting GAN or the mask DCGAN.")
+def train():
+    """Train models: the segmentation U-Net, the inpainting GAN, the mask DCGAN. Each resumes
+    from OUT.last.pt when it exists."""
+
+
+@train.command("segment", short_help="Train the segmentation U-Net.")
+@click.option("--data", "dataset_dir", type=EXISTING_DIR, required=True, help="Set made by 'glomscan prepare'.")
+@_out_option("Best checkpoint")
+@_epochs_option(200)
+@_batch_size_option(8)
+@click.option("--lr", type=float, default=1e-4, show_default=True,
+              help="Adam learning rate at the start (cosine schedule).")
+@click.option("--min-lr", type=float, default=1e-5, show_default=True,
+              help="Learning rate at the end of the cosine schedule.")
+@click.option("--crop", type=int, default=None, help="Random training crops of this side (CPU-friendly).")
+@click.option("--encoder", default="efficientnet-b3", show_default=True,
+              help="smp encoder of the U-Net.")
+@click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local encoder state dict (no downloads).")
+@_max_steps_option()
+@click.option("--bn-recalibration-steps", type=int, default=20, show_default=True,
+              help="Exact BatchNorm statistics over this many batches before each validation (0: off).")
+@click.option("--name", default="glomscan-unet", show_default=True,
+              help="Model name recorded in the card.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="auto: fp16 autocast on CUDA, bf16 autocast + channels_last on CPUs with bf16 instructions, else fp32.")
+@click.option("--tile", "card_tile", type=int, default=None,
+              help="Analysis tile the model card records (default: the patch size of the set).")
+@click.option("--stain-jitter", type=float, default=0.0, show_default=True,
+              help="Whole-patch stain augmentation: optical density gain 1 +- this.")
+@click.option("--jpeg-min-quality", type=click.IntRange(1, 95), default=None,
+              help="JPEG augmentation: half the patches compressed (4:2:0 chroma, as scanners do) at a quality "
+                   "drawn from [this, 95].")
+@click.option("--init", "init_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Start from this glomscan checkpoint's weights (fine-tuning) instead of random ones.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Processes that load and augment patches while the model trains (0: in the training process).")
+@seed_option()
+@verbosity
+@fail_on(ValueError)
+def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, encoder, encoder_weights,
+                  max_steps_per_epoch, bn_recalibration_steps, name, precision, card_tile, stain_jitter, jpeg_min_quality,
+                  init_path, workers, seed):
+    """Train the U-Net (0.5*BCE + Dice, Adam, cosine LR); resumes from OUT.last.pt if present."""
+    from ..train.segment import TrainConfig, train_segmentation
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, crop=crop, encoder=encoder,
+                         encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch,
+                         bn_recalibration_steps=bn_recalibration_steps, name=name, seed=seed,
+                         precision=precision, stain_jitter=stain_jitter, tile=card_tile, workers=workers,
+                         jpeg_min_quality=jpeg_min_quality, init=init_path)
+    best = train_segmentation(dataset_dir, out_path, config, quiet=is_quiet())
+    click.echo(f"best validation Dice {best.get('dice_mean', float('nan')):.4f} -> {out_path}")
+
+
+@train.command("inpaint", short_help="Train the inpainting GAN on glomerulus crops.")
+@click.option("--crops", "crops_dir", type=EXISTING_DIR, required=True,
+              help="Crops folder made by 'glomscan augment crops'.")
+@_out_option("Generator file (samples in OUT.samples/)")
+@_epochs_option(100)
+@_batch_size_option(16)
+@click.option("--lr", type=float, default=1e-4, show_default=True,
+              help="Adam learning rate of the generator and both discriminators (constant).")
+@click.option("--size", type=int, default=None, help="Train at this crop side (resized; CPU-friendly, e.g. 128).")
+@click.option("--base-channels", type=int, default=64, show_default=True,
+              help="Width of the first convolution layer (network size).")
+@click.option("--lambda-local-l1", type=float, default=1.0, show_default=True, help="Weight of the local L1 loss.")
+@click.option("--vgg-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local torchvision VGG19 state dict for the perceptual/style losses (without it they are off).")
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Random flips and 90° rotations.")
+@_max_steps_option()
+@click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
+@seed_option()
+@verbosity
+@fail_on(ValueError, FileNotFoundError)
+def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channels, lambda_local_l1, vgg_weights,
+                  augment, max_steps_per_epoch, device, seed):
+    """Train the inpainting GAN (AOT generator, global + local LSGAN discriminators); resumes
+    from OUT.last.pt if present."""
+    from ..train.inpaint import InpaintSettings, train_inpainting
+
+    settings = InpaintSettings(epochs=epochs, batch_size=batch_size, lr=lr, size=size, base_channels=base_channels,
+                               lambda_local_l1=lambda_local_l1, vgg_weights=vgg_weights, augment=augment,
+                               max_steps_per_epoch=max_steps_per_epoch, device=device, seed=seed)
+    row = train_inpainting(crops_dir, out_path, settings, quiet=is_quiet())
+    if row:
+        click.echo(f"epoch {row['epoch']}: held-out MAE {row['test_mae']:.4f}, PSNR {row['test_psnr']:.2f} dB, "
+            f"SSIM {row['test_ssim']:.3f} -> {out_path}")
+
+
+@train.command("masks", short_help="Train the mask DCGAN on glomerulus outlines.")
+@click.option("--crops", "crops_dir", type=EXISTING_DIR, required=True,
+              help="Crops folder made by 'glomscan augment crops' (their outlines are the training masks).")
+@_out_option("Generator file")
+@_epochs_option(200)
+@_batch_size_option(64)
+@click.option("--image-size", type=click.Choice(["64", "128"]), default="64", show_default=True,
+              help="Side of the generated masks, px.")
+@click.option("--latent", type=int, default=100, show_default=True,
+              help="Size of the DCGAN's latent vector.")
+@click.option("--base-channels", type=int, default=64, show_default=True,
+              help="Width of the first convolution layer (network size).")
+@click.option("--lr", type=float, default=2e-4, show_default=True,
+              help="Adam learning rate.")
+@_max_steps_option()
+@click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True,
+              help="Which part of the crops folder to use.")
+@seed_option()
+@verbosity
+@fail_on(ValueError, FileNotFoundError)
+def train_masks(crops_dir, out_path, epochs, batch_size, image_size, latent, base_channels, lr, max_steps_per_epoch,
+                split, seed):
+    """Train the mask DCGAN on the crops' glomerulus masks; resumes from OUT.last.pt if present."""
+    from ..train.crops import read_crops
+    from ..train.maskgan import MaskGanConfig, train_mask_gan
+
+    masks = [m for _, m in read_crops(crops_dir, None if split == "all" else split)]
+    config = MaskGanConfig(epochs=epochs, batch_size=batch_size, image_size=int(image_size), latent=latent,
+                           base_channels=base_channels, lr=lr, steps_per_epoch=max_steps_per_epoch, seed=seed)
+    history = train_mask_gan(masks, out_path, config, quiet=is_quiet(), info={"crops": str(crops_dir)})
+    last = history[-1] if history else {}
+    click.echo(f"trained on {len(masks)} masks, epoch {last.get('epoch', 0)}: loss D {last.get('loss_d', float('nan')):.4f}, "
+        f"G {last.get('loss_g', float('nan')):.4f} -> {out_path} (losses {out_path.with_suffix('.losses.csv')}, "
+        f"samples {out_path.with_suffix('.samples.png')})")
+
+
+COMMANDS = (prepare, synth_slides, train)
