@@ -211,6 +211,28 @@ def test_training_checkpoint_resume_and_analyze(dataset, tmp_path):
     assert not outcome.failed
 
 
+def test_a_crash_between_the_csv_and_the_resume_state_leaves_one_row_per_epoch(dataset, tmp_path, monkeypatch):
+    from test_train_harness import Crash, crash_on_next
+
+    out, manifest, _ = dataset
+    rows = pd.concat([manifest[manifest.split == "train"].head(2), manifest[manifest.split == "val"].head(2)])
+    out = tmp_path / "small"  # four patches of the set: fast epochs
+    out.mkdir()
+    rows.assign(image=[str(dataset[0] / p) for p in rows.image], mask=[str(dataset[0] / p) for p in rows["mask"]]
+                ).to_csv(out / "manifest.csv", index=False)
+    config = TrainConfig(epochs=1, batch_size=2, crop=64, max_steps_per_epoch=1, bn_recalibration_steps=0, **TINY)
+    train_segmentation(out, tmp_path / "m.pt", config, quiet=True)
+    first = pd.read_csv(tmp_path / "m.metrics.csv")
+    crash_on_next(monkeypatch, "atomic_torch_save")
+    with pytest.raises(Crash):  # killed after epoch 2's CSV row, before its resume state
+        train_segmentation(out, tmp_path / "m.pt", TrainConfig(**{**config.__dict__, "epochs": 3}), quiet=True)
+    assert list(pd.read_csv(tmp_path / "m.metrics.csv").epoch) == [1, 2]
+    train_segmentation(out, tmp_path / "m.pt", TrainConfig(**{**config.__dict__, "epochs": 3}), quiet=True)
+    metrics = pd.read_csv(tmp_path / "m.metrics.csv")
+    assert list(metrics.epoch) == [1, 2, 3]
+    assert metrics.iloc[0].equals(first.iloc[0])  # the finished epoch's row is kept as it was
+
+
 def test_batchnorm_recalibration_gives_exact_statistics():
     from torch.utils.data import DataLoader, TensorDataset
 

@@ -15,12 +15,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..atomic import atomic_torch_save, atomic_write_text
 from ..model import ModelCard, build_model, load_checkpoint, save_checkpoint
 from ..progress import Progress
 from .composite import from_optical_density, optical_density
 from .data import load_patch
-from .harness import TrainingDevice, choose_training_device
+from .harness import TrainingDevice, TrainingRun, choose_training_device, seed_training
 from .sources import UNKNOWN_CLASS
 from .metrics import dice, glomerulus_counts, known_class_counts, pixel_metrics
 
@@ -236,8 +235,7 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
     train_rows, val_rows = manifest[manifest.split == "train"], manifest[manifest.split == "val"]
     if train_rows.empty or val_rows.empty:
         raise ValueError(f"{dataset_dir}: need patches in both splits (train {len(train_rows)}, val {len(val_rows)})")
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
+    seed_training(config.seed)
     device = choose_training_device(config.precision)
     log.info("training on %s", device.reason)
     card = ModelCard(name=config.name, encoder=config.encoder, encoder_depth=config.encoder_depth,
@@ -266,17 +264,11 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs, eta_min=config.min_lr)
     scaler = device.grad_scaler()
     loss_fn = PartialLabelLoss()
-    last_path = out_path.with_suffix(".last.pt")
-    metrics_path = out_path.with_suffix(".metrics.csv")
-    start_epoch, best_score, history = 0, -1.0, []
-    if last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_score = state["epoch"] + 1, state["best_score"]
-        history = pd.read_csv(metrics_path).to_dict("records")[:start_epoch] if metrics_path.is_file() else []
-        log.info("resuming from %s at epoch %d (best val score %.4f)", last_path, start_epoch, best_score)
+    run = TrainingRun(out_path, {"model": model, "optimiser": optimiser, "scheduler": scheduler})
+    best_score = run.resume().get("best_score", -1.0)
+    start_epoch = run.start_epoch
+    if start_epoch:
+        log.info("best validation score so far %.4f", best_score)
     sampler_generator = torch.Generator().manual_seed(config.seed + start_epoch)
     pin_memory = device.device.startswith("cuda")
     # loader processes start from a clean server process, not forked from this one: a fork
@@ -317,17 +309,13 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
         scheduler.step()
         recalibrate_batchnorm(model, train_loader, device, config.bn_recalibration_steps)
         val = evaluate_model(model, val_loader, device)
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"],
-               "seconds": round(time.perf_counter() - t0, 1), **{f"val_{k}": v for k, v in val.items()}}
-        history.append(row)
-        atomic_write_text(metrics_path, pd.DataFrame(history).to_csv(index=False))
+        metrics = {"train_loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"],
+                   "seconds": round(time.perf_counter() - t0, 1), **{f"val_{k}": v for k, v in val.items()}}
         log.info("epoch %d: loss %.4f, val Dice normal %.4f sclerosed %.4f glomerulus %.4f", epoch + 1,
-                 row["train_loss"], val["dice_normal"], val["dice_sclerosed"], val["dice_glomerulus"])
+                 metrics["train_loss"], val["dice_normal"], val["dice_sclerosed"], val["dice_glomerulus"])
         score = val["selection_score"]
         if score > best_score:
             best_score, best = score, val
             save_checkpoint(out_path, model, replace(card, metrics={"epoch": epoch + 1, **val}))
-        atomic_torch_save(last_path, {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                                      "scheduler": scheduler.state_dict(), "epoch": epoch, "best_score": best_score,
-                                      "config": asdict(config)})
+        run.end_epoch(epoch, metrics, best_score=best_score, config=asdict(config))
     return best
