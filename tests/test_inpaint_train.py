@@ -224,3 +224,20 @@ def test_train_resume_and_evaluate_inpaint_cli(tmp_path):
     result = runner.invoke(main, ["evaluate", "inpaint", "--generator", str(crops / "manifest.csv"),
                                   "--crops", str(crops)])
     assert result.exit_code != 0 and "not a" in result.output
+
+
+def test_a_crash_between_the_csv_and_the_resume_state_leaves_one_row_per_epoch(tmp_path, monkeypatch):
+    from test_train_harness import Crash, crash_on_next
+
+    crops = make_crops(tmp_path / "crops", n=3, n_test=1)
+    out = tmp_path / "g.pt"
+    settings = InpaintSettings(epochs=1, batch_size=2, size=64, base_channels=4, n_aot_blocks=1, max_steps_per_epoch=1)
+    first = train_inpainting(crops, out, settings, quiet=True)
+    crash_on_next(monkeypatch, "atomic_torch_save")
+    with pytest.raises(Crash):  # killed after epoch 2's CSV row, before its resume state
+        train_inpainting(crops, out, InpaintSettings(**{**settings.__dict__, "epochs": 3}), quiet=True)
+    assert list(pd.read_csv(out.with_suffix(".metrics.csv")).epoch) == [1, 2]
+    last = train_inpainting(crops, out, InpaintSettings(**{**settings.__dict__, "epochs": 3}), quiet=True)
+    csv = pd.read_csv(out.with_suffix(".metrics.csv"))
+    assert list(csv.epoch) == [1, 2, 3] and last["epoch"] == 3
+    assert csv.total.iloc[0] == first["total"]  # the finished epoch's row is kept as it was

@@ -26,10 +26,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_torch_save, atomic_write_text
+from ..atomic import atomic_torch_save
 from ..progress import Progress
 from .inpaint_losses import (GeneratorLoss, InpaintLossWeights, load_vgg19_features, lsgan_discriminator_loss)
 from .data import write_png
+from .harness import TrainingDevice, TrainingRun, choose_training_device, seed_training
 from .inpaint_models import InpaintGenerator, PatchDiscriminator, generator_input, local_view
 
 log = logging.getLogger(__name__)
@@ -261,14 +262,14 @@ class InpaintModels:
 
 def train_step(models: InpaintModels, loss_fn: GeneratorLoss, g_optimiser: torch.optim.Optimizer,
                d_optimiser: torch.optim.Optimizer, scaler: torch.amp.GradScaler, image: torch.Tensor,
-               mask: torch.Tensor, amp: bool) -> dict[str, float]:
+               mask: torch.Tensor, device: TrainingDevice) -> dict[str, float]:
     """One discriminator update (both discriminators) then one generator update."""
     g, dg, dl = models.generator, models.global_discriminator, models.local_discriminator
-    with torch.autocast("cuda", enabled=amp):
+    with device.autocast():
         rec = g(generator_input(image, mask))
     # discriminators: real crops vs detached generator output
     d_optimiser.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", enabled=amp):
+    with device.autocast():
         fake = rec.detach()
         d_loss = (lsgan_discriminator_loss(dg(image), dg(fake))
                   + lsgan_discriminator_loss(dl(local_view(image, mask)), dl(local_view(fake, mask))))
@@ -278,7 +279,7 @@ def train_step(models: InpaintModels, loss_fn: GeneratorLoss, g_optimiser: torch
     g_optimiser.zero_grad(set_to_none=True)
     for p in list(dg.parameters()) + list(dl.parameters()):
         p.requires_grad_(False)
-    with torch.autocast("cuda", enabled=amp):
+    with device.autocast():
         terms = loss_fn(rec, image, mask, dg(rec), dl(local_view(rec, mask)))
     scaler.scale(terms["total"]).backward()
     scaler.step(g_optimiser)
@@ -313,43 +314,28 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
     if not test_crops:
         log.warning("%s: no held-out crops (split 'test'): the CSV will have no MAE/PSNR/SSIM", crops_dir)
 
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    amp = device.startswith("cuda")
-    torch.manual_seed(settings.seed)
+    device = choose_training_device(device=settings.device, cpu_bf16=False)
+    seed_training(settings.seed)
     vgg = load_vgg19_features(Path(settings.vgg_weights)) if settings.vgg_weights else None
-    loss_fn = GeneratorLoss(InpaintLossWeights(l1_local=settings.lambda_local_l1), vgg).to(device)
-    models = InpaintModels(InpaintGenerator(settings.base_channels, settings.n_aot_blocks).to(device),
-                           PatchDiscriminator(settings.base_channels).to(device),
-                           PatchDiscriminator(settings.base_channels).to(device))
+    loss_fn = GeneratorLoss(InpaintLossWeights(l1_local=settings.lambda_local_l1), vgg).to(device.device)
+    models = InpaintModels(InpaintGenerator(settings.base_channels, settings.n_aot_blocks).to(device.device),
+                           PatchDiscriminator(settings.base_channels).to(device.device),
+                           PatchDiscriminator(settings.base_channels).to(device.device))
     g_optimiser = torch.optim.Adam(models.generator.parameters(), lr=settings.lr, betas=tuple(settings.betas))
     d_optimiser = torch.optim.Adam(list(models.global_discriminator.parameters())
                                    + list(models.local_discriminator.parameters()), lr=settings.lr,
                                    betas=tuple(settings.betas))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = device.grad_scaler()
 
-    last_path = out_path.with_suffix(".last.pt")
-    metrics_path = out_path.with_suffix(".metrics.csv")
     samples_dir = out_path.with_suffix(".samples")
-    start_epoch, history = 0, []
     architecture = {"size": size, "base_channels": settings.base_channels, "n_aot_blocks": settings.n_aot_blocks}
-    if last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state["architecture"] != architecture:
-            raise ValueError(f"{last_path} is a run with {state['architecture']}, not {architecture}: "
-                             f"use the same --size/--base-channels, or another --out")
-        models.generator.load_state_dict(state["generator"])
-        models.global_discriminator.load_state_dict(state["global_discriminator"])
-        models.local_discriminator.load_state_dict(state["local_discriminator"])
-        g_optimiser.load_state_dict(state["g_optimiser"])
-        d_optimiser.load_state_dict(state["d_optimiser"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = pd.read_csv(metrics_path).to_dict("records") if metrics_path.is_file() else []
-        history = [r for r in history if r["epoch"] <= start_epoch]
-        log.info("resuming from %s after epoch %d", last_path, start_epoch)
-    if start_epoch >= settings.epochs:
-        log.info("%s: already trained for %d epochs (ask for more with --epochs)", out_path, start_epoch)
-        return history[-1] if history else {}
+    run = TrainingRun(out_path, {"generator": models.generator, "global_discriminator": models.global_discriminator,
+                                 "local_discriminator": models.local_discriminator, "g_optimiser": g_optimiser,
+                                 "d_optimiser": d_optimiser, "scaler": scaler}, architecture)
+    run.resume()
+    if run.start_epoch >= settings.epochs:
+        log.info("%s: already trained for %d epochs (ask for more with --epochs)", out_path, run.start_epoch)
+        return run.rows[-1] if run.rows else {}
 
     images = images_to_tensor(np.stack([c[0] for c in train_crops]), size)
     masks = masks_to_tensor(np.stack([c[1] for c in train_crops]), size)
@@ -358,10 +344,11 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
     if settings.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, settings.max_steps_per_epoch)
     log.info("inpainting GAN: %d train / %d held-out crops at %d px, batch %d, %d steps/epoch, %s%s; VGG losses %s",
-             n, len(test_crops), size, settings.batch_size, steps_per_epoch, device, " (AMP)" if amp else "",
+             n, len(test_crops), size, settings.batch_size, steps_per_epoch, device.device,
+             " (AMP)" if device.dtype else "",
              loss_fn.vgg_status)
     row: dict = {}
-    for epoch in range(start_epoch, settings.epochs):
+    for epoch in range(run.start_epoch, settings.epochs):
         for m in (models.generator, models.global_discriminator, models.local_discriminator):
             m.train()
         rng = np.random.default_rng([settings.seed, epoch])
@@ -373,13 +360,14 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
                 x, m = images[index], masks[index]
                 if settings.augment:
                     x, m = _augment(x, m, rng)
-                losses = train_step(models, loss_fn, g_optimiser, d_optimiser, scaler, x.to(device), m.to(device), amp)
+                losses = train_step(models, loss_fn, g_optimiser, d_optimiser, scaler, x.to(device.device),
+                                    m.to(device.device), device)
                 for k in LOSS_COLUMNS:
                     sums[k] += losses[k]
                 progress.update()
-        row = {"epoch": epoch + 1, "steps": steps_per_epoch, "size": size,
-               **{k: sums[k] / steps_per_epoch for k in LOSS_COLUMNS}, "vgg": loss_fn.vgg_status}
-        inpainter = Inpainter(models.generator, size, device)
+        row = {"steps": steps_per_epoch, "size": size, **{k: sums[k] / steps_per_epoch for k in LOSS_COLUMNS},
+               "vgg": loss_fn.vgg_status}
+        inpainter = Inpainter(models.generator, size, device.device)
         if test_crops:
             table, generated = evaluate_inpainter(inpainter, test_crops, test_ids)
             row.update({f"test_{k}": v for k, v in summarise(table).items()}, test_crops=len(test_crops))
@@ -394,18 +382,11 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
         row["seconds"] = round(time.perf_counter() - t0, 1)
         samples_dir.mkdir(parents=True, exist_ok=True)
         write_png(samples_dir / f"epoch_{epoch + 1:03d}.png", grid)
-        history.append(row)
         info = {**architecture, "epoch": epoch + 1, "vgg": loss_fn.vgg_status, "crops": str(crops_dir),
                 "train_crops": n, "test_crops": len(test_crops), "settings": _plain(asdict(settings)),
                 "test_metrics": {k: row[f"test_{k}"] for k in ("mae", "psnr", "ssim")}}
         save_generator(out_path, models.generator, info)
-        atomic_torch_save(last_path, {"generator": models.generator.state_dict(),
-                                      "global_discriminator": models.global_discriminator.state_dict(),
-                                      "local_discriminator": models.local_discriminator.state_dict(),
-                                      "g_optimiser": g_optimiser.state_dict(), "d_optimiser": d_optimiser.state_dict(),
-                                      "scaler": scaler.state_dict(), "epoch": epoch, "architecture": architecture,
-                                      "vgg": loss_fn.vgg_status})
-        atomic_write_text(metrics_path, pd.DataFrame(history).to_csv(index=False))
+        row = run.end_epoch(epoch, row, vgg=loss_fn.vgg_status)
         log.info("epoch %d: G total %.4f (L1 %.4f), D %.4f; held-out MAE %.4f PSNR %.2f dB SSIM %.3f (%.0f s)",
                  epoch + 1, row["total"], row["l1_global"], row["d_loss"], row["test_mae"], row["test_psnr"],
                  row["test_ssim"], row["seconds"])
