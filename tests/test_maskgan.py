@@ -2,6 +2,7 @@
 
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import stats
@@ -131,3 +132,21 @@ def test_train_generate_round_trip(tmp_path):
     with pytest.raises(ValueError, match="no glomerulus masks"):
         (tmp_path / "none").mkdir()
         read_masks(tmp_path / "none")
+
+
+def test_a_crash_between_the_csv_and_the_resume_state_leaves_one_row_per_epoch(tmp_path, monkeypatch):
+    from test_train_harness import Crash, crash_on_next
+
+    rng = np.random.default_rng(0)
+    masks = [ellipse(64, 32, 32, rng.uniform(8, 20), rng.uniform(8, 20)) for _ in range(4)]
+    config = MaskGanConfig(epochs=1, batch_size=4, image_size=32, latent=8, base_channels=8, steps_per_epoch=1)
+    first = train_mask_gan(masks, tmp_path / "gan.pt", config, quiet=True)
+    crash_on_next(monkeypatch, "atomic_torch_save")
+    with pytest.raises(Crash):  # killed after epoch 2's CSV row, before its resume state
+        train_mask_gan(masks, tmp_path / "gan.pt", MaskGanConfig(**{**config.__dict__, "epochs": 3}), quiet=True)
+    assert list(pd.read_csv(tmp_path / "gan.losses.csv").epoch) == [1, 2]
+    history = train_mask_gan(masks, tmp_path / "gan.pt", MaskGanConfig(**{**config.__dict__, "epochs": 3}), quiet=True)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    losses = pd.read_csv(tmp_path / "gan.losses.csv")
+    assert list(losses.epoch) == [1, 2, 3]
+    assert losses.loss_d.iloc[0] == first[0]["loss_d"]  # the finished epoch's row is kept as it was

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..atomic import atomic_torch_save
 from .data import read_png, write_png
+from .harness import TrainingRun, choose_training_device, seed_training
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +175,14 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, config: MaskGanConfi
                    quiet: bool = False, info: dict | None = None) -> list[dict]:
     """Train on binary masks; writes ``out_path`` (generator + config + the real masks'
     diameter range), ``<out>.last.pt`` (resume state: rerun with more epochs),
-    ``<out>.losses.csv`` (per epoch) and ``<out>.samples.png`` (a grid of samples)."""
+    ``<out>.losses.csv`` (per epoch) and ``<out>.samples.png`` (a grid of samples). Returns
+    the rows of the CSV."""
     if not masks:
         raise ValueError("no masks to train on")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seed_training(config.seed)
+    device = choose_training_device("fp32").device
     data = torch.from_numpy(np.stack([normalise_mask(m, config.image_size) for m in masks]))[:, None]
     diameters = [equivalent_diameter(m.sum()) for m in masks]
     info = {"n_masks": len(masks), "diameter_min_px": min(diameters), "diameter_max_px": max(diameters),
@@ -191,23 +193,13 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, config: MaskGanConfi
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
     rng = torch.Generator().manual_seed(config.seed)
     fixed_z = torch.randn(64, config.latent, generator=torch.Generator().manual_seed(config.seed + 1))
-    last_path, csv_path = out_path.with_suffix(".last.pt"), out_path.with_suffix(".losses.csv")
-    start, history = 0, []
-    arch = _architecture(config)
-    if last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state.get("architecture", arch) != arch:
-            raise ValueError(f"{last_path} was trained with {state['architecture']}, not {arch}: use the same "
-                             "settings to resume, or another --out")
-        generator.load_state_dict(state["generator"])
-        discriminator.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        rng.set_state(state["rng"])
-        start, history = state["epoch"] + 1, list(state["history"])
-        log.info("resuming from %s at epoch %d", last_path, start)
+    run = TrainingRun(out_path, {"generator": generator, "discriminator": discriminator, "opt_g": opt_g,
+                                 "opt_d": opt_d}, _architecture(config), metrics_suffix=".losses.csv")
+    resumed = run.resume()
+    if resumed:
+        rng.set_state(resumed["rng"])
     steps = config.steps_per_epoch or max(1, math.ceil(len(data) / config.batch_size))
-    for epoch in range(start, config.epochs):
+    for epoch in range(run.start_epoch, config.epochs):
         t0 = time.perf_counter()
         generator.train()
         discriminator.train()
@@ -222,25 +214,18 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, config: MaskGanConfi
             z = torch.randn(len(real), config.latent, generator=rng).to(device)
             loss_g = generator_step(generator, discriminator, opt_g, z, noise)
             sums += (loss_d, loss_g, d_real, d_fake)
-        row = dict(zip(("epoch", "loss_d", "loss_g", "d_real", "d_fake"), (epoch + 1, *map(float, sums / steps))))
+        row = dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), map(float, sums / steps)))
         row["seconds"] = time.perf_counter() - t0
-        history.append(row)
         if not quiet:
             log.info("epoch %d/%d: loss D %.4f, G %.4f, D(real) %.3f, D(fake) %.3f", epoch + 1, config.epochs,
                      row["loss_d"], row["loss_g"], row["d_real"], row["d_fake"])
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[0]))
-            writer.writeheader()
-            writer.writerows(history)
         save_mask_generator(out_path, generator, config, info)
-        atomic_torch_save(last_path, {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                                      "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": rng.get_state(),
-                                      "epoch": epoch, "history": history, "architecture": arch})
+        run.end_epoch(epoch, row, rng=rng.get_state())
         generator.eval()
         with torch.no_grad():
             samples = generator(fixed_z.to(device)).cpu().numpy()[:, 0]
         write_grid(out_path.with_suffix(".samples.png"), samples)
-    return history
+    return run.rows
 
 
 def _architecture(config: MaskGanConfig) -> dict:
