@@ -23,7 +23,7 @@ COPY pyproject.toml README.md ./
 COPY glomscan ./glomscan
 # Keep the container's own torch, torchvision and TensorRT builds: pin pip to what is installed.
 RUN python -m pip list --format=freeze | grep -iE '^(torch|torchvision|tensorrt[a-z_-]*)==' > /tmp/keep.txt \
- && python -m pip install --no-cache-dir -c /tmp/keep.txt ".[onnx]" \
+ && python -m pip install --no-cache-dir -c /tmp/keep.txt ".[analysis,train]" \
  && python -c "import pyvips; assert pyvips.type_find('VipsForeignLoad', 'openslideload'), 'libvips lacks OpenSlide'" \
  && glomscan --version
 

@@ -21,7 +21,7 @@ from glomscan.engines import EngineOptions, create_engine
 from glomscan.engines.openvino import openvino_status, real_tissue_tiles
 from glomscan.engines.parity import mask_dice
 from glomscan.engines.tensorrt import tensorrt_status
-from glomscan.model import ModelCard, build_model, load_checkpoint, save_checkpoint
+from glomscan.model import ModelCard, build_model, load_model, save_checkpoint
 from glomscan.shipped import default_model_path
 
 
@@ -49,7 +49,7 @@ def main() -> None:
             card = ModelCard(name="bench-random-b3", tile=args.tile)
             args.model = Path(tmp) / "model.pt"
             save_checkpoint(args.model, build_model(card), card)
-        model = load_checkpoint(args.model)
+        model = load_model(args.model)
         tiles = np.random.default_rng(0).integers(0, 256, (args.batch, args.tile, args.tile, 3), dtype=np.uint8)
         real = real_tissue_tiles(args.tile, model.card.analysis_mpp)
         options = EngineOptions(engine_dir=Path(tmp) / "engines", tile=args.tile, max_batch=args.batch)

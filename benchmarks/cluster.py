@@ -24,7 +24,7 @@ from glomscan.batch import run_batch
 from glomscan.cluster import BackendEngine, run_cluster_batch, start_local_cluster, worker_environments
 from glomscan.config import AnalysisSettings
 from glomscan.engines import EngineOptions, create_engine
-from glomscan.model import ModelCard, build_model, load_checkpoint, save_checkpoint
+from glomscan.model import ModelCard, build_model, load_model, save_checkpoint
 from glomscan.shipped import default_model_path
 from glomscan.synthetic import scatter_glomeruli, write_synthetic_slide
 
@@ -45,7 +45,7 @@ def main() -> None:
             model_path, tile = tmp / "m.pt", 256
         else:
             model_path, tile = default_model_path(), 1024
-        model = load_checkpoint(model_path)
+        model = load_model(model_path)
         settings = AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=1)
         options = EngineOptions(engine_dir=tmp / "engines", tile=tile)
         slides = tmp / "slides"

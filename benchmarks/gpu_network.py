@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from glomscan.model import load_checkpoint
+from glomscan.model import load_model
 from glomscan.shipped import default_model_path
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=1024)
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
-    module = load_checkpoint(args.model or default_model_path()).module.cuda().eval()
+    module = load_model(args.model or default_model_path()).torch_module().cuda().eval()
     x = torch.rand(args.batch, 3, args.tile, args.tile, device="cuda")
     masks = {}
     for name, dtype, channels_last in [("fp32", None, False), ("fp16", torch.float16, False),

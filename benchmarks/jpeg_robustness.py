@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from glomscan.engines.torch_engine import TorchEngine
-from glomscan.model import load_checkpoint
+from glomscan.model import load_model
 from glomscan.shipped import default_model_path
 from glomscan.train.segment import jpeg_roundtrip
 from glomscan.train.sources import read_tile_set
@@ -31,7 +31,7 @@ def main() -> None:
     print(f"{len(tiles)} AIDPATH tiles at 1 µm/px; outlined share of pixels: {np.mean([(t.labels > 0).mean() for t in tiles]):.3f}")
     print("model".ljust(28) + "".join(name.rjust(12) for name, _, _ in CASES) + "   (mean share called glomerulus)")
     for path in args.models or [default_model_path()]:
-        engine = TorchEngine(load_checkpoint(path), "cpu")
+        engine = TorchEngine(load_model(path), "cpu")
         shares = []
         for t in tiles:
             row = []

@@ -42,8 +42,8 @@ def main() -> None:
         subprocess.run(init, check=True, capture_output=True)
         # export the ONNX once up front, so no measured run pays for the export
         env = {**os.environ, "GLOMSCAN_ENGINE_DIR": str(tmp / "engines")}
-        subprocess.run([sys.executable, "-c", "import sys; from glomscan.model import load_checkpoint; "
-                        "from glomscan.engines.onnx import cached_onnx; cached_onnx(load_checkpoint(sys.argv[1]), sys.argv[2])",
+        subprocess.run([sys.executable, "-c", "import sys; from glomscan.model import load_model; "
+                        "from glomscan.engines.onnx import cached_onnx; cached_onnx(load_model(sys.argv[1]), sys.argv[2])",
                         str(model), str(tmp / "engines")], check=True)
         tile = ["--tile", "512", "--overlap", "256"] if args.quick else []
         rows = []

@@ -20,7 +20,7 @@ import torch
 from glomscan.batch import run_batch
 from glomscan.config import AnalysisSettings
 from glomscan.engines import EngineOptions, create_engine
-from glomscan.model import ModelCard, build_model, load_checkpoint, save_checkpoint
+from glomscan.model import ModelCard, build_model, load_model, save_checkpoint
 from glomscan.slides import Slide, TileReader
 from glomscan.synthetic import scatter_glomeruli, write_synthetic_slide
 from glomscan.tiling import TileGrid
@@ -42,7 +42,7 @@ def main() -> None:
             card = ModelCard(name="bench-random-b3", tile=tile)
             args.model = tmp / "model.pt"
             save_checkpoint(args.model, build_model(card), card)
-        model = load_checkpoint(args.model)
+        model = load_model(args.model)
         engine, choice = create_engine(args.backend, model, EngineOptions(engine_dir=tmp / "engines", tile=tile))
         w, h = size
         tissue = [(int(w * 0.05), int(h * 0.05), int(w * 0.6), int(h * 0.95)), (int(w * 0.65), int(h * 0.2), int(w * 0.95), int(h * 0.8))]

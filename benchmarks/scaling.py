@@ -18,7 +18,7 @@ import torch
 from glomscan.batch import run_batch
 from glomscan.config import AnalysisSettings
 from glomscan.engines import EngineOptions, create_engine
-from glomscan.model import ModelCard, build_model, load_checkpoint, save_checkpoint
+from glomscan.model import ModelCard, build_model, load_model, save_checkpoint
 from glomscan.synthetic import scatter_glomeruli, write_synthetic_slide
 
 
@@ -32,7 +32,7 @@ def main() -> None:
         torch.manual_seed(0)
         card = ModelCard(name="bench", tile=tile, **({"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": (32, 16, 8)} if args.quick else {}))
         save_checkpoint(tmp / "m.pt", build_model(card), card)
-        model = load_checkpoint(tmp / "m.pt")
+        model = load_model(tmp / "m.pt")
         engine, choice = create_engine("onnxruntime", model, EngineOptions(engine_dir=tmp / "engines", tile=tile))
         settings = AnalysisSettings(tile=tile, overlap=tile // 2)
         cases = []

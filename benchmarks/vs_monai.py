@@ -29,11 +29,11 @@ def run_monai(slide_path: Path, model_path: Path, tile: int, engine_dir: Path, o
 
     from glomscan.engines.base import normalise
     from glomscan.engines.onnx import OnnxRuntimeEngine, cached_onnx
-    from glomscan.model import load_checkpoint
+    from glomscan.model import load_model
     from glomscan.slides import Slide, image_to_array
 
     t0 = time.perf_counter()
-    model = load_checkpoint(model_path)
+    model = load_model(model_path)
     engine = OnnxRuntimeEngine(model, cached_onnx(model, engine_dir))
     slide = Slide(slide_path)
     image, _ = slide.image_at(model.card.analysis_mpp / slide.mpp)
@@ -55,10 +55,10 @@ def run_glomscan(slide_path: Path, model_path: Path, tile: int, engine_dir: Path
     from glomscan.batch import run_batch
     from glomscan.config import AnalysisSettings
     from glomscan.engines import EngineOptions, create_engine
-    from glomscan.model import load_checkpoint
+    from glomscan.model import load_model
 
     t0 = time.perf_counter()
-    model = load_checkpoint(model_path)
+    model = load_model(model_path)
     engine, choice = create_engine("onnxruntime", model, EngineOptions(engine_dir=engine_dir, tile=tile))
     settings = AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=1, workers=2, blend="gaussian",
                                 min_glomerulus_area_um2=0.0)
@@ -122,8 +122,8 @@ def main() -> None:
                                       mpp=0.5, compression="jpeg")
         common = [str(slide.path), str(model), str(tile), str(tmp / "engines")]
         # export once up front so neither side pays for it
-        subprocess.run([sys.executable, "-c", "import sys; from glomscan.model import load_checkpoint; "
-                        "from glomscan.engines.onnx import cached_onnx; cached_onnx(load_checkpoint(sys.argv[1]), sys.argv[2])",
+        subprocess.run([sys.executable, "-c", "import sys; from glomscan.model import load_model; "
+                        "from glomscan.engines.onnx import cached_onnx; cached_onnx(load_model(sys.argv[1]), sys.argv[2])",
                         str(model), str(tmp / "engines")], check=True)
         g, g_rss = child("glomscan", [*common, str(tmp / "out")])
         m, m_rss = child("monai", [*common, str(tmp / "monai.npy")])

@@ -1,27 +1,43 @@
-"""The segmentation network and its checkpoint format.
+"""The segmentation network, its card and its two file formats.
 
-A glomscan checkpoint is a ``torch.save``d dict::
+A glomscan checkpoint (``.pt``) is a ``torch.save``d dict::
 
     {"format": "glomscan-checkpoint", "version": 1, "card": {...ModelCard...}, "state_dict": {...}}
 
 loaded with ``weights_only=True`` (no pickled code runs). The card carries everything analyze
 needs: architecture, classes, input normalisation, analysis mpp, tile size.
+
+A glomscan ONNX model (``.onnx``, written by ``export-onnx``) carries the same card and the
+sha256 of the checkpoint it was exported from in its metadata; the ONNX Runtime and OpenVINO
+backends run it without torch, and it keeps the checkpoint's identity (model id, resume
+fingerprints). torch is imported only where a checkpoint is read or written.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from . import CLASS_NAMES
 from .atomic import atomic_torch_save
 
+if TYPE_CHECKING:  # torch only where a checkpoint is read or written
+    from torch import nn
+
 CHECKPOINT_FORMAT = "glomscan-checkpoint"
 CHECKPOINT_VERSION = 1
+ONNX_CARD_KEY = "glomscan.card"
+ONNX_SHA256_KEY = "glomscan.model_sha256"
+"""ONNX metadata: the card (JSON) and the sha256 of the checkpoint the graph was exported from."""
+ONNX_OMITTED_KEY = "glomscan.omitted_state"
+"""JSON list of the state-dict entries a model file leaves out because inference does not use them."""
+ONNX_STATE_PREFIX = "network."
+ONNX_FLOAT16_SUFFIX = ".float16"
+"""In a glomscan ONNX model file, state-dict entry ``k`` is the initializer ``network.k``, with
+``.float16`` appended where it is stored as float16 (``engines.onnx.export_onnx``)."""
 
 
 class CheckpointError(Exception):
@@ -71,7 +87,7 @@ class ModelCard:
         return cls(**known)
 
 
-def build_model(card: ModelCard) -> nn.Module:
+def build_model(card: ModelCard) -> "nn.Module":
     """The U-Net described by ``card``, randomly initialised (no weights are downloaded)."""
     import segmentation_models_pytorch as smp
 
@@ -88,17 +104,28 @@ def build_model(card: ModelCard) -> nn.Module:
 
 @dataclass
 class LoadedModel:
-    module: nn.Module
+    module: "nn.Module | None"
+    """The torch network; None for an ONNX model file (no torch needed)."""
     card: ModelCard
     sha256: str
+    """Of the checkpoint (for an ONNX model file: of the checkpoint it was exported from)."""
     path: Path | None
+    onnx_path: Path | None = None
+    """Set for an ONNX model file: the graph the ONNX Runtime and OpenVINO backends run."""
+
+    def torch_module(self) -> "nn.Module":
+        """The torch network; for an ONNX model file rebuilt from the checkpoint inside it (on
+        first use: this imports torch)."""
+        if self.module is None:
+            self.module = module_from_onnx(self.onnx_path, self.card)
+        return self.module
 
     @property
     def model_id(self) -> str:
         return f"{self.card.name}@{self.sha256[:12]}"
 
 
-def save_checkpoint(path: Path, module: nn.Module, card: ModelCard, half: bool = False) -> str:
+def save_checkpoint(path: Path, module: "nn.Module", card: ModelCard, half: bool = False) -> str:
     """Write atomically; returns the file's sha256. ``half`` stores fp16 weights (smaller file,
     converted back to fp32 on load)."""
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
@@ -115,6 +142,8 @@ def write_random_checkpoint(path: Path, encoder: str = "efficientnet-b3", seed: 
                             analysis_mpp: float = 1.0) -> tuple[ModelCard, str]:
     """A randomly initialised checkpoint (demos and tests: it finds nothing real); returns its
     card and sha256. The same seed gives the same weights."""
+    import torch
+
     torch.manual_seed(seed)
     card = ModelCard(name=f"random-init-{encoder}-seed{seed}", encoder=encoder, analysis_mpp=analysis_mpp,
                      trained_on="nothing (random initialisation)",
@@ -129,11 +158,13 @@ def repack_checkpoint(model: LoadedModel, path: Path, card_edits: dict, validati
     card = replace(model.card, **{k: v for k, v in card_edits.items() if v is not None})
     if validation is not None:
         card = replace(card, metrics={**card.metrics, "validation": validation})
-    return save_checkpoint(path, model.module, card, half=True)
+    return save_checkpoint(path, model.torch_module(), card, half=True)
 
 
 def load_checkpoint(path: Path) -> LoadedModel:
     """Load and validate; raises CheckpointError with a reason a person can act on."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
@@ -161,6 +192,64 @@ def load_checkpoint(path: Path) -> LoadedModel:
         raise CheckpointError(f"{path}: weights do not fit the card's architecture: {exc}") from exc
     module.eval()
     return LoadedModel(module=module, card=card, sha256=sha256_file(path), path=path)
+
+
+def load_model(path: Path) -> LoadedModel:
+    """A glomscan checkpoint (``.pt``) or ONNX model file (``.onnx``), by its suffix; raises
+    CheckpointError with a reason a person can act on."""
+    return load_onnx_model(path) if Path(path).suffix.lower() == ".onnx" else load_checkpoint(path)
+
+
+def load_onnx_model(path: Path) -> LoadedModel:
+    """An ONNX model written by ``export-onnx``: card and checkpoint sha256 from its metadata,
+    no torch module."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    try:
+        import onnx
+    except ImportError as exc:
+        raise CheckpointError(f"{path}: reading ONNX model files needs the onnx package (pip install onnx)") from exc
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several kinds for a damaged file
+        raise CheckpointError(f"{path} is not a readable ONNX file: {exc}") from exc
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    if ONNX_CARD_KEY not in metadata or ONNX_SHA256_KEY not in metadata:
+        raise CheckpointError(f"{path} is not a glomscan ONNX model (no {ONNX_CARD_KEY!r} metadata); "
+                              "write one with `glomscan export-onnx`")
+    card = ModelCard.from_dict(json.loads(metadata[ONNX_CARD_KEY]))
+    if card.classes != CLASS_NAMES:
+        raise CheckpointError(f"{path}: classes {card.classes} != expected {CLASS_NAMES}")
+    return LoadedModel(module=None, card=card, sha256=metadata[ONNX_SHA256_KEY], path=path, onnx_path=path)
+
+
+def module_from_onnx(path: Path, card: ModelCard) -> "nn.Module":
+    """The torch network stored in a glomscan ONNX model file (``export-onnx --model-file``);
+    CheckpointError when the file lacks some of its weights (a plain export folds them)."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    module = build_model(card)
+    expected = module.state_dict()
+    proto = onnx.load(str(path))
+    state = {}
+    for initializer in proto.graph.initializer:
+        name = initializer.name.removesuffix(ONNX_FLOAT16_SUFFIX).removeprefix(ONNX_STATE_PREFIX)
+        if name in expected:
+            state[name] = torch.from_numpy(np.array(numpy_helper.to_array(initializer))).to(expected[name].dtype)
+    omitted = json.loads({p.key: p.value for p in proto.metadata_props}.get(ONNX_OMITTED_KEY, "[]"))
+    for name in omitted:  # unused by inference: the freshly built network's values stand
+        state.setdefault(name, expected[name])
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} holds a graph but not the whole network ({len(missing)} weights missing, "
+                              f"e.g. {missing[0]}); use the .pt checkpoint, or write the file with "
+                              "`glomscan export-onnx --model-file`")
+    module.load_state_dict(state, strict=True)
+    return module.eval()
 
 
 def sha256_file(path: Path) -> str:

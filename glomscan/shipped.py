@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SHIPPED_MODEL = Path(__file__).parent / "models" / "default.pt"
+SHIPPED_MODEL = Path(__file__).parent / "models" / "default.onnx"
+"""A glomscan ONNX model file (``export-onnx --model-file`` of the trained checkpoint): ONNX
+Runtime and OpenVINO run it without torch; the torch backends, TensorRT and ``train --init``
+rebuild the torch network from it."""
 SAMPLE_DIR = Path(__file__).parent / "sample"
 """Three held-out AIDPATH PAS tiles as one pyramidal TIFF, with their outlines (CC BY 4.0;
 see ATTRIBUTION.md there)."""

@@ -27,6 +27,6 @@ fi
 echo "creating $VENV (downloads about 3 GB: torch with its CUDA libraries; a few minutes)"
 "$PYTHON" -m venv "$VENV"
 # shellcheck disable=SC2086
-"$VENV/bin/pip" install -q $TORCH -e ".[onnx,test]"
+"$VENV/bin/pip" install -q $TORCH -e ".[analysis,train,test]"
 "$VENV/bin/python" -c "import pyvips; assert pyvips.type_find('VipsForeignLoad', 'openslideload') != 0, 'libvips without OpenSlide'"
 echo "$want" > "$stamp"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the shipped model glomscan/models/default.pt from the public AIDPATH data:
+# Reproduces the shipped model glomscan/models/default.onnx from the public AIDPATH data:
 #   prepare (tile set + graded glomerulus crops composited into tissue, split by slide / tile group)
 #   -> train segment (EfficientNet-B3 U-Net, random init, partial-label 0.5 BCE + Dice, bf16 on CPU)
 #   -> pack-model (fp16, model card) -> evaluate real (validation tiles and crops).
@@ -33,11 +33,13 @@ $GLOMSCAN train segment --data "$WORK/dataset" --out "$WORK/model.pt" --epochs "
     --max-steps-per-epoch "$STEPS" --batch-size "$BATCH" --crop "$CROP" --lr 1e-3 --min-lr 1e-5 --stain-jitter 0.08 \
     --bn-recalibration-steps 10 --tile 1024 --name glomscan-aidpath-pas --seed 0 --workers "$WORKERS" \
     --precision "$PRECISION" --quiet
-$GLOMSCAN pack-model "$WORK/model.pt" glomscan/models/default.pt --for-real-tissue \
+$GLOMSCAN pack-model "$WORK/model.pt" "$WORK/default.pt" --for-real-tissue \
     --trained-on "AIDPATH PAS (public): 20 of 25 slides' graded glomerulus crops composited into 14 outlined 20x tiles; ${EPOCHS}x${STEPS} steps of ${BATCH}x${CROP} px at 1 um/px ($PRECISION), random init" \
     --intended-use "research use only (weights inherit CC BY-NC-SA 4.0 from the AIDPATH glomerulus crops); PAS-stained kidney tissue at 20x or finer; not a medical device" \
     --licence "CC BY-NC-SA 4.0 (non-commercial research); trained on AIDPATH (Bueno et al. 2020, CC BY 4.0) and Weishaupt et al. 2025 crops (CC BY-NC-SA 4.0)"
-# The packed (fp16) model is what ships: score it through analyze, then record the scores in its card.
+# The packed (fp16) model is what ships: score it through analyze, record the scores in its card,
+# and ship it as an ONNX model file (runs without torch; the torch network is rebuilt from it).
 rm -rf "$WORK/validation"
-$GLOMSCAN evaluate real --model glomscan/models/default.pt --data "$WORK/dataset" --out "$WORK/validation"
-$GLOMSCAN pack-model glomscan/models/default.pt glomscan/models/default.pt --validation "$WORK/validation/metrics.json"
+$GLOMSCAN evaluate real --model "$WORK/default.pt" --data "$WORK/dataset" --out "$WORK/validation"
+$GLOMSCAN pack-model "$WORK/default.pt" "$WORK/default.pt" --validation "$WORK/validation/metrics.json"
+$GLOMSCAN export-onnx --model "$WORK/default.pt" --out glomscan/models/default.onnx --model-file

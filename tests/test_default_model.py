@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from glomscan.cli import main
-from glomscan.model import load_checkpoint
+from glomscan.model import load_model
 from glomscan.shipped import SAMPLE_DIR, SHIPPED_MODEL, default_model_path
 from glomscan.slides import image_to_array
 from glomscan.train.data import split_slides, write_png
@@ -28,7 +28,7 @@ real_data = pytest.mark.skipif(not (TILES.is_dir() and CROPS.is_dir()),
 @shipped
 def test_shipped_model_card():
     assert SHIPPED_MODEL.stat().st_size <= 30 * 2**20
-    model = load_checkpoint(SHIPPED_MODEL)
+    model = load_model(SHIPPED_MODEL)
     card = model.card
     assert card.encoder == "efficientnet-b3" and card.classes == ("normal", "sclerosed")
     assert card.analysis_mpp == 1.0 and card.tile == 1024
@@ -124,7 +124,7 @@ def test_shipped_model_is_not_fooled_by_scanner_jpeg_compression():
     from glomscan.engines.torch_engine import TorchEngine
     from glomscan.train.segment import jpeg_roundtrip
 
-    engine = TorchEngine(load_checkpoint(SHIPPED_MODEL), "cpu")
+    engine = TorchEngine(load_model(SHIPPED_MODEL), "cpu")
     tiles = read_tile_set(TILES, tile_mpp=0.5, analysis_mpp=1.0)[::3]
     for quality in (85, 70):
         both = either = 0

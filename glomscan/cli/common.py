@@ -50,14 +50,15 @@ def seed_option(help: str = "Random seed (same seed, same result).", default: in
     return click.option("--seed", type=int, default=default, show_default=True, help=help)
 
 
-def model_option(help: str = "glomscan checkpoint (.pt). Default: the model shipped with the package."):
+def model_option(help: str = "glomscan checkpoint (.pt) or ONNX model file (.onnx, from export-onnx --model-file). "
+                              "Default: the model shipped with the package."):
     return click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help=help)
 
 
 def load_model_or_exit(model_path: Path | None):
-    """The checkpoint at ``model_path`` (default: the shipped model); a usage error (exit 2)
-    naming the problem when it cannot be used."""
-    from ..model import CheckpointError, load_checkpoint
+    """The checkpoint or ONNX model file at ``model_path`` (default: the shipped model); a usage
+    error (exit 2) naming the problem when it cannot be used."""
+    from ..model import CheckpointError, load_model
     from ..shipped import default_model_path
 
     if model_path is None:
@@ -67,7 +68,7 @@ def load_model_or_exit(model_path: Path | None):
                 "no --model given and this build ships no default model yet; create a demo "
                 "checkpoint with `glomscan init-model --out model.pt` (random weights) or pass a trained one")
     try:
-        return load_checkpoint(model_path)
+        return load_model(model_path)
     except CheckpointError as exc:
         raise click.UsageError(str(exc)) from exc
 

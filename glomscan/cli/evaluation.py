@@ -17,7 +17,7 @@ def evaluate():
 
 
 @evaluate.command("segment", short_help="Pixel and detection scores of a model on a prepared set.")
-@model_option("glomscan checkpoint (default: the shipped model).")
+@model_option()
 @click.option("--data", "dataset_dir", type=EXISTING_DIR, required=True, help="Patch set made by 'glomscan prepare'.")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
               help="Which part of the prepared set to use.")
@@ -48,7 +48,7 @@ def evaluate_results(results_dir, truth_dir, out_prefix):
 
 
 @evaluate.command("real", short_help="Score a model through analyze on a real tile + crop set.")
-@model_option("glomscan checkpoint (default: the shipped model).")
+@model_option()
 @click.option("--data", "dataset_dir", type=EXISTING_DIR, required=True,
               help="A set made by 'glomscan prepare --tiles ... --crops ...'.")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,

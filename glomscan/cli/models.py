@@ -52,7 +52,7 @@ def pack_model(checkpoint, out_path, name, trained_on, intended_use, licence, fo
     click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, sha256 {sha[:12]})")
 
 
-@click.command("export-onnx", short_help="Export the U-Net to ONNX (sigmoid included).")
+@click.command("export-onnx", short_help="Export the U-Net to an ONNX model file (runs without torch).")
 @model_option()
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="ONNX file to write.")
@@ -60,14 +60,20 @@ def pack_model(checkpoint, out_path, name, trained_on, intended_use, licence, fo
               help="ONNX opset (17 or later).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compare ONNX Runtime with torch on a random batch (max abs difference <= 1e-4).")
+@click.option("--model-file", is_flag=True,
+              help="Write a glomscan ONNX model file: the whole checkpoint inside (float16 where exact, as "
+                   "pack-model stores it), so analyze, evaluate and train --init can use it instead of the .pt. "
+                   "How the shipped default.onnx is made.")
 @verbosity
-def export_onnx(model_path, out_path, opset, check):
-    """Export the U-Net to ONNX (dynamic batch, height, width; sigmoid included)."""
+def export_onnx(model_path, out_path, opset, check, model_file):
+    """Export the U-Net to ONNX (dynamic batch, height, width; sigmoid included). The file
+    carries the model card and the checkpoint's sha256, so `analyze --model FILE.onnx` runs it
+    with onnxruntime or openvino without torch."""
     from ..engines.onnx import export_onnx as export, onnx_parity
 
     model = load_model_or_exit(model_path)
     try:
-        export(model, out_path, opset=opset)
+        export(model, out_path, opset=opset, model_file=model_file)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     click.echo(f"wrote {out_path} (opset {opset}, model {model.model_id})")

@@ -2,6 +2,7 @@
 
 ``auto`` order: tensorrt (CUDA GPU + TensorRT >= 10) -> onnxruntime with CUDA -> torch CUDA ->
 openvino (CPU) -> onnxruntime CPU -> torch CPU. The choice and the reason go to the log and into report.json.
+The onnxruntime and openvino backends never import torch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from ..config import BACKENDS
 from ..model import LoadedModel
-from .base import Engine, EngineChoice, default_engine_dir
+from .base import Engine, EngineChoice, cuda_available, default_engine_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +35,19 @@ class EngineOptions:
 def create_engine(backend: str, model: LoadedModel, options: EngineOptions | None = None) -> tuple[Engine, EngineChoice]:
     """Instantiate ``backend`` for ``model``. Explicit backends fail loudly when unavailable;
     ``auto`` walks the order above and records why each earlier candidate was passed over."""
-    import torch
-
     from .onnx import OnnxRuntimeEngine, cached_onnx, onnxruntime_providers
     from .openvino import OpenVinoEngine, openvino_status
     from .tensorrt import prepare_tensorrt, tensorrt_status
-    from .torch_engine import TorchEngine
 
     options = options or EngineOptions()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    cuda = torch.cuda.is_available()
     providers = onnxruntime_providers()
+
+    def torch_engine(device: str | None = None, precision: str = options.precision):
+        from .torch_engine import TorchEngine
+
+        return TorchEngine(model, device, precision)
 
     def onnxruntime_engine() -> OnnxRuntimeEngine:
         return OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir), threads=options.cpu_threads)
@@ -59,7 +61,7 @@ def create_engine(backend: str, model: LoadedModel, options: EngineOptions | Non
                                 options.workspace_gb)
 
     if backend == "torch":
-        engine = TorchEngine(model, precision=options.precision)
+        engine = torch_engine()
         return engine, EngineChoice("torch", f"requested; torch on {engine.device} ({engine.precision})")
     if backend == "onnxruntime":
         if not providers:
@@ -92,8 +94,8 @@ def create_engine(backend: str, model: LoadedModel, options: EngineOptions | Non
     if "CUDAExecutionProvider" in providers:
         return onnxruntime_engine(), EngineChoice("onnxruntime", f"auto: CUDA execution provider; passed over {', '.join(passed_over)}")
     passed_over.append("onnxruntime-cuda (no CUDA execution provider)")
-    if cuda:
-        return TorchEngine(model, "cuda", options.precision), EngineChoice("torch", f"auto: torch CUDA {options.precision}; passed over {', '.join(passed_over)}")
+    if cuda_available():
+        return torch_engine("cuda"), EngineChoice("torch", f"auto: torch CUDA {options.precision}; passed over {', '.join(passed_over)}")
     passed_over.append("torch-cuda (no CUDA GPU)")
     ok, why = openvino_status()
     if ok:
@@ -104,4 +106,5 @@ def create_engine(backend: str, model: LoadedModel, options: EngineOptions | Non
     if providers:
         return onnxruntime_engine(), EngineChoice("onnxruntime", f"auto: onnxruntime CPU; passed over {', '.join(passed_over)}")
     passed_over.append("onnxruntime (not installed)")
-    return TorchEngine(model, "cpu"), EngineChoice("torch", f"auto: torch CPU; passed over {', '.join(passed_over)}")
+    return torch_engine("cpu"), EngineChoice("torch", f"auto: torch CPU; passed over {', '.join(passed_over)}")
+

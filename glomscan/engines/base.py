@@ -52,6 +52,18 @@ def normalise(tiles: np.ndarray, card: ModelCard) -> np.ndarray:
     return x
 
 
+def cuda_available() -> bool:
+    """A CUDA GPU that torch can use. torch is asked only where an NVIDIA driver is loaded
+    (``/dev/nvidiactl``), so a CPU-only analysis never imports torch (about 730 MiB per worker)."""
+    if not os.path.exists("/dev/nvidiactl"):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def default_engine_dir() -> Path:
     """Where ONNX exports, OpenVINO's compiled models and TensorRT engines are cached:
     $GLOMSCAN_ENGINE_DIR (Docker sets /engines, a volume), else the user's cache folder

@@ -116,12 +116,12 @@ def find_other_engines(engine_dir: Path, model_sha256: str, wanted: EngineSpec) 
 # -- GPU side --------------------------------------------------------------------------------
 def tensorrt_status() -> tuple[bool, str]:
     """(available, reason)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return False, "torch is not installed"
-    if not torch.cuda.is_available():
+    from .base import cuda_available
+
+    if not cuda_available():
         return False, "no CUDA GPU visible to torch"
+    import torch
+
     try:
         import tensorrt as trt
     except ImportError:

@@ -36,7 +36,7 @@ class TorchEngine(Engine):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cuda = torch.device(self.device).type == "cuda"
         self.precision = precision if self.cuda else "fp32"
-        self.module = model.module.to(self.device).eval()
+        self.module = model.torch_module().to(self.device).eval()
         self._staging: torch.Tensor | None = None
         self._results: torch.Tensor | None = None
         if self.cuda:
