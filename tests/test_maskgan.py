@@ -9,9 +9,9 @@ from scipy import stats
 
 from glomscan.train.maskgan import (
     MaskDiscriminator,
-    MaskGanConfig,
+    MaskGanSettings,
+    MaskGenerationSettings,
     MaskGenerator,
-    MaskSettings,
     discriminator_step,
     equivalent_diameter,
     even_diameters,
@@ -107,22 +107,22 @@ def test_even_diameters_are_uniform_over_the_range():
 def test_train_generate_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     masks = [ellipse(128, 64, 64, rng.uniform(15, 40), rng.uniform(15, 40)) for _ in range(6)]
-    config = MaskGanConfig(epochs=2, batch_size=4, image_size=32, latent=8, base_channels=8, steps_per_epoch=2)
+    config = MaskGanSettings(epochs=2, batch_size=4, image_size=32, latent=8, base_channels=8, steps_per_epoch=2)
     history = train_mask_gan(masks, tmp_path / "gan.pt", config, quiet=True)
     assert [h["epoch"] for h in history] == [1, 2]
     assert (tmp_path / "gan.losses.csv").read_text().count("\n") == 3
     assert (tmp_path / "gan.samples.png").is_file()
     # resumable: more epochs continue from the last state
-    history = train_mask_gan(masks, tmp_path / "gan.pt", MaskGanConfig(**{**config.__dict__, "epochs": 3}), quiet=True)
+    history = train_mask_gan(masks, tmp_path / "gan.pt", MaskGanSettings(**{**config.__dict__, "epochs": 3}), quiet=True)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     with pytest.raises(ValueError, match="use the same settings"):
-        train_mask_gan(masks, tmp_path / "gan.pt", MaskGanConfig(**{**config.__dict__, "epochs": 4, "latent": 9}))
+        train_mask_gan(masks, tmp_path / "gan.pt", MaskGanSettings(**{**config.__dict__, "epochs": 4, "latent": 9}))
     generator, loaded, info = load_mask_generator(tmp_path / "gan.pt")
     assert loaded.image_size == 32 and info["n_masks"] == 6
     assert info["diameter_min_px"] == pytest.approx(min(equivalent_diameter(m.sum()) for m in masks))
     # an untrained generator's samples are noise: threshold 0 keeps most of the canvas
-    out, records = generate_masks(generator, 5, MaskSettings(size=128, threshold=0.0, min_island_px=1,
-                                                             diameter_range=(20, 40)), (1, 2))
+    out, records = generate_masks(generator, 5, MaskGenerationSettings(size=128, threshold=0.0, min_island_px=1,
+                                                                       diameter_range=(20, 40)), (1, 2))
     assert len(out) == 5 and all(m.shape == (128, 128) for m in out)
     for m, r in zip(out, records):
         assert r["equivalent_diameter_px"] == pytest.approx(r["target_diameter_px"], rel=0.1)
@@ -139,13 +139,13 @@ def test_a_crash_between_the_csv_and_the_resume_state_leaves_one_row_per_epoch(t
 
     rng = np.random.default_rng(0)
     masks = [ellipse(64, 32, 32, rng.uniform(8, 20), rng.uniform(8, 20)) for _ in range(4)]
-    config = MaskGanConfig(epochs=1, batch_size=4, image_size=32, latent=8, base_channels=8, steps_per_epoch=1)
+    config = MaskGanSettings(epochs=1, batch_size=4, image_size=32, latent=8, base_channels=8, steps_per_epoch=1)
     first = train_mask_gan(masks, tmp_path / "gan.pt", config, quiet=True)
     crash_on_next(monkeypatch, "atomic_torch_save")
     with pytest.raises(Crash):  # killed after epoch 2's CSV row, before its resume state
-        train_mask_gan(masks, tmp_path / "gan.pt", MaskGanConfig(**{**config.__dict__, "epochs": 3}), quiet=True)
+        train_mask_gan(masks, tmp_path / "gan.pt", MaskGanSettings(**{**config.__dict__, "epochs": 3}), quiet=True)
     assert list(pd.read_csv(tmp_path / "gan.losses.csv").epoch) == [1, 2]
-    history = train_mask_gan(masks, tmp_path / "gan.pt", MaskGanConfig(**{**config.__dict__, "epochs": 3}), quiet=True)
+    history = train_mask_gan(masks, tmp_path / "gan.pt", MaskGanSettings(**{**config.__dict__, "epochs": 3}), quiet=True)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     losses = pd.read_csv(tmp_path / "gan.losses.csv")
     assert list(losses.epoch) == [1, 2, 3]

@@ -24,7 +24,7 @@ from glomscan.train.data import (
     split_slides,
 )
 from glomscan.train.metrics import instance_matches, pixel_metrics, sclerosis_percent
-from glomscan.train.segment import PartialLabelLoss, TrainConfig, targets_from_labels, train_segmentation
+from glomscan.train.segment import PartialLabelLoss, SegmentSettings, targets_from_labels, train_segmentation
 from glomscan.train.sources import UNKNOWN_CLASS
 
 TINY = dict(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8))
@@ -194,13 +194,13 @@ def test_instance_matching_and_sclerosis_percent():
 
 def test_training_checkpoint_resume_and_analyze(dataset, tmp_path):
     out, manifest, _ = dataset
-    config = TrainConfig(epochs=1, batch_size=2, crop=128, max_steps_per_epoch=2, name="tiny-trained", **TINY)
+    config = SegmentSettings(epochs=1, batch_size=2, crop=128, max_steps_per_epoch=2, name="tiny-trained", **TINY)
     best = train_segmentation(out, tmp_path / "m.pt", config, quiet=True)
     assert 0.0 <= best["dice_mean"] <= 1.0
     metrics = pd.read_csv(tmp_path / "m.metrics.csv")
     assert list(metrics.epoch) == [1] and {"train_loss", "val_dice_mean", "lr"} <= set(metrics.columns)
     # resume: a longer run continues from the last epoch instead of starting over
-    train_segmentation(out, tmp_path / "m.pt", TrainConfig(**{**config.__dict__, "epochs": 2}), quiet=True)
+    train_segmentation(out, tmp_path / "m.pt", SegmentSettings(**{**config.__dict__, "epochs": 2}), quiet=True)
     assert list(pd.read_csv(tmp_path / "m.metrics.csv").epoch) == [1, 2]
     model = load_checkpoint(tmp_path / "m.pt")
     assert model.card.encoder == "resnet18" and model.card.tile == 256
@@ -220,14 +220,14 @@ def test_a_crash_between_the_csv_and_the_resume_state_leaves_one_row_per_epoch(d
     out.mkdir()
     rows.assign(image=[str(dataset[0] / p) for p in rows.image], mask=[str(dataset[0] / p) for p in rows["mask"]]
                 ).to_csv(out / "manifest.csv", index=False)
-    config = TrainConfig(epochs=1, batch_size=2, crop=64, max_steps_per_epoch=1, bn_recalibration_steps=0, **TINY)
+    config = SegmentSettings(epochs=1, batch_size=2, crop=64, max_steps_per_epoch=1, bn_recalibration_steps=0, **TINY)
     train_segmentation(out, tmp_path / "m.pt", config, quiet=True)
     first = pd.read_csv(tmp_path / "m.metrics.csv")
     crash_on_next(monkeypatch, "atomic_torch_save")
     with pytest.raises(Crash):  # killed after epoch 2's CSV row, before its resume state
-        train_segmentation(out, tmp_path / "m.pt", TrainConfig(**{**config.__dict__, "epochs": 3}), quiet=True)
+        train_segmentation(out, tmp_path / "m.pt", SegmentSettings(**{**config.__dict__, "epochs": 3}), quiet=True)
     assert list(pd.read_csv(tmp_path / "m.metrics.csv").epoch) == [1, 2]
-    train_segmentation(out, tmp_path / "m.pt", TrainConfig(**{**config.__dict__, "epochs": 3}), quiet=True)
+    train_segmentation(out, tmp_path / "m.pt", SegmentSettings(**{**config.__dict__, "epochs": 3}), quiet=True)
     metrics = pd.read_csv(tmp_path / "m.metrics.csv")
     assert list(metrics.epoch) == [1, 2, 3]
     assert metrics.iloc[0].equals(first.iloc[0])  # the finished epoch's row is kept as it was
@@ -355,12 +355,12 @@ def test_patch_loader_processes_draw_different_augmentations(dataset):
 
 def test_training_starts_from_a_glomscan_checkpoint(dataset, tmp_path, tiny_checkpoint):
     out, _, _ = dataset
-    config = TrainConfig(epochs=1, batch_size=2, crop=128, max_steps_per_epoch=1, name="ft", **TINY)
+    config = SegmentSettings(epochs=1, batch_size=2, crop=128, max_steps_per_epoch=1, name="ft", **TINY)
     # loader processes, in a process that has run libvips (prepare) before: must not hang
-    train_segmentation(out, tmp_path / "a.pt", TrainConfig(**{**config.__dict__, "workers": 2}), quiet=True)
+    train_segmentation(out, tmp_path / "a.pt", SegmentSettings(**{**config.__dict__, "workers": 2}), quiet=True)
     start = load_checkpoint(tmp_path / "a.pt")
     # one step at a tiny learning rate from those weights: the result stays close to them
-    tuned = train_segmentation(out, tmp_path / "b.pt", TrainConfig(**{**config.__dict__, "init": str(tmp_path / "a.pt"),
+    tuned = train_segmentation(out, tmp_path / "b.pt", SegmentSettings(**{**config.__dict__, "init": str(tmp_path / "a.pt"),
                                                                       "lr": 1e-9, "min_lr": 1e-9,
                                                                       "bn_recalibration_steps": 0}), quiet=True)
     assert tuned is not None
@@ -369,5 +369,5 @@ def test_training_starts_from_a_glomscan_checkpoint(dataset, tmp_path, tiny_chec
         if value.dtype.is_floating_point and "running" not in key:
             torch.testing.assert_close(after[key], value, atol=1e-4, rtol=1e-3)
     with pytest.raises(ValueError, match="architecture"):
-        train_segmentation(out, tmp_path / "c.pt", TrainConfig(epochs=1, batch_size=2, crop=128, max_steps_per_epoch=1,
+        train_segmentation(out, tmp_path / "c.pt", SegmentSettings(epochs=1, batch_size=2, crop=128, max_steps_per_epoch=1,
                                                                init=str(tmp_path / "a.pt")), quiet=True)

@@ -58,11 +58,12 @@ def crops(dataset_dir, out_dir, size, test_fraction, seed, split):
 @fail_on(ValueError)
 def masks(model_path, count, out_dir, size, threshold, min_island_px, diameter_range, seed):
     """Sample masks, threshold, keep one main contour, spread sizes evenly over a range, save PNGs + masks.csv."""
-    from ..train.maskgan import MaskSettings, generate_masks, load_mask_generator, write_masks
+    from ..train.maskgan import MaskGenerationSettings, generate_masks, load_mask_generator, write_masks
 
     generator, _, info = load_mask_generator(model_path)
     default = (info["diameter_min_px"], info["diameter_max_px"])
-    settings = MaskSettings(size, threshold, min_island_px, tuple(diameter_range) if diameter_range else None, seed)
+    settings = MaskGenerationSettings(size, threshold, min_island_px,
+                                      tuple(diameter_range) if diameter_range else None, seed)
     generated, records = generate_masks(generator, count, settings, default)
     csv_path = write_masks(out_dir, generated, records)
     low, high = settings.diameter_range or default

@@ -136,14 +136,14 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
                   max_steps_per_epoch, bn_recalibration_steps, name, precision, card_tile, stain_jitter, jpeg_min_quality,
                   init_path, workers, seed):
     """Train the U-Net (0.5*BCE + Dice, Adam, cosine LR); resumes from OUT.last.pt if present."""
-    from ..train.segment import TrainConfig, train_segmentation
+    from ..train.segment import SegmentSettings, train_segmentation
 
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, crop=crop, encoder=encoder,
-                         encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch,
-                         bn_recalibration_steps=bn_recalibration_steps, name=name, seed=seed,
-                         precision=precision, stain_jitter=stain_jitter, tile=card_tile, workers=workers,
-                         jpeg_min_quality=jpeg_min_quality, init=init_path)
-    best = train_segmentation(dataset_dir, out_path, config, quiet=is_quiet())
+    settings = SegmentSettings(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, crop=crop, encoder=encoder,
+                               encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch,
+                               bn_recalibration_steps=bn_recalibration_steps, name=name, seed=seed,
+                               precision=precision, stain_jitter=stain_jitter, tile=card_tile, workers=workers,
+                               jpeg_min_quality=jpeg_min_quality, init=init_path)
+    best = train_segmentation(dataset_dir, out_path, settings, quiet=is_quiet())
     click.echo(f"best validation Dice {best.get('dice_mean', float('nan')):.4f} -> {out_path}")
 
 
@@ -206,12 +206,12 @@ def train_masks(crops_dir, out_path, epochs, batch_size, image_size, latent, bas
                 split, seed):
     """Train the mask DCGAN on the crops' glomerulus masks; resumes from OUT.last.pt if present."""
     from ..train.crops import read_crops
-    from ..train.maskgan import MaskGanConfig, train_mask_gan
+    from ..train.maskgan import MaskGanSettings, train_mask_gan
 
     masks = [m for _, m in read_crops(crops_dir, None if split == "all" else split)]
-    config = MaskGanConfig(epochs=epochs, batch_size=batch_size, image_size=int(image_size), latent=latent,
-                           base_channels=base_channels, lr=lr, steps_per_epoch=max_steps_per_epoch, seed=seed)
-    history = train_mask_gan(masks, out_path, config, quiet=is_quiet(), info={"crops": str(crops_dir)})
+    settings = MaskGanSettings(epochs=epochs, batch_size=batch_size, image_size=int(image_size), latent=latent,
+                               base_channels=base_channels, lr=lr, steps_per_epoch=max_steps_per_epoch, seed=seed)
+    history = train_mask_gan(masks, out_path, settings, quiet=is_quiet(), info={"crops": str(crops_dir)})
     last = history[-1] if history else {}
     click.echo(f"trained on {len(masks)} masks, epoch {last.get('epoch', 0)}: loss D {last.get('loss_d', float('nan')):.4f}, "
         f"G {last.get('loss_g', float('nan')):.4f} -> {out_path} (losses {out_path.with_suffix('.losses.csv')}, "

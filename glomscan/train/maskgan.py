@@ -118,7 +118,7 @@ def augment_dihedral(batch: torch.Tensor, generator: torch.Generator) -> torch.T
 # --- training ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class MaskGanConfig:
+class MaskGanSettings:
     epochs: int = 200
     batch_size: int = 64
     image_size: int = 64
@@ -171,9 +171,9 @@ def generator_step(generator: MaskGenerator, discriminator: MaskDiscriminator, o
     return loss.item()
 
 
-def train_mask_gan(masks: list[np.ndarray], out_path: Path, config: MaskGanConfig = MaskGanConfig(),
+def train_mask_gan(masks: list[np.ndarray], out_path: Path, settings: MaskGanSettings = MaskGanSettings(),
                    quiet: bool = False, info: dict | None = None) -> list[dict]:
-    """Train on binary masks; writes ``out_path`` (generator + config + the real masks'
+    """Train on binary masks; writes ``out_path`` (generator + settings + the real masks'
     diameter range), ``<out>.last.pt`` (resume state: rerun with more epochs),
     ``<out>.losses.csv`` (per epoch) and ``<out>.samples.png`` (a grid of samples). Returns
     the rows of the CSV."""
@@ -181,45 +181,45 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, config: MaskGanConfi
         raise ValueError("no masks to train on")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    seed_training(config.seed)
+    seed_training(settings.seed)
     device = choose_training_device("fp32").device
-    data = torch.from_numpy(np.stack([normalise_mask(m, config.image_size) for m in masks]))[:, None]
+    data = torch.from_numpy(np.stack([normalise_mask(m, settings.image_size) for m in masks]))[:, None]
     diameters = [equivalent_diameter(m.sum()) for m in masks]
     info = {"n_masks": len(masks), "diameter_min_px": min(diameters), "diameter_max_px": max(diameters),
             "mask_size_px": int(masks[0].shape[0]), **(info or {})}
-    generator = MaskGenerator(config.latent, config.image_size, config.base_channels).to(device)
-    discriminator = MaskDiscriminator(config.image_size, config.base_channels).to(device)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
-    rng = torch.Generator().manual_seed(config.seed)
-    fixed_z = torch.randn(64, config.latent, generator=torch.Generator().manual_seed(config.seed + 1))
+    generator = MaskGenerator(settings.latent, settings.image_size, settings.base_channels).to(device)
+    discriminator = MaskDiscriminator(settings.image_size, settings.base_channels).to(device)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=settings.lr, betas=(settings.beta1, settings.beta2))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=settings.lr, betas=(settings.beta1, settings.beta2))
+    rng = torch.Generator().manual_seed(settings.seed)
+    fixed_z = torch.randn(64, settings.latent, generator=torch.Generator().manual_seed(settings.seed + 1))
     run = TrainingRun(out_path, {"generator": generator, "discriminator": discriminator, "opt_g": opt_g,
-                                 "opt_d": opt_d}, _architecture(config), metrics_suffix=".losses.csv")
+                                 "opt_d": opt_d}, _architecture(settings), metrics_suffix=".losses.csv")
     resumed = run.resume()
     if resumed:
         rng.set_state(resumed["rng"])
-    steps = config.steps_per_epoch or max(1, math.ceil(len(data) / config.batch_size))
-    for epoch in range(run.start_epoch, config.epochs):
+    steps = settings.steps_per_epoch or max(1, math.ceil(len(data) / settings.batch_size))
+    for epoch in range(run.start_epoch, settings.epochs):
         t0 = time.perf_counter()
         generator.train()
         discriminator.train()
         sums = np.zeros(4)
         for step in range(steps):
-            noise = config.instance_noise * max(0.0, 1 - (epoch * steps + step) / (config.epochs * steps))
-            idx = torch.randint(len(data), (max(config.batch_size, 2),), generator=rng)  # with replacement
+            noise = settings.instance_noise * max(0.0, 1 - (epoch * steps + step) / (settings.epochs * steps))
+            idx = torch.randint(len(data), (max(settings.batch_size, 2),), generator=rng)  # with replacement
             real = augment_dihedral(data[idx], rng).to(device)
-            z = torch.randn(len(real), config.latent, generator=rng).to(device)
-            loss_d, d_real, d_fake = discriminator_step(generator, discriminator, opt_d, real, z, config.real_label,
+            z = torch.randn(len(real), settings.latent, generator=rng).to(device)
+            loss_d, d_real, d_fake = discriminator_step(generator, discriminator, opt_d, real, z, settings.real_label,
                                                         noise)
-            z = torch.randn(len(real), config.latent, generator=rng).to(device)
+            z = torch.randn(len(real), settings.latent, generator=rng).to(device)
             loss_g = generator_step(generator, discriminator, opt_g, z, noise)
             sums += (loss_d, loss_g, d_real, d_fake)
         row = dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), map(float, sums / steps)))
         row["seconds"] = time.perf_counter() - t0
         if not quiet:
-            log.info("epoch %d/%d: loss D %.4f, G %.4f, D(real) %.3f, D(fake) %.3f", epoch + 1, config.epochs,
+            log.info("epoch %d/%d: loss D %.4f, G %.4f, D(real) %.3f, D(fake) %.3f", epoch + 1, settings.epochs,
                      row["loss_d"], row["loss_g"], row["d_real"], row["d_fake"])
-        save_mask_generator(out_path, generator, config, info)
+        save_mask_generator(out_path, generator, settings, info)
         run.end_epoch(epoch, row, rng=rng.get_state())
         generator.eval()
         with torch.no_grad():
@@ -228,9 +228,9 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, config: MaskGanConfi
     return run.rows
 
 
-def _architecture(config: MaskGanConfig) -> dict:
+def _architecture(settings: MaskGanSettings) -> dict:
     """The settings a resume state must share with the run that continues it."""
-    return {k: asdict(config)[k] for k in ("image_size", "latent", "base_channels")}
+    return {k: asdict(settings)[k] for k in ("image_size", "latent", "base_channels")}
 
 
 def write_grid(path: Path, samples: np.ndarray, columns: int = 8) -> None:
@@ -244,19 +244,19 @@ def write_grid(path: Path, samples: np.ndarray, columns: int = 8) -> None:
     write_png(path, grid)
 
 
-def save_mask_generator(path: Path, generator: MaskGenerator, config: MaskGanConfig, info: dict) -> None:
-    atomic_torch_save(Path(path), {"format": CHECKPOINT_FORMAT, "version": 1, "config": asdict(config),
+def save_mask_generator(path: Path, generator: MaskGenerator, settings: MaskGanSettings, info: dict) -> None:
+    atomic_torch_save(Path(path), {"format": CHECKPOINT_FORMAT, "version": 1, "config": asdict(settings),
                                    "info": dict(info), "state_dict": generator.state_dict()})
 
 
-def load_mask_generator(path: Path) -> tuple[MaskGenerator, MaskGanConfig, dict]:
+def load_mask_generator(path: Path) -> tuple[MaskGenerator, MaskGanSettings, dict]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a mask GAN made by 'glomscan train masks'")
-    config = MaskGanConfig(**state["config"])
-    generator = MaskGenerator(config.latent, config.image_size, config.base_channels)
+    settings = MaskGanSettings(**state["config"])
+    generator = MaskGenerator(settings.latent, settings.image_size, settings.base_channels)
     generator.load_state_dict(state["state_dict"])
-    return generator.eval(), config, dict(state["info"])
+    return generator.eval(), settings, dict(state["info"])
 
 
 # --- samples -> masks -------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ def even_diameters(count: int, low: float, high: float, rng: np.random.Generator
 
 
 @dataclass(frozen=True)
-class MaskSettings:
+class MaskGenerationSettings:
     size: int = 256
     threshold: float = 0.5
     min_island_px: int = 64
@@ -331,8 +331,8 @@ class MaskSettings:
     max_tries_per_mask: int = 20
 
 
-def generate_masks(generator: MaskGenerator, count: int, settings: MaskSettings, default_range: tuple[float, float],
-                   batch: int = 64) -> tuple[list[np.ndarray], list[dict]]:
+def generate_masks(generator: MaskGenerator, count: int, settings: MaskGenerationSettings,
+                   default_range: tuple[float, float], batch: int = 64) -> tuple[list[np.ndarray], list[dict]]:
     """Sample, post-process and rescale ``count`` masks: (masks, one record per mask)."""
     if count < 1:
         raise ValueError("count must be at least 1")

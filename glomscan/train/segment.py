@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class SegmentSettings:
     epochs: int = 200
     batch_size: int = 8
     lr: float = 1e-4
@@ -224,7 +224,7 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: TrainingDevice,
     return metrics
 
 
-def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, quiet: bool = False) -> dict:
+def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSettings, quiet: bool = False) -> dict:
     """Train; writes ``out_path`` (best validation selection score, fp32, glomscan checkpoint),
     ``<out>.last.pt`` (resume state) and ``<out>.metrics.csv``. Returns the best metrics.
     The selection score is the mean of the class Dice (known-class pixels) and the glomerulus
@@ -235,33 +235,33 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
     train_rows, val_rows = manifest[manifest.split == "train"], manifest[manifest.split == "val"]
     if train_rows.empty or val_rows.empty:
         raise ValueError(f"{dataset_dir}: need patches in both splits (train {len(train_rows)}, val {len(val_rows)})")
-    seed_training(config.seed)
-    device = choose_training_device(config.precision)
+    seed_training(settings.seed)
+    device = choose_training_device(settings.precision)
     log.info("training on %s", device.reason)
-    card = ModelCard(name=config.name, encoder=config.encoder, encoder_depth=config.encoder_depth,
-                     decoder_channels=tuple(config.decoder_channels), analysis_mpp=config.analysis_mpp,
-                     tile=config.tile or int(manifest.tile.iloc[0]),
-                     trained_on=config.trained_on or f"{dataset_dir.name}: {manifest.slide.nunique()} slides, "
+    card = ModelCard(name=settings.name, encoder=settings.encoder, encoder_depth=settings.encoder_depth,
+                     decoder_channels=tuple(settings.decoder_channels), analysis_mpp=settings.analysis_mpp,
+                     tile=settings.tile or int(manifest.tile.iloc[0]),
+                     trained_on=settings.trained_on or f"{dataset_dir.name}: {manifest.slide.nunique()} slides, "
                                                      f"{len(train_rows)} train / {len(val_rows)} val patches",
-                     **{k: v for k, v in (("intended_use", config.intended_use), ("licence", config.licence)) if v})
+                     **{k: v for k, v in (("intended_use", settings.intended_use), ("licence", settings.licence)) if v})
     model = build_model(card)
-    if config.init:
-        init = load_checkpoint(config.init)
+    if settings.init:
+        init = load_checkpoint(settings.init)
         architecture = ("encoder", "encoder_depth", "decoder_channels", "classes")
         if any(getattr(init.card, k) != getattr(card, k) for k in architecture):
-            raise ValueError(f"--init {config.init}: its architecture ({', '.join(f'{k} {getattr(init.card, k)}' for k in architecture)}) "
+            raise ValueError(f"--init {settings.init}: its architecture ({', '.join(f'{k} {getattr(init.card, k)}' for k in architecture)}) "
                              "differs from the one asked for")
         model.load_state_dict(init.module.state_dict())
-        log.info("weights from %s (%s)", config.init, init.model_id)
-    if config.encoder_weights:
-        state = torch.load(config.encoder_weights, map_location="cpu", weights_only=True)
+        log.info("weights from %s (%s)", settings.init, init.model_id)
+    if settings.encoder_weights:
+        state = torch.load(settings.encoder_weights, map_location="cpu", weights_only=True)
         missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-        log.info("encoder weights from %s (%d missing, %d unexpected keys)", config.encoder_weights, len(missing), len(unexpected))
+        log.info("encoder weights from %s (%d missing, %d unexpected keys)", settings.encoder_weights, len(missing), len(unexpected))
     model.to(device.device)
     if device.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs, eta_min=config.min_lr)
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=settings.epochs, eta_min=settings.min_lr)
     scaler = device.grad_scaler()
     loss_fn = PartialLabelLoss()
     run = TrainingRun(out_path, {"model": model, "optimiser": optimiser, "scheduler": scheduler})
@@ -269,27 +269,27 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
     start_epoch = run.start_epoch
     if start_epoch:
         log.info("best validation score so far %.4f", best_score)
-    sampler_generator = torch.Generator().manual_seed(config.seed + start_epoch)
+    sampler_generator = torch.Generator().manual_seed(settings.seed + start_epoch)
     pin_memory = device.device.startswith("cuda")
     # loader processes start from a clean server process, not forked from this one: a fork
     # taken while libvips threads hold locks (e.g. after `prepare` in the same process) hangs
-    context = "forkserver" if config.workers > 0 else None
+    context = "forkserver" if settings.workers > 0 else None
     if pin_memory:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-    train_loader = DataLoader(PatchDataset(dataset_dir, train_rows, card, True, config.crop, config.seed + start_epoch,
-                                           config.stain_jitter, config.jpeg_min_quality),
-                              batch_size=config.batch_size, shuffle=True, num_workers=config.workers, drop_last=True,
+    train_loader = DataLoader(PatchDataset(dataset_dir, train_rows, card, True, settings.crop, settings.seed + start_epoch,
+                                           settings.stain_jitter, settings.jpeg_min_quality),
+                              batch_size=settings.batch_size, shuffle=True, num_workers=settings.workers, drop_last=True,
                               generator=sampler_generator, worker_init_fn=seed_worker, pin_memory=pin_memory,
                               multiprocessing_context=context)
-    val_loader = DataLoader(PatchDataset(dataset_dir, val_rows, card, False), batch_size=config.batch_size,
-                            num_workers=config.workers, pin_memory=pin_memory, multiprocessing_context=context)
+    val_loader = DataLoader(PatchDataset(dataset_dir, val_rows, card, False), batch_size=settings.batch_size,
+                            num_workers=settings.workers, pin_memory=pin_memory, multiprocessing_context=context)
     best = {}
     batches = iter(())
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start_epoch, settings.epochs):
         model.train()
         t0, losses = time.perf_counter(), []
-        steps = len(train_loader) if config.max_steps_per_epoch is None else config.max_steps_per_epoch
-        with Progress(steps, f"epoch {epoch + 1}/{config.epochs}", quiet=quiet, unit="step") as progress:
+        steps = len(train_loader) if settings.max_steps_per_epoch is None else settings.max_steps_per_epoch
+        with Progress(steps, f"epoch {epoch + 1}/{settings.epochs}", quiet=quiet, unit="step") as progress:
             for _ in range(steps):
                 try:
                     x, labels = next(batches)
@@ -307,7 +307,7 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
                 losses.append(loss.item())
                 progress.update()
         scheduler.step()
-        recalibrate_batchnorm(model, train_loader, device, config.bn_recalibration_steps)
+        recalibrate_batchnorm(model, train_loader, device, settings.bn_recalibration_steps)
         val = evaluate_model(model, val_loader, device)
         metrics = {"train_loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"],
                    "seconds": round(time.perf_counter() - t0, 1), **{f"val_{k}": v for k, v in val.items()}}
@@ -317,5 +317,5 @@ def train_segmentation(dataset_dir: Path, out_path: Path, config: TrainConfig, q
         if score > best_score:
             best_score, best = score, val
             save_checkpoint(out_path, model, replace(card, metrics={"epoch": epoch + 1, **val}))
-        run.end_epoch(epoch, metrics, best_score=best_score, config=asdict(config))
+        run.end_epoch(epoch, metrics, best_score=best_score, config=asdict(settings))
     return best
