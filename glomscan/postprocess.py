@@ -10,6 +10,7 @@ into the label rows with its class and forgotten. Memory holds one band plus pen
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -71,58 +72,174 @@ def glomeruli_in_image(probabilities: np.ndarray, class_names: tuple[str, ...], 
 RowSink = Callable[[int, np.ndarray], None]
 """Receives (y0, uint8 label rows of full width) in increasing y order."""
 
+MIN_PIECE_ROWS = 64
+"""With workers, a band is labelled in horizontal pieces of at least this many rows."""
+
+
+@dataclass
+class _Chunk:
+    """Pending rows [y0, y0 + height) as pushed: provisional component ids (int32, 0 background),
+    quantised probabilities (C, h, W) and the label values painted so far."""
+
+    y0: int
+    ids: np.ndarray
+    probabilities: np.ndarray
+    paint: np.ndarray
+
+    @property
+    def height(self) -> int:
+        return self.ids.shape[0]
+
+
+@dataclass
+class _Component:
+    """A component still being streamed: bounding box (absolute rows) and its provisional ids."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    members: list[int]
+
 
 class InstanceStream:
+    """Glomeruli from bands pushed top to bottom.
+
+    Each band is labelled on its own (8-connected) and its components are joined to those of
+    the rows above through the one pair of touching rows (union-find over provisional ids), so
+    a band costs the same however tall the components that cross it. A component is finished
+    when no pixel of it lies in the newest band's last row. Provisional ids are handed out in
+    raster order (scipy numbers components by their first pixel), and the smallest id of a
+    component stays its name, so components finished together are measured in the order of
+    their first pixel: the order, ids and masks of labelling all pending rows at once.
+
+    With a thread pool (``workers`` > 1) a band is labelled in horizontal pieces and finished
+    components are measured on the pool at the same time; the results do not depend on it.
+    """
+
     def __init__(self, width: int, class_names: tuple[str, ...], min_area_px: float,
-                 row_sink: RowSink | None = None, max_pending_rows: int = 8192):
+                 row_sink: RowSink | None = None, max_pending_rows: int = 8192,
+                 pool: Executor | None = None, workers: int = 1):
         self.width = width
         self.class_names = class_names
         self.min_area_px = min_area_px
         self.row_sink = row_sink
         self.max_pending_rows = max_pending_rows
+        self.pool = pool if workers > 1 else None
+        self.workers = workers if self.pool is not None else 1
         self.instances: list[Glomerulus] = []
         self.dropped_small = 0
         self.forced_closures = 0
-        c = len(class_names)
-        self._y0 = 0
-        self._fg = np.zeros((0, width), bool)
-        self._probs = np.zeros((c, 0, width), np.uint8)
-        self._paint = np.zeros((0, width), np.uint8)
+        self._y0 = 0  # first pending row
+        self._chunks: list[_Chunk] = []
+        self._next_id = 1
+        self._parent: dict[int, int] = {}
+        self._live: dict[int, _Component] = {}  # root id -> component
+
+    @property
+    def _height(self) -> int:
+        return sum(c.height for c in self._chunks)
 
     def push(self, band: Band) -> None:
-        if band.y0 != self._y0 + self._fg.shape[0]:
-            raise ValueError(f"bands must be contiguous: expected y0={self._y0 + self._fg.shape[0]}, got {band.y0}")
+        if band.y0 != self._y0 + self._height:
+            raise ValueError(f"bands must be contiguous: expected y0={self._y0 + self._height}, got {band.y0}")
         if band.empty:  # nothing can continue through it: close what is pending, skip its rows
             self._resolve(final=True)
             self._y0 += band.height
             return
-        self._fg = np.concatenate([self._fg, band.foreground], axis=0)
-        self._probs = np.concatenate([self._probs, band.probabilities], axis=1)
-        self._paint = np.concatenate([self._paint, np.zeros_like(band.foreground, np.uint8)], axis=0)
+        ids, pieces = self._label(band.foreground, band.y0)
+        above = self._chunks[-1].ids[-1] if self._chunks else None
+        self._chunks.append(_Chunk(band.y0, ids, band.probabilities, np.zeros(ids.shape, np.uint8)))
+        if above is not None:
+            self._join(above, ids[0])
+        for start in pieces[1:]:
+            self._join(ids[start - 1], ids[start])
         self._resolve(final=False)
 
     def finish(self) -> list[Glomerulus]:
         self._resolve(final=True)
         return self.instances
 
+    def _map(self, work, items: list) -> list:
+        if self.pool is None or len(items) < 2:
+            return [work(item) for item in items]
+        return list(self.pool.map(work, items))
+
+    def _label(self, foreground: np.ndarray, y0: int) -> tuple[np.ndarray, list[int]]:
+        """Provisional ids of one band (raster order, continuing the running count) and the
+        first rows of the pieces it was labelled in; registers every component as live."""
+        h = foreground.shape[0]
+        n_pieces = max(1, min(self.workers, h // MIN_PIECE_ROWS))
+        starts = [h * i // n_pieces for i in range(n_pieces)]
+        ends = starts[1:] + [h]
+        ids = np.empty(foreground.shape, np.int32)
+
+        def label(i: int):
+            piece = ids[starts[i]:ends[i]]
+            n = ndimage.label(foreground[starts[i]:ends[i]], structure=EIGHT_CONNECTED, output=piece)
+            return n, ndimage.find_objects(piece, max_label=n)
+
+        found = self._map(label, list(range(n_pieces)))
+        bases = []
+        for i, (n, objects) in enumerate(found):
+            base = self._next_id - 1
+            bases.append(base)
+            for j, sl in enumerate(objects, start=1):
+                self._parent[base + j] = base + j
+                self._live[base + j] = _Component(y0 + starts[i] + sl[0].start, y0 + starts[i] + sl[0].stop,
+                                                  sl[1].start, sl[1].stop, [base + j])
+            self._next_id += n
+
+        def offset(i: int) -> None:
+            if bases[i]:
+                piece = ids[starts[i]:ends[i]]
+                np.add(piece, bases[i], out=piece, where=piece > 0)
+
+        self._map(offset, list(range(n_pieces)))
+        return ids, starts
+
+    def _find(self, i: int) -> int:
+        parent = self._parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def _join(self, upper: np.ndarray, lower: np.ndarray) -> None:
+        """Union the components of two vertically adjacent rows that touch (8-connected)."""
+        w = upper.shape[0]
+        pairs = []
+        for d in (-1, 0, 1):  # upper x with lower x + d
+            a = upper[max(0, -d):w - max(0, d)]
+            b = lower[max(0, d):w - max(0, -d)]
+            both = (a > 0) & (b > 0)
+            if both.any():
+                pairs.append(np.stack([a[both], b[both]], axis=1))
+        if not pairs:
+            return
+        for i, j in np.unique(np.concatenate(pairs), axis=0).tolist():
+            ri, rj = self._find(i), self._find(j)
+            if ri == rj:
+                continue
+            if rj < ri:
+                ri, rj = rj, ri
+            self._parent[rj] = ri  # the smaller id (the earlier first pixel) names the component
+            keep, gone = self._live[ri], self._live.pop(rj)
+            keep.y0, keep.y1 = min(keep.y0, gone.y0), max(keep.y1, gone.y1)
+            keep.x0, keep.x1 = min(keep.x0, gone.x0), max(keep.x1, gone.x1)
+            keep.members += gone.members
+
     def _resolve(self, final: bool) -> None:
-        fg = self._fg
-        height = fg.shape[0]
+        height = self._height
         if height == 0:
             return
-        labels, n = ndimage.label(fg, structure=EIGHT_CONNECTED)
-        open_ids = set() if final else set(np.unique(labels[-1]).tolist()) - {0}
-        slices = ndimage.find_objects(labels)
-        cut = height
-        for idx, sl in enumerate(slices, start=1):
-            if sl is None:
-                continue
-            if idx in open_ids:
-                cut = min(cut, sl[0].start)
-                continue
-            component = labels[sl] == idx
-            self._finish_component(sl, component)
-            fg[sl][component] = False
+        if final:
+            open_roots: set[int] = set()
+        else:
+            last = self._chunks[-1].ids[-1]
+            open_roots = {self._find(i) for i in np.unique(last[last > 0]).tolist()}
+        self._finish_components(sorted(r for r in self._live if r not in open_roots))
+        cut = min((self._live[r].y0 for r in open_roots), default=self._y0 + height) - self._y0
         if not final and height - cut > self.max_pending_rows:
             # A component taller than any glomerulus: close everything rather than grow.
             self.forced_closures += 1
@@ -131,35 +248,79 @@ class InstanceStream:
             self._resolve(final=True)
             return
         if self.row_sink is not None and cut > 0:
-            self.row_sink(self._y0, self._paint[:cut])
-        self._y0 += cut
-        self._fg = self._fg[cut:].copy()
-        self._probs = self._probs[:, cut:].copy()
-        self._paint = self._paint[cut:].copy()
+            self.row_sink(self._y0, self._rows("paint", self._y0, self._y0 + cut, 0, self.width))
+        self._drop_rows(self._y0 + cut)
 
-    def _finish_component(self, sl: tuple[slice, slice], component: np.ndarray) -> None:
-        area = int(component.sum())
-        if area < self.min_area_px:
-            self.dropped_small += 1
-            return
-        means = tuple(float(self._probs[c][sl][component].mean()) / 255.0 for c in range(self._probs.shape[0]))
-        cls = glomerulus_class(means)
-        self._paint[sl][component] = cls + 1
-        ys, xs = np.nonzero(component)
-        y_off, x_off = self._y0 + sl[0].start, sl[1].start
-        self.instances.append(
-            Glomerulus(
-                id=len(self.instances) + 1,
-                label=cls + 1,
-                class_name=self.class_names[cls],
-                probability=means[cls],
-                mean_probabilities=means,
-                area_px=area,
-                centroid=(float(xs.mean() + x_off + 0.5), float(ys.mean() + y_off + 0.5)),
-                bbox=(x_off, y_off, x_off + component.shape[1], y_off + component.shape[0]),
-                contour=outer_contour(component, x_off, y_off),
+    def _rows(self, name: str, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pending rows [y0, y1) and columns [x0, x1) of one array of the chunks (a view when
+        they lie in one chunk)."""
+        parts = []
+        for chunk in self._chunks:
+            a, b = max(y0, chunk.y0), min(y1, chunk.y0 + chunk.height)
+            if a < b:
+                parts.append(getattr(chunk, name)[..., a - chunk.y0:b - chunk.y0, x0:x1])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2)
+
+    def _drop_rows(self, y: int) -> None:
+        """Forget the pending rows above ``y``."""
+        kept = []
+        for chunk in self._chunks:
+            if chunk.y0 + chunk.height <= y:
+                continue
+            if chunk.y0 < y:
+                k = y - chunk.y0
+                chunk = _Chunk(y, chunk.ids[k:], chunk.probabilities[:, k:], chunk.paint[k:])
+            kept.append(chunk)
+        self._chunks = kept
+        self._y0 = y
+        if not kept:  # nothing pending refers to an id any more: start counting again
+            self._next_id = 1
+            self._parent.clear()
+
+    def _finish_components(self, roots: list[int]) -> None:
+        """Measure, keep (or drop) and paint the finished components, in the given order."""
+        components = [self._live.pop(r) for r in roots]
+        for c in components:
+            for m in c.members:
+                del self._parent[m]
+        for c, measured in zip(components, self._map(self._measure, components)):
+            if measured is None:
+                self.dropped_small += 1
+                continue
+            mask, area, means, cls, centroid, contour = measured
+            for chunk in self._chunks:  # paint the component's rows in every chunk it spans
+                a, b = max(c.y0, chunk.y0), min(c.y1, chunk.y0 + chunk.height)
+                if a < b:
+                    chunk.paint[a - chunk.y0:b - chunk.y0, c.x0:c.x1][mask[a - c.y0:b - c.y0]] = cls + 1
+            self.instances.append(
+                Glomerulus(
+                    id=len(self.instances) + 1,
+                    label=cls + 1,
+                    class_name=self.class_names[cls],
+                    probability=means[cls],
+                    mean_probabilities=means,
+                    area_px=area,
+                    centroid=centroid,
+                    bbox=(c.x0, c.y0, c.x1, c.y1),
+                    contour=contour,
+                )
             )
-        )
+
+    def _measure(self, c: _Component):
+        """(mask, area, class means, class, centroid, contour) of a finished component, or None
+        when it is smaller than the minimum area."""
+        ids = self._rows("ids", c.y0, c.y1, c.x0, c.x1)
+        mask = ids == c.members[0] if len(c.members) == 1 else np.isin(ids, c.members)
+        area = int(mask.sum())
+        if area < self.min_area_px:
+            return None
+        probabilities = self._rows("probabilities", c.y0, c.y1, c.x0, c.x1)
+        means = tuple(float(probabilities[k][mask].mean()) / 255.0 for k in range(probabilities.shape[0]))
+        # pixel-centre means from exact integer sums (what mean() of the nonzero() coordinates gives)
+        mean_x = np.float64(int(mask.sum(axis=0) @ np.arange(mask.shape[1]))) / area
+        mean_y = np.float64(int(mask.sum(axis=1) @ np.arange(mask.shape[0]))) / area
+        centroid = (float(mean_x + c.x0 + 0.5), float(mean_y + c.y0 + 0.5))
+        return mask, area, means, glomerulus_class(means), centroid, outer_contour(mask, c.x0, c.y0)
 
 
 def outer_contour(component: np.ndarray, x_off: int, y_off: int, tolerance: float = 0.75) -> list[tuple[float, float]]:
