@@ -6,11 +6,19 @@ first tile of grid row R arrives every cell row < R is final: it is normalised (
 probabilities / sum of weights), handed on as a ``Band`` and freed. Memory therefore holds at
 most tile/stride rows of cells plus one band, independent of the slide's height, and only the
 cells under tissue tiles.
+
+With a thread pool the work is spread by cell column: worker g blends and normalises the cells
+whose column index is g modulo the number of workers. Every cell still receives its tiles'
+contributions one after the other in tile order, by one thread, so the floating-point sums and
+hence the bands are bit-identical to the sequential ones; numpy releases the GIL for the array
+arithmetic, so the workers run on separate cores.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from itertools import groupby
 
 import numpy as np
 
@@ -60,7 +68,10 @@ class Band:
 
 
 class BlendingCanvas:
-    def __init__(self, grid: TileGrid, n_classes: int, foreground_threshold: float = 0.5, window: str = "cosine"):
+    def __init__(self, grid: TileGrid, n_classes: int, foreground_threshold: float = 0.5, window: str = "cosine",
+                 pool: Executor | None = None, workers: int = 1):
+        """``pool`` with ``workers`` > 1: blend and normalise on that many tasks of the pool at a
+        time (each call waits for its tasks), split by cell column. Results do not depend on it."""
         if grid.tile % grid.stride:
             raise ValueError("tile must be a multiple of stride")
         self.grid = grid
@@ -70,72 +81,136 @@ class BlendingCanvas:
         self.window = blending_window(grid.tile, kind=window)
         self.n_cell_rows = -(-grid.height // grid.stride)
         self.n_cell_cols = -(-grid.width // grid.stride)
-        self._cells: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.pool = pool if workers > 1 else None
+        self.n_groups = max(1, min(workers, self.n_cell_cols)) if self.pool is not None else 1
+        self._cells: dict[tuple[int, int], tuple[np.ndarray, list[tuple[int, int]]]] = {}
+        """(cy, cx) -> (sum of weighted probabilities, the window parts (dy, dx) added, in order)."""
+        self._weight_sums: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
         self._next_row = 0  # first cell row not yet emitted
         self._last_tile_row = -1
         self.peak_cells = 0
 
     def add(self, tile: Tile, probabilities: np.ndarray) -> list[Band]:
         """Blend one tile's (C, T, T) probabilities; returns the bands this made final."""
-        if tile.row < self._last_tile_row:
-            raise ValueError("tiles must be added in row-major grid order")
-        bands = self._emit_until(tile.row) if tile.row > self._last_tile_row else []
-        self._last_tile_row = tile.row
-        s, g = self.grid.stride, self.grid
-        weighted = probabilities * self.window[None]
-        for dy in range(self.k):
-            cy = tile.row + dy
-            if cy >= self.n_cell_rows:
-                break
-            for dx in range(self.k):
-                cx = tile.col + dx
-                if cx >= self.n_cell_cols:
-                    break
-                acc, wsum = self._cell(cy, cx)
-                h = min(s, g.height - cy * s)
-                w = min(s, g.width - cx * s)
-                ys, xs = slice(dy * s, dy * s + h), slice(dx * s, dx * s + w)
-                acc[:, :h, :w] += weighted[:, ys, xs]
-                wsum[:h, :w] += self.window[ys, xs]
-        self.peak_cells = max(self.peak_cells, len(self._cells))
+        return self.add_batch([tile], [probabilities])
+
+    def add_batch(self, tiles: list[Tile], probabilities) -> list[Band]:
+        """Blend tiles (in row-major grid order) with their (C, T, T) probabilities; returns the
+        bands they made final. The rows a tile makes final are emitted before it is blended, so
+        memory holds the same cells as adding the tiles one by one."""
+        bands: list[Band] = []
+        pairs = list(zip(tiles, probabilities))
+        for row, run in groupby(pairs, key=lambda pair: pair[0].row):
+            if row < self._last_tile_row:
+                raise ValueError("tiles must be added in row-major grid order")
+            if row > self._last_tile_row:
+                bands += self._emit_until(row)
+            self._last_tile_row = row
+            run = list(run)
+            for tile, _ in run:  # cells are created here, filled by the column groups below
+                for cy in range(tile.row, min(tile.row + self.k, self.n_cell_rows)):
+                    for cx in range(tile.col, min(tile.col + self.k, self.n_cell_cols)):
+                        self._cell(cy, cx)
+            self.peak_cells = max(self.peak_cells, len(self._cells))
+            self._in_groups(lambda g: self._blend(run, g))
         return bands
 
     def finish(self) -> list[Band]:
         """Emit every remaining row (call once, after the last tile)."""
         return self._emit_until(self.n_cell_rows)
 
-    def _cell(self, cy: int, cx: int) -> tuple[np.ndarray, np.ndarray]:
+    def _in_groups(self, work) -> None:
+        """Run ``work(g)`` for every column group g, on the pool when there is one."""
+        if self.pool is None:
+            work(0)
+            return
+        for future in [self.pool.submit(work, g) for g in range(self.n_groups)]:
+            future.result()
+
+    def _blend(self, run: list[tuple[Tile, np.ndarray]], group: int) -> None:
+        """Add the tiles of ``run`` to the cells of column group ``group``, in tile order."""
+        s, g = self.grid.stride, self.grid
+        scratch = None
+        for tile, probabilities in run:
+            if scratch is None or scratch.dtype != np.result_type(probabilities, self.window):
+                scratch = np.empty((self.n_classes, s, s), np.result_type(probabilities, self.window))
+            for dx in range(self.k):
+                cx = tile.col + dx
+                if cx >= self.n_cell_cols:
+                    break
+                if cx % self.n_groups != group:
+                    continue
+                w = min(s, g.width - cx * s)
+                xs = slice(dx * s, dx * s + w)
+                for dy in range(self.k):
+                    cy = tile.row + dy
+                    if cy >= self.n_cell_rows:
+                        break
+                    acc, parts = self._cells[(cy, cx)]
+                    h = min(s, g.height - cy * s)
+                    ys = slice(dy * s, dy * s + h)
+                    weighted = np.multiply(probabilities[:, ys, xs], self.window[ys, xs], out=scratch[:, :h, :w])
+                    np.add(acc[:, :h, :w], weighted, out=acc[:, :h, :w], casting="same_kind")
+                    parts.append((dy, dx))
+
+    def weight_sum(self, cy: int, cx: int) -> np.ndarray:
+        """Sum of the window weights a cell received: the window parts added in the order they
+        came, which depends only on which neighbouring tiles were present, so each such pattern
+        is summed once (the same float32 additions as summing per cell)."""
+        parts = tuple(self._cells[(cy, cx)][1])
+        wsum = self._weight_sums.get(parts)
+        if wsum is None:
+            s = self.grid.stride
+            wsum = np.zeros((s, s), np.float32)
+            for dy, dx in parts:
+                wsum += self.window[dy * s:dy * s + s, dx * s:dx * s + s]
+            self._weight_sums[parts] = wsum
+        return wsum
+
+    def _cell(self, cy: int, cx: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
         cell = self._cells.get((cy, cx))
         if cell is None:
             s = self.grid.stride
-            cell = (np.zeros((self.n_classes, s, s), np.float32), np.zeros((s, s), np.float32))
+            cell = (np.zeros((self.n_classes, s, s), np.float32), [])
             self._cells[(cy, cx)] = cell
         return cell
 
     def _emit_until(self, row: int) -> list[Band]:
+        rows = range(self._next_row, min(row, self.n_cell_rows))
+        if not rows:
+            return []
+        s, g = self.grid.stride, self.grid
         bands = []
-        while self._next_row < min(row, self.n_cell_rows):
-            bands.append(self._emit_row(self._next_row))
-            self._next_row += 1
+        for cy in rows:
+            h = min(s, g.height - cy * s)
+            if any((cy, cx) in self._cells for cx in range(self.n_cell_cols)):
+                bands.append(Band(y0=cy * s, height=h, probabilities=np.zeros((self.n_classes, h, g.width), np.uint8),
+                                  foreground=np.zeros((h, g.width), bool)))
+            else:
+                bands.append(Band(y0=cy * s, height=h, probabilities=None, foreground=None))
+        self._in_groups(lambda group: self._normalise(rows, bands, group))
+        for cy in rows:
+            for cx in range(self.n_cell_cols):
+                self._cells.pop((cy, cx), None)
+        self._next_row = rows.stop
         return bands
 
-    def _emit_row(self, cy: int) -> Band:
+    def _normalise(self, rows: range, bands: list[Band], group: int) -> None:
+        """Write the finished cells of column group ``group`` into the bands of ``rows``."""
         s, g = self.grid.stride, self.grid
-        h = min(s, g.height - cy * s)
-        if not any((cy, cx) in self._cells for cx in range(self.n_cell_cols)):
-            return Band(y0=cy * s, height=h, probabilities=None, foreground=None)
-        probs = np.zeros((self.n_classes, h, g.width), np.uint8)
-        foreground = np.zeros((h, g.width), bool)
-        for cx in range(self.n_cell_cols):
-            cell = self._cells.pop((cy, cx), None)
-            if cell is None:
+        for cy, band in zip(rows, bands):
+            if band.empty:
                 continue
-            acc, wsum = cell
-            w = min(s, g.width - cx * s)
-            covered = wsum[:h, :w] > 0
-            p = np.divide(acc[:, :h, :w], wsum[None, :h, :w], out=np.zeros_like(acc[:, :h, :w]),
-                          where=covered[None])
-            xs = slice(cx * s, cx * s + w)
-            foreground[:, xs] = p.max(axis=0) >= self.threshold
-            probs[:, :, xs] = np.rint(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8)
-        return Band(y0=cy * s, height=h, probabilities=probs, foreground=foreground)
+            h, probs, foreground = band.height, band.probabilities, band.foreground
+            for cx in range(group, self.n_cell_cols, self.n_groups):
+                cell = self._cells.get((cy, cx))
+                if cell is None:
+                    continue
+                acc, wsum = cell[0], self.weight_sum(cy, cx)
+                w = min(s, g.width - cx * s)
+                covered = wsum[:h, :w] > 0
+                p = np.divide(acc[:, :h, :w], wsum[None, :h, :w], out=np.zeros_like(acc[:, :h, :w]),
+                              where=covered[None])
+                xs = slice(cx * s, cx * s + w)
+                foreground[:, xs] = p.max(axis=0) >= self.threshold
+                probs[:, :, xs] = np.rint(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -58,7 +60,7 @@ def test_overlap_weights_sum_to_the_window_sum():
     for t in grid.tiles()[grid.n_cols: 2 * grid.n_cols]:
         canvas.add(t, ones)
     # cell row 1 is now complete (touched by tile rows 0 and 1) and still held in memory
-    row1 = np.concatenate([canvas._cells[(1, cx)][1] for cx in range(canvas.n_cell_cols)], axis=1)
+    row1 = np.concatenate([canvas.weight_sum(1, cx) for cx in range(canvas.n_cell_cols)], axis=1)
     assert np.allclose(row1, expected[64:128], rtol=1e-6)
     assert np.allclose(expected[64:320, 64:448], (1 + WINDOW_FLOOR) ** 2, rtol=1e-6)
 
@@ -112,3 +114,45 @@ def test_rows_without_tiles_are_empty_bands():
     # 16 cell rows; tile rows 0 and 10 cover cell rows 0-1 and 10-11
     assert [i for i, b in enumerate(bands) if not b.empty] == [0, 1, 10, 11]
     assert sum(b.height for b in bands) == 1024
+
+
+def dense_reference_bands(grid, tiles, preds, n_classes=2, threshold=0.5):
+    """Blending the slow, obvious way in float32, adding the tiles in their order: the sums every
+    cell must reproduce bit for bit."""
+    t = grid.tile
+    acc = np.zeros((n_classes, grid.height + t, grid.width + t), np.float32)
+    wsum = np.zeros((grid.height + t, grid.width + t), np.float32)
+    window = blending_window(t)
+    for tile, p in zip(tiles, preds):
+        acc[:, tile.y:tile.y + t, tile.x:tile.x + t] += p * window[None]
+        wsum[tile.y:tile.y + t, tile.x:tile.x + t] += window
+    acc, wsum = acc[:, :grid.height, :grid.width], wsum[:grid.height, :grid.width]
+    p = np.divide(acc, wsum[None], out=np.zeros_like(acc), where=wsum[None] > 0)
+    return np.rint(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8), p.max(axis=0) >= threshold, wsum > 0
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+def test_blending_is_bit_identical_to_in_order_sums_with_any_number_of_workers(workers):
+    rng = np.random.default_rng(11)
+    grid = TileGrid(1000, 700, tile=128, stride=64)
+    tiles = [t for t in grid.tiles() if rng.random() > 0.25]
+    preds = [rng.random((2, 128, 128), dtype=np.float32) for _ in tiles]
+    probs_ref, fg_ref, covered = dense_reference_bands(grid, tiles, preds)
+    with ThreadPoolExecutor(workers) as pool:
+        canvas = BlendingCanvas(grid, 2, pool=pool, workers=workers)
+        bands = []
+        for i in range(0, len(tiles), 5):  # batches that start and end anywhere in a tile row
+            bands += canvas.add_batch(tiles[i:i + 5], preds[i:i + 5])
+        bands += canvas.finish()
+    assert canvas.n_groups == min(workers, canvas.n_cell_cols)
+    y = 0
+    for b in bands:
+        assert b.y0 == y
+        if b.empty:
+            assert not covered[y:y + b.height].any()
+        else:
+            assert np.array_equal(b.probabilities, probs_ref[:, y:y + b.height])
+            assert np.array_equal(b.foreground, fg_ref[y:y + b.height])
+        y += b.height
+    assert y == grid.height
+    assert canvas.peak_cells <= 3 * grid.n_cols
