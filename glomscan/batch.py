@@ -20,6 +20,7 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -164,29 +165,62 @@ def write_summary(out_dir: Path, reports: list[SlideReport], skipped: set[str]) 
     atomic_write_text(out_dir / "summary.csv", pd.DataFrame(rows, columns=SUMMARY_COLUMNS).to_csv(index=False))
 
 
+Executor = Callable[[list[SlideJob], Callable[[SlideReport], None]], None]
+"""Runs the planned jobs, handing each finished slide's report to the callback (in any order).
+It only executes: it lets OutputNotWritable (its own or the callback's) and KeyboardInterrupt
+(``raise_if_interrupted`` between slides) propagate, and ``run_with_executor`` does the rest."""
+
+
 def run_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, engine: Engine, choice: EngineChoice,
               settings: AnalysisSettings, force: bool = False, recursive: bool = False,
               quiet: bool = False) -> BatchOutcome:
     """The single-process batch: every slide in this process, one after the other."""
+    out_dir = Path(out_dir)
+
+    def execute(jobs: list[SlideJob], done: Callable[[SlideReport], None]) -> None:
+        for job in jobs:
+            raise_if_interrupted()
+            done(process_slide(job, out_dir, model, engine, choice, settings, quiet))
+
+    return run_with_executor(slides_dir, out_dir, model.sha256, settings, execute, f"backend {choice.backend}",
+                             force=force, recursive=recursive, quiet=quiet)
+
+
+def run_with_executor(slides_dir: Path, out_dir: Path, model_sha256: str, settings: AnalysisSettings,
+                      execute: Executor, executor_name: str, force: bool = False, recursive: bool = False,
+                      quiet: bool = False) -> BatchOutcome:
+    """The batch skeleton of the local loop and the cluster: create OUT, take its lock, delete
+    an earlier run's staging, apply the resume rule, let ``execute`` run the remaining slides
+    while summary.csv follows each report, then write summary.csv and index.html. When the
+    output folder stops accepting writes (wherever: a slide's outputs, its failure record,
+    summary.csv) the batch stops and every slide without a report is failed with the reason;
+    Ctrl-C writes what is finished and re-raises."""
     slides_dir, out_dir = Path(slides_dir), Path(out_dir)
     slides = prepare_output(slides_dir, out_dir, recursive)
     with output_lock(out_dir):
         clean_staging(out_dir)
-        log.info("%d slide(s) in %s -> %s (backend %s)", len(slides), slides_dir, out_dir, choice.backend)
-        jobs, recorder = plan_batch(slides, slides_dir, out_dir, model.sha256, settings, force)
+        log.info("%d slide(s) in %s -> %s (%s)", len(slides), slides_dir, out_dir, executor_name)
+        jobs, recorder = plan_batch(slides, slides_dir, out_dir, model_sha256, settings, force)
         with Progress(len(slides), "batch", quiet=quiet, unit="slide") as progress:
             progress.update(len(recorder.skipped))
+
+            def done(report: SlideReport) -> None:
+                recorder.add(report)
+                progress.update()
+
             try:
-                with deferred_sigint():
-                    for job in jobs:
-                        raise_if_interrupted()
-                        recorder.add(process_slide(job, out_dir, model, engine, choice, settings, quiet))
-                        progress.update()
+                if jobs:
+                    with deferred_sigint():
+                        execute(jobs, done)
+                else:
+                    log.info("every slide is up to date; nothing to analyse")
             except OutputNotWritable as exc:
                 recorder.stop(exc, jobs)
             except KeyboardInterrupt:
                 recorder.finish(interrupted=True)
                 raise
+        if recorder.output_error is None:
+            clean_staging(out_dir)  # debris of cluster workers that died mid-slide
         return recorder.finish()
 
 
@@ -347,18 +381,9 @@ def process_slide(job: SlideJob, out_dir: Path, model: LoadedModel, engine: Engi
         reason = str(exc) if isinstance(exc, SlideError) else f"{type(exc).__name__}: {exc}"
         log.debug("%s failed:\n%s", job.name, traceback.format_exc())
         report.mark_failed(reason, time.perf_counter() - started)
-        output_side = isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS
-        if output_side:
+        if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
             report.reason = f"output folder: {exc.strerror} (while writing {getattr(exc, 'filename', None) or 'outputs'})"
-        try:
-            record_failure(final_dir, report)
-        except OSError as write_exc:
-            if write_exc.errno not in OUTPUT_ERRNOS:
-                raise
-            output_side = True
-        if output_side:
-            raise OutputNotWritable(f"the output folder {out_dir} does not accept writes: "
-                                    f"{getattr(exc, 'strerror', None) or exc}", report) from exc
+        record_failure(out_dir, report, cause=exc)
         return report
 
 
@@ -373,9 +398,24 @@ def failed_report(job: SlideJob, model: LoadedModel, reason: str, choice: Engine
                        runtime_s=None if seconds is None else round(seconds, 3), **engine)
 
 
-def record_failure(final_dir: Path, report: SlideReport) -> None:
+def record_failure(out_dir: Path, report: SlideReport, cause: BaseException | None = None) -> None:
     """A failed slide gets OUT/<slide>/report.json saying why, unless that folder holds an
-    earlier complete result, which is kept (the summary row still says this run failed)."""
+    earlier complete result, which is kept (the summary row still says this run failed).
+    Raises OutputNotWritable (carrying the report) when the output folder refuses this write,
+    or when ``cause``, why the slide failed, was the output folder refusing one."""
+    refused = cause if isinstance(cause, OSError) and cause.errno in OUTPUT_ERRNOS else None
+    try:
+        _write_failure(out_dir / report.slide, report)
+    except OSError as exc:
+        if exc.errno not in OUTPUT_ERRNOS:
+            raise
+        refused = refused or exc
+    if refused is not None:
+        raise OutputNotWritable(f"the output folder {out_dir} does not accept writes: {refused.strerror or refused}",
+                                report) from refused
+
+
+def _write_failure(final_dir: Path, report: SlideReport) -> None:
     if (final_dir / "report.json").exists():
         try:
             if load_report(final_dir).status == "ok":

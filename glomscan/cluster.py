@@ -1,10 +1,12 @@
 """Scale-out with Dask distributed: one task per slide, one slide per GPU (or CPU slot) at a time.
 
-The client (``glomscan analyze --cluster ...``) holds the output lock, applies the resume rule
-and writes summary.csv / index.html; each task runs the same ``batch.process_slide`` as the
-single-process loop on a worker, which writes its outputs straight into the shared output
-folder (staging + rename on the same file system). A worker that dies mid-slide has its slide
-retried once on another (or the restarted) worker; a second death reports the slide failed.
+The client (``glomscan analyze --cluster ...``) runs the batch skeleton of the single-process
+loop (``batch.run_with_executor``: output lock, resume rule, summary.csv / index.html, stopping
+when the output folder refuses writes, Ctrl-C) with a Dask executor; each task runs the same
+``batch.process_slide`` as the single-process loop on a worker, which writes its outputs
+straight into the shared output folder (staging + rename on the same file system). A worker
+that dies mid-slide has its slide retried once on another (or the restarted) worker; a second
+death reports the slide failed.
 
 The client hands the scheduler only as many slides as the workers have free slots (GPU or
 SLOT resources), so a worker holds just the slide it is analysing. Dask counts a dying worker
@@ -17,6 +19,7 @@ whose worker died, once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -25,12 +28,13 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
-from .batch import (BatchOutcome, OutputNotWritable, SlideJob, clean_staging, failed_report, output_lock,
-                    plan_batch, prepare_output, process_slide, record_failure)
+from .batch import (BatchOutcome, OutputNotWritable, SlideJob, failed_report, process_slide, record_failure,
+                    run_with_executor)
 from .config import AnalysisSettings
 from .engines.base import Engine, EngineChoice
-from .interrupts import deferred_sigint, raise_if_interrupted
+from .interrupts import raise_if_interrupted
 from .model import LoadedModel
 from .pipeline import SlideReport
 
@@ -170,50 +174,50 @@ def run_cluster_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, make_
                       settings: AnalysisSettings, cluster: str = "local", workers: int | None = None,
                       force: bool = False, recursive: bool = False, quiet: bool = False) -> BatchOutcome:
     """The batch on Dask: ``cluster`` is ``local`` (start a LocalCluster here) or the address
-    of a running scheduler (``tcp://host:8786``)."""
-    from distributed import Client
-
+    of a running scheduler (``tcp://host:8786``). The batch itself (lock, resume rule, summary,
+    a stopped output folder, Ctrl-C) is ``batch.run_with_executor``'s; this only executes."""
     if model.path is None:
         raise ValueError("the cluster path needs a model file the workers can load")
-    slides_dir, out_dir = Path(slides_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     if not log.isEnabledFor(logging.DEBUG):  # Dask's INFO lines (workers joining, closing) drown the slides'
         logging.getLogger("distributed").setLevel(logging.WARNING)
-    slides = prepare_output(slides_dir, out_dir, recursive)
-    with output_lock(out_dir):
-        clean_staging(out_dir)
-        jobs, recorder = plan_batch(slides, slides_dir, out_dir, model.sha256, settings, force)
-        if not jobs:
-            log.info("every slide is up to date; no cluster needed")
-            return recorder.finish()
-        local = None
+
+    def execute(jobs: list[SlideJob], done: Callable[[SlideReport], None]) -> None:
+        with dask_client(cluster, workers) as (client, resource):
+            _run_jobs(client, jobs, done, out_dir, model, make_engine, settings, resource)
+
+    return run_with_executor(slides_dir, out_dir, model.sha256, settings, execute, f"Dask cluster {cluster}",
+                             force=force, recursive=recursive, quiet=quiet)
+
+
+@contextlib.contextmanager
+def dask_client(cluster: str, workers: int | None):
+    """(client, resource) of a LocalCluster started here (``cluster == "local"``) or of the
+    scheduler at the address ``cluster``; closed (and the LocalCluster stopped) on the way out."""
+    from distributed import Client
+
+    local = None
+    if cluster == "local":
+        gpus = visible_gpus()
+        envs = worker_environments(gpus, workers, os.cpu_count() or 1)
+        resource = resource_name(gpus)
+        log.info("starting a local Dask cluster: %d worker process(es), %s", len(envs),
+                 f"one per GPU {gpus}" if gpus else "CPU only")
+        local = start_local_cluster(envs, resource)
+    try:
+        client = Client(local if local is not None else cluster, timeout=WORKER_START_TIMEOUT_S)
         try:
-            if cluster == "local":
-                gpus = visible_gpus()
-                envs = worker_environments(gpus, workers, os.cpu_count() or 1)
-                resource = resource_name(gpus)
-                log.info("starting a local Dask cluster: %d worker process(es), %s", len(envs),
-                         f"one per GPU {gpus}" if gpus else "CPU only")
-                local = start_local_cluster(envs, resource)
-                client = Client(local, timeout=WORKER_START_TIMEOUT_S)
+            if local is not None:
                 client.wait_for_workers(len(envs), timeout=WORKER_START_TIMEOUT_S)
             else:
-                client = Client(cluster, timeout=WORKER_START_TIMEOUT_S)
                 client.wait_for_workers(1, timeout=WORKER_START_TIMEOUT_S)
                 resource = _cluster_resource(client)
-            try:
-                with deferred_sigint():
-                    _run_jobs(client, jobs, recorder, out_dir, model, make_engine, settings, resource, quiet)
-            finally:
-                client.close()
-        except KeyboardInterrupt:
-            recorder.finish(interrupted=True)
-            raise
+            yield client, resource
         finally:
-            if local is not None:
-                local.close()
-        if recorder.output_error is None:
-            clean_staging(out_dir)  # debris of workers that died mid-slide
-        return recorder.finish()
+            client.close()
+    finally:
+        if local is not None:
+            local.close()
 
 
 def _cluster_resource(client) -> str:
@@ -249,14 +253,13 @@ def _accepts_n_workers(client) -> bool:
     return "n_workers" in inspect.signature(client.scheduler_info).parameters
 
 
-def _run_jobs(client, jobs: list[SlideJob], recorder, out_dir: Path, model: LoadedModel, make_engine,
-              settings: AnalysisSettings, resource: str, quiet: bool) -> None:
+def _run_jobs(client, jobs: list[SlideJob], done: Callable[[SlideReport], None], out_dir: Path,
+              model: LoadedModel, make_engine, settings: AnalysisSettings, resource: str) -> None:
     """Keep the cluster's free slots busy, one slide per slot; resubmit a slide whose worker died
-    (once); stop everything when the output folder stops accepting writes."""
+    (once); hand every report to ``done``. On any exception (OutputNotWritable from a worker or
+    from ``done``, Ctrl-C) the slides still queued on the cluster are cancelled."""
     from distributed import wait
     from distributed.scheduler import KilledWorker
-
-    from .progress import Progress
 
     waiting = deque(jobs)
     running: dict = {}  # future -> job
@@ -270,51 +273,46 @@ def _run_jobs(client, jobs: list[SlideJob], recorder, out_dir: Path, model: Load
         running[future] = job
 
     try:
-        with Progress(len(jobs), "batch", quiet=quiet, unit="slide") as progress:
-            while waiting or running:
-                raise_if_interrupted()
-                slots = free_slots(client, resource)
-                while waiting and len(running) < slots:
-                    submit(waiting.popleft())
-                if not running:  # every worker gone (restarting, or the cluster lost them)
-                    no_workers_since = no_workers_since or time.monotonic()
-                    if time.monotonic() - no_workers_since > WORKER_START_TIMEOUT_S:
-                        raise RuntimeError(f"no Dask worker with a {resource} resource for "
-                                           f"{WORKER_START_TIMEOUT_S} s; {len(waiting)} slide(s) not analysed")
-                    time.sleep(POLL_S)
-                    continue
-                no_workers_since = None
+        while waiting or running:
+            raise_if_interrupted()
+            slots = free_slots(client, resource)
+            while waiting and len(running) < slots:
+                submit(waiting.popleft())
+            if not running:  # every worker gone (restarting, or the cluster lost them)
+                no_workers_since = no_workers_since or time.monotonic()
+                if time.monotonic() - no_workers_since > WORKER_START_TIMEOUT_S:
+                    raise RuntimeError(f"no Dask worker with a {resource} resource for "
+                                       f"{WORKER_START_TIMEOUT_S} s; {len(waiting)} slide(s) not analysed")
+                time.sleep(POLL_S)
+                continue
+            no_workers_since = None
+            try:
+                finished, _ = wait(list(running), timeout=POLL_S, return_when="FIRST_COMPLETED")
+            except TimeoutError:  # nothing finished: look at the slots again
+                continue
+            for future in finished:
+                job = running.pop(future)
                 try:
-                    done, _ = wait(list(running), timeout=POLL_S, return_when="FIRST_COMPLETED")
-                except TimeoutError:  # nothing finished: look at the slots again
-                    continue
-                for future in done:
-                    job = running.pop(future)
-                    try:
-                        report = future.result()
-                    except OutputNotWritable as exc:
-                        client.cancel(list(running))
-                        recorder.stop(exc, jobs)
-                        return
-                    except KilledWorker as exc:
-                        deaths[job.name] = deaths.get(job.name, 0) + 1
-                        if deaths[job.name] <= SLIDE_RETRIES:
-                            log.warning("%s: the worker analysing it died; retrying the slide", job.name)
-                            waiting.appendleft(job)
-                            continue
-                        report = _lost_slide(job, model, exc, deaths[job.name])
-                    except Exception as exc:  # the task could not run at all (unpicklable, missing import, ...)
-                        report = _lost_slide(job, model, exc, deaths.get(job.name, 0))
-                    else:
-                        recorder.add(report)  # ok or failed, the worker wrote its folder
-                        progress.update()
+                    report = future.result()
+                except OutputNotWritable:
+                    raise
+                except KilledWorker as exc:
+                    deaths[job.name] = deaths.get(job.name, 0) + 1
+                    if deaths[job.name] <= SLIDE_RETRIES:
+                        log.warning("%s: the worker analysing it died; retrying the slide", job.name)
+                        waiting.appendleft(job)
                         continue
-                    try:  # no worker finished this slide: the client records why
-                        record_failure(out_dir / job.name, report)
-                    except OSError as write_exc:
-                        log.error("%s: cannot record the failure: %s", job.name, write_exc)
-                    recorder.add(report)
-                    progress.update()
+                    report = _lost_slide(job, model, exc, deaths[job.name])
+                except Exception as exc:  # the task could not run at all (unpicklable, missing import, ...)
+                    report = _lost_slide(job, model, exc, deaths.get(job.name, 0))
+                else:
+                    done(report)  # ok or failed, the worker wrote its folder
+                    continue
+                try:  # no worker finished this slide: the client records why
+                    record_failure(out_dir, report)
+                except OSError as write_exc:
+                    log.error("%s: cannot record the failure: %s", job.name, write_exc)
+                done(report)
     except BaseException:
         client.cancel(list(running))
         raise
