@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 
 
@@ -43,6 +44,9 @@ class AnalysisSettings:
     """Tiles per inference call (the CLI's 0 means: the engine's preferred size)."""
     workers: int = 2
     """Reader threads that prefetch tiles while the model runs."""
+    merge_workers: int = 0
+    """Threads that blend predictions and find and measure glomeruli (results do not depend on
+    it). 0: one per CPU this process may use (see ``cpu_share``)."""
     blend: str = "cosine"
     """Blending window for overlapping tiles: cosine (raised cosine) or gaussian (MONAI-like)."""
     foreground_threshold: float = 0.5
@@ -67,14 +71,24 @@ class AnalysisSettings:
             )
         if self.batch_size < 1 or self.workers < 1:
             raise ValueError("batch size and workers must be >= 1")
+        if self.merge_workers < 0:
+            raise ValueError("merge workers must be >= 0 (0: one per CPU)")
         if self.blend not in BLEND_WINDOWS:
             raise ValueError(f"blend must be one of {BLEND_WINDOWS}, got {self.blend!r}")
         if self.downsample <= 0:
             raise ValueError("downsample must be > 0")
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the result (not batch size or workers)."""
+        """Hash of everything that changes the result (not batch size or thread counts)."""
         d = asdict(self)
-        for k in ("batch_size", "workers"):
+        for k in ("batch_size", "workers", "merge_workers"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cpu_share() -> int:
+    """CPUs this process may use: its CPU affinity, or OMP_NUM_THREADS when that is set and
+    smaller (the share of the cores ``--cluster local`` gives each worker process)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(cpus, int(threads)) if threads.isdigit() and int(threads) > 0 else cpus)

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import __version__
-from .config import AnalysisSettings
+from .config import AnalysisSettings, cpu_share
 from .engines.base import Engine, EngineChoice
 from .merge import BlendingCanvas
 from .model import LoadedModel
@@ -131,11 +131,11 @@ def blank_image_reason(slide: Slide, downsample: float) -> str:
 
 
 def predict_tiles(tiles: list[Tile], read: Callable[[int, int], np.ndarray], engine: Engine,
-                  batch_size: int, workers: int, on_tile: Callable[[Tile, np.ndarray], None],
+                  batch_size: int, workers: int, on_batch: Callable[[list[Tile], np.ndarray], None],
                   progress: Progress | None = None) -> float:
     """Stream ``tiles`` through ``engine`` in order. Reader threads prefetch upcoming tiles and
-    one merge thread blends finished predictions (in order) while the engine runs the next
-    batch. Returns seconds spent inside ``engine.predict``."""
+    one merge thread hands finished predictions to ``on_batch`` (a batch at a time, in order)
+    while the engine runs the next batch. Returns seconds spent inside ``engine.predict``."""
     inference_s = 0.0
     pending: deque = deque()
     merges: deque = deque()
@@ -143,10 +143,6 @@ def predict_tiles(tiles: list[Tile], read: Callable[[int, int], np.ndarray], eng
     max_in_flight = batch_size * (workers + 2)
     readers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader")
     merger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-merge")  # one thread: order kept
-
-    def merge(batch_tiles: list[Tile], probabilities: np.ndarray) -> None:
-        for tile, p in zip(batch_tiles, probabilities):
-            on_tile(tile, p)
 
     try:
         def refill() -> None:
@@ -165,7 +161,7 @@ def predict_tiles(tiles: list[Tile], read: Callable[[int, int], np.ndarray], eng
             t0 = time.perf_counter()
             probabilities = engine.predict(pixels)
             inference_s += time.perf_counter() - t0
-            merges.append(merger.submit(merge, [tile for tile, _ in batch], probabilities))
+            merges.append(merger.submit(on_batch, [tile for tile, _ in batch], probabilities))
             while len(merges) > 2:  # bound the predictions waiting to be merged
                 merges.popleft().result()
             if progress is not None:
@@ -176,6 +172,58 @@ def predict_tiles(tiles: list[Tile], read: Callable[[int, int], np.ndarray], eng
         readers.shutdown(wait=True, cancel_futures=True)
         merger.shutdown(wait=True, cancel_futures=True)
     return inference_s
+
+
+class SlideMerge:
+    """Blending (``BlendingCanvas``) and glomerulus finding (``InstanceStream``) of one slide,
+    fed predictions a batch at a time in tile order.
+
+    With one worker both run on the calling thread, one after the other. With more, a pool of
+    that many threads does their array work (blending split by cell column, labelling by band
+    piece, measuring by component), and the bands the canvas finishes are labelled on a thread
+    of their own, overlapping the blending of the next batch; at most ``MAX_QUEUED`` batches of
+    bands wait there (memory stays bounded). Results do not depend on the number of workers."""
+
+    MAX_QUEUED = 2
+
+    def __init__(self, grid: TileGrid, class_names: tuple[str, ...], settings: AnalysisSettings,
+                 min_area_px: float, row_sink, workers: int):
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="merge-worker") if workers > 1 else None
+        self.labeller = ThreadPoolExecutor(1, thread_name_prefix="band-label") if workers > 1 else None
+        self.canvas = BlendingCanvas(grid, len(class_names), settings.foreground_threshold, settings.blend,
+                                     pool=self.pool, workers=workers)
+        self.stream = InstanceStream(grid.width, class_names, min_area_px=min_area_px, row_sink=row_sink,
+                                     max_pending_rows=settings.max_pending_rows, pool=self.pool, workers=workers)
+        self._queued: deque = deque()
+
+    def add(self, tiles: list[Tile], probabilities: np.ndarray) -> None:
+        self._label(self.canvas.add_batch(tiles, probabilities))
+
+    def finish(self):
+        """Blend the last rows, label everything and return the glomeruli."""
+        self._label(self.canvas.finish())
+        while self._queued:
+            self._queued.popleft().result()
+        return self.stream.finish()
+
+    def close(self) -> None:
+        for executor in (self.labeller, self.pool):
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+
+    def _label(self, bands: list) -> None:
+        if not bands:
+            return
+        if self.labeller is None:
+            self._push(bands)
+            return
+        self._queued.append(self.labeller.submit(self._push, bands))
+        while len(self._queued) > self.MAX_QUEUED:
+            self._queued.popleft().result()
+
+    def _push(self, bands: list) -> None:
+        for band in bands:
+            self.stream.push(band)
 
 
 def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engine: Engine,
@@ -235,26 +283,18 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
              name, level0.width, level0.height, level.index, image.width, image.height,
              f"{analysis_mpp:.3g}" if analysis_mpp else "unknown", len(tiles), report.tiles_total)
 
-    canvas = BlendingCanvas(grid, len(model.card.classes), settings.foreground_threshold, settings.blend)
     labels_file = StreamedLabelFile(out_dir / ".mask.pgm", image.width, image.height)
-    stream = InstanceStream(image.width, model.card.classes,
-                            min_area_px=settings.min_glomerulus_area_um2 / assumed_mpp**2,
-                            row_sink=labels_file.write_rows, max_pending_rows=settings.max_pending_rows)
-
-    def on_tile(tile: Tile, probabilities: np.ndarray) -> None:
-        for band in canvas.add(tile, probabilities):
-            stream.push(band)
-
+    merge = SlideMerge(grid, model.card.classes, settings, settings.min_glomerulus_area_um2 / assumed_mpp**2,
+                       labels_file.write_rows, settings.merge_workers or cpu_share())
     reader = TileReader(image, settings.tile)
     try:
         with Progress(len(tiles), f"{name} tiles", quiet=quiet) as progress:
             report.inference_s = round(predict_tiles(tiles, reader.read, engine, settings.batch_size,
-                                                     settings.workers, on_tile, progress), 3)
-        for band in canvas.finish():
-            stream.push(band)
-        instances = stream.finish()
+                                                     settings.workers, merge.add, progress), 3)
+        instances = merge.finish()
         write_mask_tiff(labels_file.image(), out_dir / "mask.tif", analysis_mpp)
     finally:
+        merge.close()
         labels_file.close()
     labels_file.path.unlink()
     table = glomeruli_table(instances, downsample, analysis_mpp)
@@ -267,7 +307,7 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     report.n_normal = sum(g.class_name == "normal" for g in instances)
     report.n_sclerosed = sum(g.class_name == "sclerosed" for g in instances)
     report.n_glomeruli = len(instances)
-    report.dropped_small_components = stream.dropped_small
+    report.dropped_small_components = merge.stream.dropped_small
     (report.percent_global_glomerulosclerosis, report.ci95_low,
      report.ci95_high) = sclerosis_summary(report.n_normal, report.n_sclerosed)
     report.status, report.reason = "ok", ""

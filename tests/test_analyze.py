@@ -181,3 +181,24 @@ def test_second_batch_into_the_same_output_is_refused(small_slide, tmp_path):
             analyze(slides, tmp_path / "out")
     outcome, _ = analyze(slides, tmp_path / "out")  # free again afterwards
     assert not outcome.failed
+
+
+def test_merge_workers_do_not_change_any_output(oracle_run, tmp_path):
+    """Blending and labelling spread over threads give the same mask, table and outlines as the
+    one-thread merge (the default run above uses one thread per CPU)."""
+    out, _ = oracle_run
+    slides = out.parent / "slides"
+    for workers in (1, 3):
+        analyze(slides, tmp_path / f"out{workers}", AnalysisSettings(tile=256, overlap=128, batch_size=4, workers=2,
+                                                                     merge_workers=workers))
+    for folder in (tmp_path / "out1", tmp_path / "out3", out):
+        assert json.loads((folder / "case01" / "report.json").read_text())["status"] == "ok"
+    for name in ("glomeruli.csv", "glomeruli.geojson"):
+        reference = (tmp_path / "out1" / "case01" / name).read_bytes()
+        assert (tmp_path / "out3" / "case01" / name).read_bytes() == reference
+        assert (out / "case01" / name).read_bytes() == reference
+
+    def mask(folder):
+        return pyvips.Image.tiffload(str(folder / "case01" / "mask.tif"), page=0).write_to_memory()
+
+    assert mask(tmp_path / "out3") == mask(tmp_path / "out1") == mask(out)
