@@ -36,16 +36,25 @@ from glomscan.tiling import TileGrid
 
 
 class ReplayEngine(Engine):
-    """The CPU side alone: returns a stored real prediction for every tile, so blending and
-    labelling do their usual work while no model runs."""
+    """The CPU side alone: returns stored predictions, so blending and labelling do their usual
+    work while no model runs. ``probabilities`` (C, T, T) is returned for every tile; a sequence
+    (N, C, T, T) is handed out in order, one per tile, starting again after the N-th (views, no
+    copies: the engine costs nothing)."""
 
     backend = "replay"
 
     def __init__(self, card, probabilities: np.ndarray):
         self.card, self.probabilities = card, probabilities
+        self._next = 0
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
-        return np.repeat(self.probabilities[None], len(tiles), axis=0)
+        if self.probabilities.ndim == 3:
+            return np.repeat(self.probabilities[None], len(tiles), axis=0)
+        i, n = self._next, len(tiles)
+        self._next = (i + n) % len(self.probabilities)
+        if i + n <= len(self.probabilities):
+            return self.probabilities[i:i + n]
+        return np.take(self.probabilities, np.arange(i, i + n) % len(self.probabilities), axis=0)
 
 
 def analyse(slides: Path, out: Path, model, engine: Engine, settings: AnalysisSettings) -> tuple[float, int]:
