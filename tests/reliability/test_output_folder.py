@@ -1,21 +1,32 @@
 """The output folder stops accepting writes: read-only, or full. The batch stops with exit 3 and
 a message naming the folder; published outputs stay byte-identical; a full disk's victim is
-in summary.csv with its reason; after space is freed the same command resumes.
+in summary.csv with its reason; after space is freed the same command resumes. A disk that
+fills up mid-batch stops the single-process loop and the Dask cluster alike.
 
-Both use real tmpfs mounts when `mount` works (as root in the test sandbox and CI); where it
-does not, a fake writer raises EROFS / ENOSPC instead (the test says which in its output)."""
+All use real tmpfs mounts when `mount` works (as root in the test sandbox and CI); where it
+does not, the first two swap in a fake writer raising EROFS / ENOSPC (the test says which in its
+output) and the one with the Dask cluster, whose workers a fake cannot reach, is skipped."""
 
+import dataclasses
 import errno
 import os
+import re
+from pathlib import Path
 
+import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 import glomscan.batch
 import glomscan.pipeline
+from glomscan.batch import run_batch
 from glomscan.cli import main
+from glomscan.cluster import run_cluster_batch, start_local_cluster
+from glomscan.config import AnalysisSettings
+from glomscan.model import load_checkpoint
 
-from conftest import copy_slide
-from reliability_helpers import FAST, assert_failures_have_reasons, published, remount, tmpfs
+from conftest import ORACLE_CHOICE, OracleEngine, copy_slide
+from reliability_helpers import FAST, assert_failures_have_reasons, published, remount, staging_entries, tmpfs
 
 
 def run(slides, out, checkpoint):
@@ -95,3 +106,147 @@ def test_disk_full_fails_the_slide_with_a_reason_stops_and_resumes(small_slide, 
         s = assert_failures_have_reasons(out)
         assert list(s.status) == ["ok", "ok", "ok"] and list(s.skipped) == ["yes", "no", "no"]
         assert published(out, "a") == before
+
+
+class FullDisk:
+    """The output file system, a tmpfs at ``mnt``, that ``fill()`` fills to the last byte
+    (picklable: a Dask worker fills it from its own process)."""
+
+    def __init__(self, mnt: Path):
+        self.mnt = mnt
+
+    def fill(self) -> None:
+        filler = self.mnt / "filler"
+        if filler.exists():
+            return
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            free = os.statvfs(self.mnt)
+            os.posix_fallocate(fd, 0, free.f_bavail * free.f_frsize)
+        finally:
+            os.close(fd)
+
+
+class FillingOracle(OracleEngine):
+    """The colour oracle, which fills the disk at its first prediction for slide ``slide``."""
+
+    def __init__(self, recipe: "Recipe"):
+        super().__init__()
+        self.recipe = recipe
+
+    def predict(self, tiles):
+        r = self.recipe
+        if r.slide and staging_entries(r.out, r.slide):  # that slide is being analysed
+            r.disk.fill()
+        return super().predict(tiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Engine recipe for both executors (picklable for a Dask worker, whose engine cache its
+    repr keys): a FillingOracle; with ``lost``, no engine: the disk is filled and
+    RuntimeError(lost) raised, so the Dask task fails before its worker analyses anything."""
+
+    out: Path
+    disk: FullDisk | None = None
+    slide: str = ""
+    lost: str = ""
+
+    def __call__(self, model):
+        if self.lost:
+            self.disk.fill()
+            raise RuntimeError(self.lost)
+        return FillingOracle(self), ORACLE_CHOICE
+
+
+def what_is_left(outcome, out: Path) -> dict:
+    """The outcome, summary.csv and every path under OUT, with OUT and staging folder names
+    (<slide>.<pid>.<random>) written the same for every run."""
+    def norm(text):
+        return re.sub(r"\.\d+\.[0-9a-f]{8}\b", ".<pid>.<random>", str(text or "").replace(str(out), "OUT"))
+
+    rows = None
+    if (out / "summary.csv").exists():
+        table = pd.read_csv(out / "summary.csv", dtype=str, keep_default_na=False)
+        rows = [[norm(v) for v in row] for row in table[["slide", "status", "skipped", "reason"]].values]
+    return {"output_error": norm(outcome.output_error),
+            "reports": [[r.slide, r.status, norm(r.reason)] for r in outcome.reports],
+            "summary.csv": rows,
+            "files": sorted(norm(p.relative_to(out)) for p in out.rglob("*"))}
+
+
+def test_an_output_folder_filling_up_mid_batch_stops_both_executors_alike(small_slide, tiny_checkpoint, tmp_path,
+                                                                        monkeypatch):
+    """The output file system (a real tmpfs) fills up mid-batch, while slide b is analysed (on
+    the cluster the worker's writes fail), or after b is published, when summary.csv is to
+    record it (the client's write fails). The single-process loop and the Dask executor (a
+    LocalCluster by address, one worker) stop alike: same outcome, summary.csv and files. Then a
+    slide that no Dask worker finished, whose report.json the client cannot write, stops the
+    cluster batch the same way."""
+    with tmpfs(tmp_path / "probe", "1m") as mounted:
+        if not mounted:
+            pytest.skip("needs a tmpfs mount (root): a fake writer cannot reach a Dask worker")
+    slides = tmp_path / "slides"
+    for name in ("a", "b", "c"):
+        copy_slide(small_slide.path, slides, f"{name}.tif")
+    settings = AnalysisSettings(tile=256, overlap=128, batch_size=4)
+    model = load_checkpoint(tiny_checkpoint)
+    real_write_summary = glomscan.batch.write_summary
+    cluster = start_local_cluster([{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}], "SLOT")
+
+    def run(case: str, executor: str) -> dict:
+        mnt = tmp_path / f"{case}-{executor}"
+        with tmpfs(mnt, "32m") as mounted, monkeypatch.context() as patch:
+            assert mounted
+            out, disk = mnt / "out", FullDisk(mnt)
+            if case == "analysing b":
+                recipe = Recipe(out, disk, slide="b")
+            elif case == "recording b":
+                recipe = Recipe(out)
+
+                def write_summary(out_dir, reports, skipped):
+                    if any(r.slide == "b" for r in reports):
+                        disk.fill()
+                    real_write_summary(out_dir, reports, skipped)
+
+                patch.setattr(glomscan.batch, "write_summary", write_summary)
+            else:
+                recipe = Recipe(out, disk, lost="the engine fell over")
+            if executor == "local":
+                engine, choice = recipe(model)
+                outcome = run_batch(slides, out, model, engine, choice, settings, quiet=True)
+            else:
+                outcome = run_cluster_batch(slides, out, model, recipe, settings, cluster=cluster.scheduler_address,
+                                            quiet=True)
+            return what_is_left(outcome, out)
+
+    full = "the output folder OUT does not accept writes: No space left on device"
+    outputs = {f"{name}/{f}" for name in ("a", "b") for f in glomscan.pipeline.OUTPUT_FILES}
+    try:
+        local, dask = run("analysing b", "local"), run("analysing b", "dask")
+        assert local == dask
+        assert local["output_error"] == full
+        (a, b, c) = local["reports"]
+        assert a == ["a", "ok", ""] and b[:2] == ["b", "failed"] and b[2].startswith("output folder: No space left")
+        assert c == ["c", "failed", f"not analysed: the batch stopped because {full}"]
+        assert local["summary.csv"][0] == ["a", "ok", "no", ""]
+        files = local["files"]
+        assert {f for f in outputs if f.startswith("a/")} <= set(files) and "b/mask.tif" not in files
+        assert not any(f.startswith(".glomscan") for f in files)  # b's staging deleted, lock released
+
+        local, dask = run("recording b", "local"), run("recording b", "dask")
+        assert local == dask
+        refused = "cannot write summary.csv in OUT: No space left on device"
+        assert local["output_error"] == refused
+        assert local["reports"] == [["a", "ok", ""], ["b", "ok", ""],
+                                    ["c", "failed", f"not analysed: the batch stopped because {refused}"]]
+        assert local["summary.csv"] == [["a", "ok", "no", ""]]  # as it was before the disk filled
+        assert outputs <= set(local["files"]) and not any(f.startswith(("c", ".glomscan")) for f in local["files"])
+
+        dask = run("a lost", "dask")  # the engine cannot be made: no worker analyses a
+        assert dask["output_error"] == full
+        assert dask["reports"] == [["a", "failed", "RuntimeError on the cluster: the engine fell over"],
+                                   *([s, "failed", f"not analysed: the batch stopped because {full}"] for s in "bc")]
+        assert dask["summary.csv"] is None and dask["files"] == ["a"]
+    finally:
+        cluster.close()
