@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -74,12 +75,13 @@ def visible_gpus(environ: dict[str, str] | None = None) -> list[str]:
     environ = os.environ if environ is None else environ
     if "CUDA_VISIBLE_DEVICES" in environ:
         return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"]
-    try:
-        import torch
+    from .engines.base import cuda_available
 
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # no torch CUDA build: no GPU
+    if not cuda_available():  # also keeps torch out of CPU-only processes
         return []
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def worker_environments(gpus: list[str], workers: int | None, cpu_count: int) -> list[dict[str, str]]:
@@ -139,21 +141,19 @@ _WORKER_LOCK = threading.Lock()
 
 def _worker_engine(model_path: str, model_sha256: str, make_engine) -> tuple[LoadedModel, Engine, EngineChoice]:
     """The model and engine of this worker process, loaded once (keyed by path + checksum)."""
-    from .model import load_checkpoint
+    from .model import load_model
 
     key = (model_path, model_sha256, repr(make_engine))
     with _WORKER_LOCK:
         if key not in _WORKER_CACHE:
-            model = load_checkpoint(Path(model_path))
+            model = load_model(Path(model_path))
             if model.sha256 != model_sha256:
                 raise RuntimeError(f"model file {model_path} on this worker is not the client's "
                                    f"(sha256 {model.sha256[:12]} != {model_sha256[:12]}); share the same file")
             engine, choice = make_engine(model)
             threads = os.environ.get("OMP_NUM_THREADS")
-            if threads and threads.isdigit():
-                import torch
-
-                torch.set_num_threads(int(threads))
+            if threads and threads.isdigit() and "torch" in sys.modules:  # torch only where the engine uses it
+                sys.modules["torch"].set_num_threads(int(threads))
             log.info("worker %d: model %s, backend %s (%s), CUDA_VISIBLE_DEVICES=%r", os.getpid(), model.model_id,
                      choice.backend, choice.reason, os.environ.get("CUDA_VISIBLE_DEVICES"))
             _WORKER_CACHE[key] = (model, engine, choice)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..model import ModelCard, build_model, load_checkpoint, save_checkpoint
+from ..model import ModelCard, build_model, load_model, save_checkpoint
 from ..progress import Progress
 from .composite import from_optical_density, optical_density
 from .data import load_patch
@@ -246,12 +246,12 @@ def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSetti
                      **{k: v for k, v in (("intended_use", settings.intended_use), ("licence", settings.licence)) if v})
     model = build_model(card)
     if settings.init:
-        init = load_checkpoint(settings.init)
+        init = load_model(settings.init)
         architecture = ("encoder", "encoder_depth", "decoder_channels", "classes")
         if any(getattr(init.card, k) != getattr(card, k) for k in architecture):
             raise ValueError(f"--init {settings.init}: its architecture ({', '.join(f'{k} {getattr(init.card, k)}' for k in architecture)}) "
                              "differs from the one asked for")
-        model.load_state_dict(init.module.state_dict())
+        model.load_state_dict(init.torch_module().state_dict())
         log.info("weights from %s (%s)", settings.init, init.model_id)
     if settings.encoder_weights:
         state = torch.load(settings.encoder_weights, map_location="cpu", weights_only=True)
