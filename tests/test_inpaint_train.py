@@ -22,7 +22,7 @@ from glomscan.train.inpaint_models import InpaintGenerator, PatchDiscriminator, 
 
 
 def make_crops(folder, n=6, n_test=2, size=64, seed=0):
-    """Tiny crops folder in the format of `glomscan crops`: pink tissue with a purple disk."""
+    """Tiny crops folder in the format of `glomscan augment crops`: pink tissue with a purple disk."""
     rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True)
     (folder / "masks").mkdir()

@@ -278,7 +278,7 @@ def test_evaluate_patch_set_cli(dataset, tiny_checkpoint, tmp_path):
     from glomscan.cli import main
 
     out, manifest, _ = dataset
-    res = CliRunner().invoke(main, ["evaluate", "--model", str(tiny_checkpoint), "--data", str(out), "--split", "all",
+    res = CliRunner().invoke(main, ["evaluate", "segment", "--model", str(tiny_checkpoint), "--data", str(out), "--split", "all",
                                     "--out", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
     table = pd.read_csv(tmp_path / "ev.csv")

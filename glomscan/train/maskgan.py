@@ -403,5 +403,5 @@ def read_masks(mask_dir: Path) -> list[np.ndarray]:
         log.warning("%s: %d empty mask(s) skipped", mask_dir, empty)
     masks = [m for m in masks if m.any()]
     if not masks:
-        raise ValueError(f"{mask_dir}: no glomerulus masks (make them with 'glomscan masks generate')")
+        raise ValueError(f"{mask_dir}: no glomerulus masks (make them with 'glomscan augment masks')")
     return masks
