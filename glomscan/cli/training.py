@@ -27,9 +27,9 @@ def _max_steps_option():
                         help="Stop each epoch after this many steps (default: one pass over the training set).")
 
 
-def _out_option(what: str):
+def _out_option(what: str, metrics: str = "OUT.metrics.csv"):
     return click.option("--out", "out_path", type=NEW_FILE, required=True,
-                        help=f"{what}; OUT.last.pt (resume state) and OUT.metrics.csv are written next to it.")
+                        help=f"{what}; OUT.last.pt (resume state) and {metrics} are written next to it.")
 
 
 @click.command(short_help="Build a training set from annotated slides, tiles and crops.")
@@ -185,7 +185,7 @@ def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channe
 @train.command("masks", short_help="Train the mask DCGAN on glomerulus outlines.")
 @click.option("--crops", "crops_dir", type=EXISTING_DIR, required=True,
               help="Crops folder made by 'glomscan augment crops' (their outlines are the training masks).")
-@_out_option("Generator file")
+@_out_option("Generator file (samples in OUT.samples.png)", metrics="OUT.losses.csv")
 @_epochs_option(200)
 @_batch_size_option(64)
 @click.option("--image-size", type=click.Choice(["64", "128"]), default="64", show_default=True,
