@@ -27,6 +27,10 @@ def _max_steps_option():
                         help="Stop each epoch after this many steps (default: one pass over the training set).")
 
 
+def _device_option():
+    return click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available).")
+
+
 def _out_option(what: str, metrics: str = "OUT.metrics.csv"):
     return click.option("--out", "out_path", type=NEW_FILE, required=True,
                         help=f"{what}; OUT.last.pt (resume state) and {metrics} are written next to it.")
@@ -118,6 +122,7 @@ def train():
               help="Model name recorded in the card.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="auto: fp16 autocast on CUDA, bf16 autocast + channels_last on CPUs with bf16 instructions, else fp32.")
+@_device_option()
 @click.option("--tile", "card_tile", type=int, default=None,
               help="Analysis tile the model card records (default: the patch size of the set).")
 @click.option("--stain-jitter", type=float, default=0.0, show_default=True,
@@ -133,16 +138,16 @@ def train():
 @verbosity
 @fail_on(ValueError)
 def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, encoder, encoder_weights,
-                  max_steps_per_epoch, bn_recalibration_steps, name, precision, card_tile, stain_jitter, jpeg_min_quality,
-                  init_path, workers, seed):
+                  max_steps_per_epoch, bn_recalibration_steps, name, precision, device, card_tile, stain_jitter,
+                  jpeg_min_quality, init_path, workers, seed):
     """Train the U-Net (0.5*BCE + Dice, Adam, cosine LR); resumes from OUT.last.pt if present."""
     from ..train.segment import SegmentSettings, train_segmentation
 
     settings = SegmentSettings(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, crop=crop, encoder=encoder,
                                encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch,
                                bn_recalibration_steps=bn_recalibration_steps, name=name, seed=seed,
-                               precision=precision, stain_jitter=stain_jitter, tile=card_tile, workers=workers,
-                               jpeg_min_quality=jpeg_min_quality, init=init_path)
+                               precision=precision, device=device, stain_jitter=stain_jitter, tile=card_tile,
+                               workers=workers, jpeg_min_quality=jpeg_min_quality, init=init_path)
     best = train_segmentation(dataset_dir, out_path, settings, quiet=is_quiet())
     click.echo(f"best validation Dice {best.get('dice_mean', float('nan')):.4f} -> {out_path}")
 
@@ -163,7 +168,7 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
               help="Local torchvision VGG19 state dict for the perceptual/style losses (without it they are off).")
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Random flips and 90° rotations.")
 @_max_steps_option()
-@click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
+@_device_option()
 @seed_option()
 @verbosity
 @fail_on(ValueError, FileNotFoundError)
@@ -199,18 +204,20 @@ def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channe
 @_max_steps_option()
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True,
               help="Which part of the crops folder to use.")
+@_device_option()
 @seed_option()
 @verbosity
 @fail_on(ValueError, FileNotFoundError)
 def train_masks(crops_dir, out_path, epochs, batch_size, image_size, latent, base_channels, lr, max_steps_per_epoch,
-                split, seed):
+                split, device, seed):
     """Train the mask DCGAN on the crops' glomerulus masks; resumes from OUT.last.pt if present."""
     from ..train.crops import read_crops
     from ..train.maskgan import MaskGanSettings, train_mask_gan
 
     masks = [m for _, m in read_crops(crops_dir, None if split == "all" else split)]
     settings = MaskGanSettings(epochs=epochs, batch_size=batch_size, image_size=int(image_size), latent=latent,
-                               base_channels=base_channels, lr=lr, steps_per_epoch=max_steps_per_epoch, seed=seed)
+                               base_channels=base_channels, lr=lr, steps_per_epoch=max_steps_per_epoch, device=device,
+                               seed=seed)
     history = train_mask_gan(masks, out_path, settings, quiet=is_quiet(), info={"crops": str(crops_dir)})
     last = history[-1] if history else {}
     click.echo(f"trained on {len(masks)} masks, epoch {last.get('epoch', 0)}: loss D {last.get('loss_d', float('nan')):.4f}, "

@@ -136,6 +136,8 @@ class MaskGanSettings:
     linearly to 0 over the training. With a few dozen real masks the plain DCGAN recipe let the
     discriminator win within 50 steps and the generator never left noise (tried on 12 masks);
     with these two it drew glomerulus shapes after 300 steps."""
+    device: str | None = None
+    """cuda, cuda:1 or cpu (None: cuda if available); the DCGAN trains in fp32."""
     seed: int = 0
 
 
@@ -182,7 +184,7 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, settings: MaskGanSet
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     seed_training(settings.seed)
-    device = choose_training_device("fp32").device
+    device = choose_training_device("fp32", device=settings.device).device
     data = torch.from_numpy(np.stack([normalise_mask(m, settings.image_size) for m in masks]))[:, None]
     diameters = [equivalent_diameter(m.sum()) for m in masks]
     info = {"n_masks": len(masks), "diameter_min_px": min(diameters), "diameter_max_px": max(diameters),

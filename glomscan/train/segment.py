@@ -54,6 +54,8 @@ class SegmentSettings:
     """Analysis tile the model card records (None: the patch size of the set)."""
     precision: str = "auto"
     """auto, bf16, fp16 (CUDA) or fp32; auto: fp16 on CUDA, bf16 on CPUs with bf16 instructions."""
+    device: str | None = None
+    """cuda, cuda:1 or cpu (None: cuda if available)."""
     stain_jitter: float = 0.0
     """Whole-patch stain augmentation (optical density gain 1 +- this per channel)."""
     jpeg_min_quality: int | None = None
@@ -236,7 +238,7 @@ def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSetti
     if train_rows.empty or val_rows.empty:
         raise ValueError(f"{dataset_dir}: need patches in both splits (train {len(train_rows)}, val {len(val_rows)})")
     seed_training(settings.seed)
-    device = choose_training_device(settings.precision)
+    device = choose_training_device(settings.precision, device=settings.device)
     log.info("training on %s", device.reason)
     card = ModelCard(name=settings.name, encoder=settings.encoder, encoder_depth=settings.encoder_depth,
                      decoder_channels=tuple(settings.decoder_channels), analysis_mpp=settings.analysis_mpp,

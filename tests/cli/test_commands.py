@@ -68,3 +68,10 @@ def test_quiet_and_verbose_set_the_log_level_the_same_way_everywhere(tmp_path):
     assert levels == {"-q": logging.WARNING, None: logging.INFO, "-v": logging.DEBUG}
     both = runner.invoke(main, ["init-model", "--out", str(tmp_path / "c.pt"), "-q", "-v"])
     assert both.exit_code == 2 and "exclude each other" in both.output
+
+
+def test_every_trainer_takes_the_same_device_seed_and_resume_options():
+    train = main.commands["train"]
+    for name in ("segment", "inpaint", "masks"):
+        flags = {opt for p in train.commands[name].params for opt in p.opts}
+        assert {"--device", "--seed", "--epochs", "--batch-size", "--max-steps-per-epoch", "--out"} <= flags, name
