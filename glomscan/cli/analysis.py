@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..config import BACKENDS, BLEND_WINDOWS, GPU_PRECISIONS, AnalysisSettings
-from .common import is_quiet, load_model_or_exit, model_option, seed_option, verbosity, \
+from .common import default, is_quiet, load_model_or_exit, model_option, seed_option, verbosity, \
     warn_if_not_for_real_tissue
 
 log = logging.getLogger("glomscan")
@@ -32,20 +32,20 @@ log = logging.getLogger("glomscan")
 @click.option("--overlap", type=int, default=None, help="Tile overlap, analysis pixels. Default: half the tile.")
 @click.option("--target-mpp", type=float, default=None,
               help="Analysis resolution in µm/px. Default: the model's (1.0 for the paper's setup).")
-@click.option("--downsample", type=float, default=2.0, show_default=True,
+@click.option("--downsample", type=float, default=default(AnalysisSettings, "downsample"), show_default=True,
               help="Level-0 downsample used only for slides whose mpp is unknown.")
 @click.option("--mpp", "mpp_override", type=float, default=None,
               help="Level-0 µm/px for slides that carry none in their metadata.")
-@click.option("--min-area-um2", type=float, default=1500.0, show_default=True,
+@click.option("--min-area-um2", type=float, default=default(AnalysisSettings, "min_glomerulus_area_um2"), show_default=True,
               help="Drop glomerulus candidates smaller than this.")
-@click.option("--readers", type=int, default=2, show_default=True,
+@click.option("--readers", type=int, default=default(AnalysisSettings, "workers"), show_default=True,
               help="Tile reader threads per slide (prefetch tiles while the model runs).")
 @click.option("--cluster", default=None, metavar="local|tcp://HOST:8786",
               help="Spread slides over Dask workers: 'local' starts one worker process per visible GPU "
                    "(or --workers on CPU); tcp://... uses a running Dask scheduler.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes of --cluster local (default: one per visible GPU; 2 without GPU).")
-@click.option("--blend", type=click.Choice(BLEND_WINDOWS), default="cosine", show_default=True,
+@click.option("--blend", type=click.Choice(BLEND_WINDOWS), default=default(AnalysisSettings, "blend"), show_default=True,
               help="Blending window of overlapping tiles.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache of ONNX exports, OpenVINO models and TensorRT engines [env GLOMSCAN_ENGINE_DIR, "

@@ -3,6 +3,7 @@ option. Commands only parse options, call library functions and print short summ
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
@@ -44,6 +45,13 @@ def verbosity(command):
 def is_quiet() -> bool:
     ctx = click.get_current_context(silent=True)
     return bool(ctx and ctx.meta.get(_QUIET_KEY))
+
+
+def default(settings_class, name: str):
+    """The default of a settings dataclass's field: command-line defaults are the settings
+    classes' own, decided there once."""
+    field = settings_class.__dataclass_fields__[name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
 def seed_option(help: str = "Random seed (same seed, same result).", default: int = 0):
