@@ -292,17 +292,20 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
             report.inference_s = round(predict_tiles(tiles, reader.read, engine, settings.batch_size,
                                                      settings.workers, merge.add, progress), 3)
         instances = merge.finish()
-        write_mask_tiff(labels_file.image(), out_dir / "mask.tif", analysis_mpp)
+        # libvips encodes the mask (GIL released) while the tables and the overview are made
+        with ThreadPoolExecutor(1, thread_name_prefix="mask-writer") as writer:
+            mask_written = writer.submit(write_mask_tiff, labels_file.image(), out_dir / "mask.tif", analysis_mpp)
+            table = glomeruli_table(instances, downsample, analysis_mpp)
+            write_glomeruli_csv(table, out_dir / "glomeruli.csv")
+            write_geojson(glomeruli_geojson(instances, table, downsample), out_dir / "glomeruli.geojson")
+            overview_ds = max(1.0, max(image.width, image.height) / OVERVIEW_MAX_SIDE)
+            overview_image, _ = slide.image_at(downsample * overview_ds)
+            write_overview(image_to_array(overview_image), overview_ds, instances, out_dir / "overview.png")
+            mask_written.result()
     finally:
         merge.close()
         labels_file.close()
     labels_file.path.unlink()
-    table = glomeruli_table(instances, downsample, analysis_mpp)
-    write_glomeruli_csv(table, out_dir / "glomeruli.csv")
-    write_geojson(glomeruli_geojson(instances, table, downsample), out_dir / "glomeruli.geojson")
-    overview_ds = max(1.0, max(image.width, image.height) / OVERVIEW_MAX_SIDE)
-    overview_image, _ = slide.image_at(downsample * overview_ds)
-    write_overview(image_to_array(overview_image), overview_ds, instances, out_dir / "overview.png")
 
     report.n_normal = sum(g.class_name == "normal" for g in instances)
     report.n_sclerosed = sum(g.class_name == "sclerosed" for g in instances)
