@@ -19,7 +19,15 @@ def augment():
 
 
 @augment.command("crops", short_help="Crop every sclerosed glomerulus with its mask.")
-@click.option("--data", "dataset_dir", type=EXISTING_DIR, required=True, help="Set made by 'glomscan prepare'.")
+@click.option("--data", "dataset_dir", type=EXISTING_DIR, default=None, help="Set made by 'glomscan prepare'.")
+@click.option("--from-crop-set", "crop_set_dir", type=EXISTING_DIR, default=None,
+              help="Or a glomerulus crop set with real outlines (labels.csv + images/ + masks/), split by slide as "
+                   "'prepare' splits it (--test-fraction is its validation fraction).")
+@click.option("--tiles", "tiles_dir", type=EXISTING_DIR, default=None,
+              help="With --from-crop-set: tile set whose tissue surrounds each glomerulus (else reflection padding).")
+@click.option("--tiles-mpp", type=float, default=0.5, show_default=True, help="µm/px of the tile set's images.")
+@click.option("--classes", type=click.Choice(["sclerosed", "normal", "all"]), default="sclerosed", show_default=True,
+              help="With --from-crop-set: which glomeruli.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for the glomerulus crops.")
 @click.option("--size", type=int, default=256, show_default=True, help="Crop side, px.")
@@ -29,9 +37,22 @@ def augment():
               help="Dataset split the glomeruli come from.")
 @verbosity
 @fail_on(ValueError)
-def crops(dataset_dir, out_dir, size, test_fraction, seed, split):
+def crops(dataset_dir, crop_set_dir, tiles_dir, tiles_mpp, classes, out_dir, size, test_fraction, seed, split):
     """Crop every sclerosed glomerulus (centred on its minimum enclosing circle) with its mask."""
     from ..train.crops import CropSettings, make_crops
+
+    if (dataset_dir is None) == (crop_set_dir is None):
+        raise click.UsageError("give --data (a prepared set) or --from-crop-set (a crop set with outlines)")
+    if crop_set_dir is not None:
+        from ..train.outline_crops import OutlineCropSettings, make_outline_crops
+
+        manifest = make_outline_crops(crop_set_dir, out_dir, OutlineCropSettings(
+            size=size, classes=classes, validation_fraction=test_fraction, seed=seed, tiles_mpp=tiles_mpp),
+            tiles_dir=tiles_dir)
+        counts = manifest.split.value_counts().to_dict()
+        click.echo(f"wrote {len(manifest)} {classes} crops to {out_dir} (train {counts.get('train', 0)}, test "
+                   f"{counts.get('test', 0)}: the validation slides)")
+        return
 
     summary = make_crops(dataset_dir, out_dir, CropSettings(size, test_fraction, seed, split))
     counts = summary.manifest.split.value_counts().to_dict()

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_torch_save
 from ..progress import Progress
-from .inpaint_losses import (GeneratorLoss, InpaintLossWeights, load_vgg19_features, lsgan_discriminator_loss)
+from .inpaint_losses import (GeneratorLoss, InpaintLossWeights, load_segmentation_features, load_vgg19_features,
+                             lsgan_discriminator_loss)
 from .data import write_png
 from .harness import TrainingDevice, TrainingRun, choose_training_device, seed_training
 from .inpaint_models import InpaintGenerator, PatchDiscriminator, generator_input, local_view
@@ -54,7 +55,13 @@ class InpaintSettings:
     n_aot_blocks: int = 8
     lambda_local_l1: float = 1.0
     vgg_weights: str | None = None
-    """Local torchvision VGG19 state dict; None disables the perceptual and style losses."""
+    """Local torchvision VGG19 state dict (the paper's feature network)."""
+    feature_model: str | None = None
+    """Or: a glomscan segmentation model file whose encoder (trained on PAS kidney tissue) is
+    the feature network. Neither: the perceptual and style losses are off."""
+    precision: str = "fp32"
+    """On the CPU: fp32, or bf16 (autocast, CPUs with bf16 instructions; "auto" picks it when
+    present). CUDA always uses fp16 AMP."""
     augment: bool = True
     """Random flips and 90° rotations of the training crops (not in the paper)."""
     max_steps_per_epoch: int | None = None
@@ -314,9 +321,19 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
     if not test_crops:
         log.warning("%s: no held-out crops (split 'test'): the CSV will have no MAE/PSNR/SSIM", crops_dir)
 
-    device = choose_training_device(device=settings.device, cpu_bf16=False)
+    if settings.vgg_weights and settings.feature_model:
+        raise ValueError("give one feature network: VGG19 weights or a segmentation model, not both")
+    cuda = settings.device is not None and settings.device.startswith("cuda") or (
+        settings.device is None and torch.cuda.is_available())
+    device = choose_training_device("auto" if cuda else settings.precision, device=settings.device,
+                                    cpu_bf16=settings.precision == "auto")
     seed_training(settings.seed)
-    vgg = load_vgg19_features(Path(settings.vgg_weights)) if settings.vgg_weights else None
+    if settings.vgg_weights:
+        vgg = load_vgg19_features(Path(settings.vgg_weights))
+    elif settings.feature_model:
+        vgg = load_segmentation_features(Path(settings.feature_model))
+    else:
+        vgg = None
     loss_fn = GeneratorLoss(InpaintLossWeights(l1_local=settings.lambda_local_l1), vgg).to(device.device)
     models = InpaintModels(InpaintGenerator(settings.base_channels, settings.n_aot_blocks).to(device.device),
                            PatchDiscriminator(settings.base_channels).to(device.device),

@@ -18,6 +18,12 @@ glomerulus on white, :func:`local_view`), all in [-1, 1]:
 VGG19 inputs are mapped from [-1, 1] to [0, 1] and normalised with the ImageNet mean/std.
 VGG19 weights only come from a local file; without them the perceptual and style terms are
 disabled (reported as NaN and in :attr:`GeneratorLoss.vgg_status`), never faked.
+
+The feature network is a choice (issue #15): the paper's ImageNet VGG19 (:func:`load_vgg19_features`,
+from a local file), or the encoder of a glomscan segmentation model trained on PAS kidney tissue
+(:func:`load_segmentation_features`: its five downsampling stages, at 1/2 ... 1/32 of the input,
+stand in for relu1_1 ... relu5_1; inputs normalised with the model card's mean/std). The loss
+formulas are the same for both; what the features respond to is not (see docs/augmentation.md).
 """
 
 from __future__ import annotations
@@ -125,7 +131,60 @@ def load_vgg19_features(path: Path) -> VGGFeatures:
     return VGGFeatures(features)
 
 
-VGG_DISABLED = "disabled: no VGG19 weights given (--vgg-weights); perceptual and style losses are off"
+class SegmentationEncoderFeatures(nn.Module):
+    """Frozen activations of a segmentation encoder (smp: ``encoder(x)`` returns the input and
+    one feature map per stage) at stages 1..depth, for images in [-1, 1]; normalised with
+    ``mean``/``std`` on [0, 1] like the segmentation model's input."""
+
+    def __init__(self, encoder: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD, description: str = "segmentation encoder"):
+        super().__init__()
+        self.encoder = encoder.eval()
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.description = description
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True) -> "SegmentationEncoderFeatures":
+        super().train(mode)
+        self.encoder.eval()  # fixed BatchNorm statistics
+        return self
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = ((x.float() + 1) / 2 - self.mean) / self.std
+        return list(self.encoder(x))[1:]
+
+
+def load_segmentation_features(path: Path) -> SegmentationEncoderFeatures:
+    """The encoder of a glomscan segmentation model file (ONNX model file or checkpoint, as
+    ``glomscan.model.load_model`` reads it) as a frozen feature network."""
+    from ..model import load_model
+
+    path = Path(path)
+    try:
+        model = load_model(path)
+        module = model.torch_module()
+    except Exception as exc:
+        raise ValueError(f"{path}: not a glomscan segmentation model ({exc})") from exc
+    encoder = getattr(module, "encoder", None)
+    if encoder is None:
+        raise ValueError(f"{path}: the network has no encoder")
+    card = model.card
+    return SegmentationEncoderFeatures(encoder.float(), card.mean, card.std,
+                                       f"{card.encoder} encoder of {card.name} ({path.name})")
+
+
+def feature_status(features: nn.Module | None) -> str:
+    """What the perceptual and style terms use (the CSV's ``vgg`` column)."""
+    if features is None:
+        return VGG_DISABLED
+    if isinstance(features, SegmentationEncoderFeatures):
+        return f"enabled: {features.description}"
+    return "enabled"
+
+
+VGG_DISABLED = ("disabled: no feature network given (--vgg-weights or --feature-model); perceptual and style "
+                "losses are off")
 
 
 class GeneratorLoss(nn.Module):
@@ -141,7 +200,7 @@ class GeneratorLoss(nn.Module):
 
     @property
     def vgg_status(self) -> str:
-        return "enabled" if self.vgg is not None else VGG_DISABLED
+        return feature_status(self.vgg)
 
     def perceptual_and_style(self, rec: torch.Tensor, ori: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f_rec, f_ori = self.vgg(rec), self.vgg(ori)
