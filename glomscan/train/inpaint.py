@@ -54,6 +54,10 @@ class InpaintSettings:
     """Generator c (c, 2c, 4c) and discriminator c (c, 2c, 4c, 8c, 1); 64 as the paper."""
     n_aot_blocks: int = 8
     lambda_local_l1: float = 1.0
+    perceptual_weight: float = 0.1
+    style_weight: float = 150.0
+    """The paper's weights (method.md), set for VGG19's activations; the scale of the Gram
+    matrices depends on the feature network, so another network may need another weight."""
     vgg_weights: str | None = None
     """Local torchvision VGG19 state dict (the paper's feature network)."""
     feature_model: str | None = None
@@ -334,7 +338,9 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
         vgg = load_segmentation_features(Path(settings.feature_model))
     else:
         vgg = None
-    loss_fn = GeneratorLoss(InpaintLossWeights(l1_local=settings.lambda_local_l1), vgg).to(device.device)
+    weights = InpaintLossWeights(l1_local=settings.lambda_local_l1, perceptual=settings.perceptual_weight,
+                                 style=settings.style_weight)
+    loss_fn = GeneratorLoss(weights, vgg).to(device.device)
     models = InpaintModels(InpaintGenerator(settings.base_channels, settings.n_aot_blocks).to(device.device),
                            PatchDiscriminator(settings.base_channels).to(device.device),
                            PatchDiscriminator(settings.base_channels).to(device.device))

@@ -103,3 +103,17 @@ def test_the_shipped_model_encoder_is_a_feature_network():
     assert "efficientnet-b3" in features.description
     out = features(torch.zeros(1, 3, 64, 64))
     assert [f.shape[-1] for f in out] == [32, 16, 8, 4, 2]
+
+
+def test_loss_weights_reach_the_total(tmp_path, tiny_model):
+    from test_inpaint_train import make_crops
+
+    crops = make_crops(tmp_path / "crops")
+    out = tmp_path / "g.pt"
+    train_inpainting(crops, out, InpaintSettings(epochs=1, batch_size=4, size=64, base_channels=4, n_aot_blocks=1,
+                                                 feature_model=str(tiny_model[0]), style_weight=7.0,
+                                                 perceptual_weight=0.3), quiet=True)
+    r = pd.read_csv(out.with_suffix(".metrics.csv")).iloc[-1]
+    expected = (0.02 * (r.adv_global + r.adv_local) + r.l1_global + r.l1_local + 0.3 * r.perceptual + 7.0 * r["style"])
+    assert r.total == pytest.approx(expected, rel=1e-5)
+    assert torch.load(out, weights_only=True)["info"]["settings"]["style_weight"] == 7.0

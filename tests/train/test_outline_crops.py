@@ -169,7 +169,7 @@ def test_augment_crops_from_crop_set_then_train_inpaint_cli(tmp_path):
     save_checkpoint(tmp_path / "seg.pt", build_model(card), card)
     result = runner.invoke(main, ["train", "inpaint", "--crops", str(tmp_path / "crops"), "--out", str(tmp_path / "g.pt"),
                                   "--epochs", "1", "--batch-size", "4", "--base-channels", "4", "--feature-model",
-                                  str(tmp_path / "seg.pt"), "--precision", "fp32", "--quiet"])
+                                  str(tmp_path / "seg.pt"), "--precision", "fp32", "--style-weight", "10", "--quiet"])
     assert result.exit_code == 0, result.output
     row = pd.read_csv(tmp_path / "g.metrics.csv").iloc[-1]
     assert row.vgg.startswith("enabled: resnet18 encoder of tiny") and row.perceptual > 0
