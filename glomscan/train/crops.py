@@ -149,6 +149,10 @@ class GlomerulusInstance:
     """Distance of the circle centre to the nearest patch border (px)."""
     pixel: tuple[int, int]
     """(row, col) of one of its pixels in the patch."""
+    group: str = ""
+    """Instances of one group at the same place are one glomerulus: the slide for patches cut
+    from a slide; the patch itself for tiles and composites (``prepare``'s kinds "tile" and
+    "composite", which all lie at the origin of their group: their glomeruli are all distinct)."""
 
     @property
     def slide_centre(self) -> tuple[float, float]:
@@ -197,8 +201,9 @@ def sclerosed_census(dataset_dir: Path, manifest: pd.DataFrame, split: str = "tr
         for index, sl in enumerate(ndimage.find_objects(comps), start=1):
             census.instances += 1
             r0, r1, c0, c1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+            group = str(row.slide) if str(row.get("kind", "slide")) in ("slide", "nan") else f"{row.slide}/{row.patch_id}"
             if r0 == 0 or c0 == 0 or r1 == h or c1 == w:
-                cut.append((row.slide, (row.x + c0, row.y + r0, row.x + c1, row.y + r1)))
+                cut.append((group, (row.x + c0, row.y + r0, row.x + c1, row.y + r1)))
                 continue
             component = comps[sl] == index
             cx, cy, radius = component_circle(component)
@@ -206,18 +211,18 @@ def sclerosed_census(dataset_dir: Path, manifest: pd.DataFrame, split: str = "tr
             rr, cc = np.nonzero(component)
             whole.append(GlomerulusInstance(str(row.slide), str(row.patch_id), int(row.x), int(row.y),
                                             (r0, c0, r1, c1), cx, cy, radius, int(component.sum()),
-                                            min(cx, cy, w - cx, h - cy), (int(r0 + rr[0]), int(c0 + cc[0]))))
+                                            min(cx, cy, w - cx, h - cy), (int(r0 + rr[0]), int(c0 + cc[0])), group))
     whole.sort(key=lambda g: (g.slide, -g.border_distance, g.patch_id))
     for g in whole:
         sx, sy = g.slide_centre
-        if not any(k.slide == g.slide and math.hypot(sx - k.slide_centre[0], sy - k.slide_centre[1])
+        if not any(k.group == g.group and math.hypot(sx - k.slide_centre[0], sy - k.slide_centre[1])
                    <= max(2.0, 0.1 * k.radius) for k in census.glomeruli):
             census.glomeruli.append(g)
     # cut instances not belonging to a kept whole glomerulus, grouped by overlapping boxes
     groups: list[tuple[str, list[int]]] = []
     for slide, (x0, y0, x1, y1) in cut:
         xc, yc = (x0 + x1) / 2, (y0 + y1) / 2
-        covered = any(k.slide == slide and k.slide_centre[0] - k.radius <= xc <= k.slide_centre[0] + k.radius
+        covered = any(k.group == slide and k.slide_centre[0] - k.radius <= xc <= k.slide_centre[0] + k.radius
                       and k.slide_centre[1] - k.radius <= yc <= k.slide_centre[1] + k.radius for k in census.glomeruli)
         if covered:
             continue
