@@ -18,6 +18,7 @@ from . import __version__
 from .atomic import atomic_write_text
 from .pipeline import SlideReport
 from .report import CLASS_COLOURS, THUMBNAIL_NAME
+from .viewer import VIEWER_PAGE
 
 LINKED_FILES = (("glomeruli.csv", "CSV"), ("glomeruli.geojson", "GeoJSON"), ("mask.tif", "mask TIFF"),
                 ("report.json", "report"))
@@ -83,6 +84,8 @@ def _row(out_dir: Path, r: SlideReport, skipped: bool) -> str:
     if skipped:
         status += " (up to date, not redone)"
     links = " · ".join(f'<a href="{_href(r.slide, name)}">{label}</a>' for name, label in LINKED_FILES if has[name])
+    if (folder / VIEWER_PAGE).is_file():
+        links = f'<a class="viewer" href="{_href(r.slide, VIEWER_PAGE)}"><b>open viewer</b></a> · ' + links
     reason = f'<div class="reason">{_esc(r.reason)}</div>' if r.reason else ""
     return (f'<tr class="slide {_esc(r.status)}" data-slide="{_esc(r.slide)}" data-status="{_esc(r.status)}">'
             f'<td>{thumb}</td><td class="name">{_esc(r.slide)}<div class="meta">{_esc(r.path)}</div></td>'

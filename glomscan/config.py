@@ -57,6 +57,9 @@ class AnalysisSettings:
     max_pending_rows: int = 8192
     """Bound on the rows a single unfinished component may hold open while streaming."""
     tissue: TissueSettings = field(default_factory=TissueSettings)
+    viewer: bool = True
+    """Write the zoomable review page per slide (``viewer.html`` and its Deep Zoom tiles);
+    not part of the result, so not in the fingerprint."""
 
     @property
     def stride(self) -> int:
@@ -79,9 +82,9 @@ class AnalysisSettings:
             raise ValueError("downsample must be > 0")
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the result (not batch size or thread counts)."""
+        """Hash of everything that changes the result (not batch size, thread counts or the viewer)."""
         d = asdict(self)
-        for k in ("batch_size", "workers", "merge_workers"):
+        for k in ("batch_size", "workers", "merge_workers", "viewer"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

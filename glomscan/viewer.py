@@ -1,0 +1,149 @@
+"""OUT/<slide>/viewer.html: a zoomable review page per slide, static files only.
+
+The slide at the analysis resolution becomes a Deep Zoom pyramid written by libvips
+(``dzsave``: ``viewer/tiles_files/<level>/<col>_<row>.jpg``) and is shown with OpenSeadragon
+(vendored in ``glomscan/viewer_assets``, copied next to each page so a slide folder works on its
+own). The glomeruli (outlines in level-0 pixels, measurements, probabilities) and the slide's
+counts are embedded in the page as JSON, and OpenSeadragon is given the pyramid as an inline
+tile source: a page opened from the file system (``file://``) loads nothing but ``<script>``
+files and image tiles, which browsers allow there, and no XHR, which Chromium refuses.
+
+In the page a pathologist can step through the glomeruli, change a class, mark a false
+detection or a missed glomerulus (point or outline), see the counts and percent global
+glomerulosclerosis with its 95 % Wilson interval follow, and download the corrections as
+``<slide stem>.geojson``: a QuPath-compatible FeatureCollection that ``glomscan prepare
+--annotations`` and ``glomscan evaluate results --truth`` read (``glomscan.train.data``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pyvips
+
+from .atomic import atomic_write_text
+from .report import CLASS_COLOURS, QUPATH_CLASS_NAMES, Z_95
+from .slides import Slide
+
+log = logging.getLogger(__name__)
+
+VIEWER_PAGE = "viewer.html"
+VIEWER_DIR = "viewer"
+"""Per slide: ``viewer.html`` and ``viewer/`` (scripts, licence, the tile pyramid)."""
+ASSETS = ("openseadragon.min.js", "LICENSE-openseadragon.txt", "VENDORED.md", "viewer.js", "viewer.css")
+TILE_SIZE = 254
+TILE_OVERLAP = 1
+JPEG_QUALITY = 80
+CORRECTION_CLASS_NAMES = {**QUPATH_CLASS_NAMES, "rejected": "Not glomerulus"}
+"""Classification names of the corrections file: the analysis' own two, and false detections
+(kept in the file so the review can be traced; ``prepare`` reads them as background)."""
+REJECTED_COLOUR = (140, 140, 140)
+
+
+@dataclass(frozen=True)
+class ViewerInfo:
+    seconds: float
+    bytes: int
+    tiles: int
+
+
+def glomeruli_for_page(geojson: dict) -> list[dict]:
+    """The page's glomeruli from ``glomeruli.geojson``: id, class, probabilities, measurements
+    and the outline (level-0 pixels)."""
+    by_name = {v: k for k, v in QUPATH_CLASS_NAMES.items()}
+    out = []
+    for feature in geojson.get("features", []):
+        props = feature.get("properties", {})
+        m = dict(props.get("measurements", {}))
+        cls = by_name.get((props.get("classification") or {}).get("name", ""), "normal")
+        geometry = feature.get("geometry") or {}
+        if geometry.get("type") != "Polygon":
+            continue
+        out.append({
+            "id": int(m.pop("glomscan id", len(out) + 1)),
+            "feature_id": feature.get("id"),
+            "class": cls,
+            "ring": [[round(x, 1), round(y, 1)] for x, y in geometry["coordinates"][0]],
+            "measurements": m,
+        })
+    return out
+
+
+def page_data(folder: Path, report, width: int, height: int) -> dict:
+    """Everything the page shows, as JSON: the slide, the tile pyramid, the glomeruli, the
+    counts and %GS with its interval as analysed (report.json's numbers)."""
+    geojson = json.loads((folder / "glomeruli.geojson").read_text())
+    return {
+        "slide": report.slide,
+        "stem": Path(report.path).stem,
+        "path": report.path,
+        "width": width, "height": height,
+        "downsample": report.analysis_downsample,
+        "mpp": report.mpp, "analysis_mpp": report.analysis_mpp,
+        "model_id": report.model_id, "model_sha256": report.model_sha256,
+        "tiles": {"url": f"{VIEWER_DIR}/tiles_files/", "format": "jpg", "overlap": TILE_OVERLAP, "size": TILE_SIZE},
+        "analysed": {"n_normal": report.n_normal, "n_sclerosed": report.n_sclerosed,
+                     "percent": report.percent_global_glomerulosclerosis,
+                     "ci95_low": report.ci95_low, "ci95_high": report.ci95_high},
+        "z": Z_95,
+        "class_names": CORRECTION_CLASS_NAMES,
+        "colours": {**{k: list(v) for k, v in CLASS_COLOURS.items()}, "rejected": list(REJECTED_COLOUR)},
+        "glomeruli": glomeruli_for_page(geojson),
+    }
+
+
+def render_page(data: dict) -> str:
+    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    title = html.escape(f"glomscan viewer: {data['slide']}", quote=True)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<link rel="stylesheet" href="{VIEWER_DIR}/viewer.css">
+</head>
+<body>
+<div id="osd" aria-label="zoomable slide"></div>
+<aside id="panel"></aside>
+<script id="glomscan-data" type="application/json">{payload}</script>
+<script src="{VIEWER_DIR}/openseadragon.min.js"></script>
+<script src="{VIEWER_DIR}/viewer.js"></script>
+</body></html>
+"""
+
+
+def analysis_image(report, mpp_override: float | None) -> pyvips.Image:
+    """The slide at its analysis resolution as 8-bit sRGB without alpha (what the model saw)."""
+    slide = Slide(Path(report.path), mpp_override=mpp_override)
+    image, _ = slide.image_at(report.analysis_downsample)
+    if image.hasalpha():
+        image = image.flatten(background=[255, 255, 255])
+    if image.bands == 1:
+        image = image.colourspace("srgb")
+    return image.cast("uchar")
+
+
+def write_viewer(folder: Path, report, mpp_override: float | None = None) -> ViewerInfo:
+    """Write ``folder/viewer.html`` and ``folder/viewer/`` for an analysed slide whose outputs
+    (report fields, ``glomeruli.geojson``) are in ``folder``. The page is written last."""
+    started = time.perf_counter()
+    folder = Path(folder)
+    target = folder / VIEWER_DIR
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    assets = resources.files("glomscan") / "viewer_assets"
+    for name in ASSETS:
+        (target / name).write_bytes((assets / name).read_bytes())
+    image = analysis_image(report, mpp_override)
+    image.dzsave(str(target / "tiles"), tile_size=TILE_SIZE, overlap=TILE_OVERLAP, suffix=f".jpg[Q={JPEG_QUALITY}]")
+    atomic_write_text(folder / VIEWER_PAGE, render_page(page_data(folder, report, image.width, image.height)))
+    files = [p for p in target.rglob("*") if p.is_file()] + [folder / VIEWER_PAGE]
+    tiles = sum(p.suffix == ".jpg" for p in files)
+    return ViewerInfo(round(time.perf_counter() - started, 3), sum(p.stat().st_size for p in files), tiles)
