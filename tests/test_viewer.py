@@ -1,11 +1,13 @@
-"""OUT/<slide>/viewer.html: the review page's files, its link from index.html and the --viewer
-flag (without a browser)."""
+"""OUT/<slide>/viewer.html: the review page's files, its link from index.html, the --viewer flag,
+and the corrections file read back by prepare and evaluate results (without a browser; the page
+itself in a real browser: tests/test_viewer_browser.py)."""
 
 import json
 import re
 from html.parser import HTMLParser
 
 import numpy as np
+import pandas as pd
 import pytest
 import pyvips
 from click.testing import CliRunner
@@ -14,6 +16,7 @@ from glomscan import batch as batch_module
 from glomscan.batch import run_batch
 from glomscan.cli import main
 from glomscan.config import AnalysisSettings
+from glomscan.train.data import DEFAULT_CLASS_MAP, read_png, read_qupath_geojson, read_qupath_points
 from glomscan.viewer import VIEWER_DIR, VIEWER_PAGE
 
 from conftest import ORACLE_CHOICE, TEST_GLOMERULI, OracleEngine, copy_slide, oracle_model
@@ -116,3 +119,94 @@ def test_a_failing_viewer_leaves_the_slide_ok_without_one(small_slide, tmp_path,
 def test_analyze_has_a_viewer_flag():
     res = CliRunner().invoke(main, ["analyze", "--help"])
     assert res.exit_code == 0 and "--viewer / --no-viewer" in res.output
+
+
+def corrections(data, changes: dict, rejected: set, added: list) -> dict:
+    """A corrections file as the page writes it (tests/test_viewer_browser.py checks the page
+    writes this shape): every glomerulus with its reviewed class, false detections as "Not
+    glomerulus", added ones as points or outlines."""
+    names = data["class_names"]
+    features = []
+    for g in data["glomeruli"]:
+        cls = "rejected" if g["id"] in rejected else changes.get(g["id"], g["class"])
+        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [g["ring"]]},
+                         "properties": {"objectType": "annotation", "classification": {"name": names[cls]}}})
+    for cls, geometry in added:
+        features.append({"type": "Feature", "geometry": geometry,
+                         "properties": {"objectType": "annotation", "classification": {"name": names[cls]}}})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def prepared_label_at(dataset, x0: float, y0: float, downsample: float = 2.0):
+    """The prepared label at level-0 (x0, y0), from the first patch that holds it (None: no patch)."""
+    manifest = pd.read_csv(dataset / "manifest.csv")
+    x, y = x0 / downsample, y0 / downsample
+    for row in manifest.itertuples():
+        if row.x <= x < row.x + row.tile and row.y <= y < row.y + row.tile:
+            return int(read_png(dataset / row.mask)[int(y - row.y), int(x - row.x), 0])
+    return None
+
+
+def centre(g):
+    ring = np.asarray(g["ring"])
+    return ring[:, 0].mean(), ring[:, 1].mean()
+
+
+def test_corrections_file_feeds_prepare_and_evaluate(out, small_slide, tmp_path):
+    data = page_data(out / "case01" / VIEWER_PAGE)
+    glomeruli = {g["id"]: g for g in data["glomeruli"]}
+    normal = [i for i, g in glomeruli.items() if g["class"] == "normal"]
+    changed, rejected = normal[0], normal[1]
+    # a missed glomerulus outlined, one marked by a point: in tissue, in patches (1024 level-0 px
+    # apart) of their own, the point more than 150 µm (300 px) from any other patch
+    outline = [[1850, 1150], [2000, 1150], [2000, 1300], [1850, 1300], [1850, 1150]]
+    point = [2450, 450]
+    added = [("sclerosed", {"type": "Polygon", "coordinates": [outline]})]
+    truth, no_point = tmp_path / "truth", tmp_path / "no-point"
+    truth.mkdir(), no_point.mkdir()
+    fc = corrections(data, {changed: "sclerosed"}, {rejected}, added)
+    (no_point / "case01.geojson").write_text(json.dumps(fc))
+    fc = corrections(data, {changed: "sclerosed"}, {rejected}, added + [("normal", {"type": "Point", "coordinates": point})])
+    (truth / "case01.geojson").write_text(json.dumps(fc))
+    polygons, skipped = read_qupath_geojson(truth / "case01.geojson", DEFAULT_CLASS_MAP)
+    assert skipped == {} and len(polygons) == len(TEST_GLOMERULI) - 1 + 1
+    assert [(p.label, p.x, p.y) for p in read_qupath_points(truth / "case01.geojson", DEFAULT_CLASS_MAP)] == [(1, *point)]
+
+    for annotations, dataset in ((truth, "set"), (no_point, "set-no-point")):
+        res = CliRunner().invoke(main, ["prepare", "--slides", str(small_slide.path.parent), "--annotations",
+                                        str(annotations), "--out", str(tmp_path / dataset), "--tile", "512",
+                                        "--stride", "512"])
+        assert res.exit_code == 0, res.output
+    assert prepared_label_at(tmp_path / "set", *centre(glomeruli[changed])) == 2  # the reviewed class
+    assert prepared_label_at(tmp_path / "set", *centre(glomeruli[rejected])) == 0  # a false detection: background
+    assert prepared_label_at(tmp_path / "set", 1925, 1225) == 2  # the added outline
+    # the patch around a point-only glomerulus is left out (and only that one)
+    assert prepared_label_at(tmp_path / "set-no-point", *point) == 0 and prepared_label_at(tmp_path / "set", *point) is None
+    assert len(pd.read_csv(tmp_path / "set" / "manifest.csv")) == len(pd.read_csv(tmp_path / "set-no-point" / "manifest.csv")) - 1
+    kept = [i for i in glomeruli if i not in (changed, rejected)]
+    assert all(prepared_label_at(tmp_path / "set", *centre(glomeruli[i])) == (2 if glomeruli[i]["class"] == "sclerosed" else 1)
+               for i in kept)
+
+    res = CliRunner().invoke(main, ["evaluate", "results", "--results", str(out), "--truth", str(truth),
+                                    "--out", str(tmp_path / "eval")])
+    assert res.exit_code == 0, res.output
+    row = pd.read_csv(tmp_path / "eval.csv").iloc[0]
+    # truth: 6 detected - 1 false + 1 outlined + 1 point; the analysis found 6, of which 5 are true
+    assert row.n_true == len(TEST_GLOMERULI) + 1 and row.n_predicted == len(TEST_GLOMERULI)
+    assert row.matched == len(TEST_GLOMERULI) - 1 and row.class_agreement == len(TEST_GLOMERULI) - 2
+    n_scl = sum(g.sclerosed for g in TEST_GLOMERULI) + 2  # the changed one and the outline
+    assert row.sclerosis_pct_true == pytest.approx(100 * n_scl / (len(TEST_GLOMERULI) + 1))
+
+
+def test_evaluate_matches_a_point_inside_a_detection():
+    from glomscan.train.metrics import instance_matches, sclerosis_percent
+
+    pred = np.zeros((40, 40), np.uint8)
+    pred[5:15, 5:15] = 2
+    pred[25:35, 25:35] = 1
+    truth = np.zeros_like(pred)
+    truth[5:15, 5:15] = 2
+    # one point inside the unmatched detection (class agrees), one inside the matched one, one in nothing
+    got = instance_matches(pred, truth, true_points=[(30, 30, 1), (10, 10, 2), (20, 2, 2)])
+    assert (got["n_true"], got["matched"], got["class_agreement"]) == (4, 2, 2)
+    assert sclerosis_percent(truth, [(30, 30, 1), (20, 2, 2)]) == pytest.approx(200 / 3)

@@ -7,7 +7,10 @@ given stride, and every patch touching tissue is written as ``images/<id>.png`` 
 slide, so patches of one slide never sit in both train and validation.
 
 Annotations per slide (matched by file stem, in the annotations folder):
-  ``<stem>.geojson``              QuPath export (polygons with classification names)
+  ``<stem>.geojson``              QuPath export (polygons with classification names), or the
+                                  corrections file of the review page (viewer.html): polygons,
+                                  "Not glomerulus" (background) and points (patches near a
+                                  point-only glomerulus are left out)
   ``<stem>_labels.png/.tif``      one label image (0/1/2), any resolution (scaled nearest)
   ``<stem>_normal.png`` + ``<stem>_sclerosed.png``  one binary mask per class (white on black)
 """
@@ -38,9 +41,15 @@ DEFAULT_CLASS_MAP = {
     "glomerulus sclerosed": 2, "sclerosed": 2, "sclerosed glomerulus": 2, "sclerotic": 2,
     "globally sclerosed": 2, "global sclerosis": 2, "sclerotic glomerulus": 2,
     "glomerulus (class unknown)": 3, "glomerulus, class unknown": 3, "glomerulus unknown": 3, "unknown": 3,
+    "not glomerulus": 0, "not a glomerulus": 0, "false detection": 0,
 }
 """QuPath classification name (case-insensitive) -> label (3: glomerulus of unknown class,
-which supervises only glomerulus-vs-background; note that plain "glomerulus" means normal)."""
+which supervises only glomerulus-vs-background; 0: background, e.g. the false detections of a
+file corrected in the review page; note that plain "glomerulus" means normal)."""
+POINT_MARGIN_UM = 150.0
+"""A glomerulus marked by a point (no outline) may reach this far from it: patches closer than
+this to a point are left out of a training set, since its missing outline would teach them
+background."""
 
 MANIFEST_COLUMNS = ["patch_id", "slide", "split", "x0", "y0", "x", "y", "tile", "n_normal_px", "n_sclerosed_px",
                     "synthetic", "image", "mask", "kind", "n_unknown_class_px"]
@@ -84,9 +93,7 @@ def read_qupath_geojson(path: Path, class_map: dict[str, int]) -> tuple[list[Pol
         data if isinstance(data, list) else [data])
     polygons, skipped = [], {}
     for f in features:
-        props = f.get("properties") or {}
-        cls = props.get("classification") or {}
-        name = (cls.get("name") if isinstance(cls, dict) else str(cls)) or props.get("name") or ""
+        name = _classification(f)
         label = class_map.get(name.strip().lower())
         geometry = f.get("geometry") or {}
         if label is None:
@@ -94,11 +101,48 @@ def read_qupath_geojson(path: Path, class_map: dict[str, int]) -> tuple[list[Pol
             continue
         if label == 0:
             continue
-        parts = ([geometry["coordinates"]] if geometry.get("type") == "Polygon"
+        parts = ([geometry["coordinates"]] if geometry.get("type") == "Polygon"  # points: read_qupath_points
                  else geometry.get("coordinates", []) if geometry.get("type") == "MultiPolygon" else [])
         for rings in parts:
             polygons.append(PolygonAnnotation(label, [np.asarray(r, np.float64)[:, :2] for r in rings]))
     return polygons, skipped
+
+
+@dataclass
+class PointAnnotation:
+    label: int
+    x: float
+    y: float
+    """Level-0 pixels: a glomerulus marked by its centre only (a missed one added in the review page)."""
+
+
+def read_qupath_points(path: Path, class_map: dict[str, int]) -> list[PointAnnotation]:
+    """Point (and MultiPoint) features with a mapped glomerulus classification (label 1, 2 or 3)."""
+    data = json.loads(Path(path).read_text())
+    features = data.get("features", []) if isinstance(data, dict) and data.get("type") == "FeatureCollection" else (
+        data if isinstance(data, list) else [data])
+    points = []
+    for f in features:
+        geometry = f.get("geometry") or {}
+        coordinates = ([geometry.get("coordinates")] if geometry.get("type") == "Point"
+                       else geometry.get("coordinates", []) if geometry.get("type") == "MultiPoint" else [])
+        if not coordinates:
+            continue
+        label = class_map.get(_classification(f).strip().lower())
+        if label in (1, 2, 3):
+            points += [PointAnnotation(label, float(c[0]), float(c[1])) for c in coordinates]
+    return points
+
+
+def _classification(feature: dict) -> str:
+    props = feature.get("properties") or {}
+    cls = props.get("classification") or {}
+    return (cls.get("name") if isinstance(cls, dict) else str(cls)) or props.get("name") or ""
+
+
+def near_points(points: list[PointAnnotation], x0: float, y0: float, size: float, margin: float) -> int:
+    """How many points lie within ``margin`` of the square window at level-0 (x0, y0), side ``size``."""
+    return sum(x0 - margin <= p.x < x0 + size + margin and y0 - margin <= p.y < y0 + size + margin for p in points)
 
 
 def rasterise_polygons(polygons: list[PolygonAnnotation], x0: float, y0: float, width: int, height: int,
@@ -134,12 +178,14 @@ class LabelSource:
         stem = slide.path.stem
         self.downsample = downsample
         self.polygons: list[PolygonAnnotation] | None = None
+        self.points: list[PointAnnotation] = []
         self.label_image: pyvips.Image | None = None
         self.skipped: dict[str, int] = {}
         d = Path(annotations_dir)
         geojson = d / f"{stem}.geojson"
         if geojson.is_file():
             self.polygons, self.skipped = read_qupath_geojson(geojson, class_map)
+            self.points = read_qupath_points(geojson, class_map)
             self.source = geojson.name
         else:
             self.label_image, self.source = label_image_from_masks(d, stem, *analysis_size)
@@ -331,7 +377,13 @@ def _slide_patches(slides_dir: Path, annotations_dir: Path | None, out_dir: Path
         tissue = slide.tissue(downsample, resolution.assumed_mpp, settings.tissue)
         grid = TileGrid(image.width, image.height, settings.tile, settings.stride)
         reader = TileReader(image, settings.tile)
+        margin = POINT_MARGIN_UM / (slide.mpp or resolution.assumed_mpp / downsample)  # level-0 px
+        near_point = 0
         for t in grid.tissue_tiles(tissue):
+            if labels.points and near_points(labels.points, t.x * downsample, t.y * downsample,
+                                             settings.tile * downsample, margin):
+                near_point += 1
+                continue
             pixels = reader.read(t.x, t.y)
             mask = mirror_past_edge(labels.window(t.x, t.y, settings.tile), image.width - t.x, image.height - t.y)
             patch_id = f"{path.stem}_x{t.x}_y{t.y}"
@@ -340,6 +392,9 @@ def _slide_patches(slides_dir: Path, annotations_dir: Path | None, out_dir: Path
                          "x0": round(t.x * downsample), "y0": round(t.y * downsample), "x": t.x, "y": t.y})
         log.info("%s: %s, %d patches (%s)", path.name, labels.source, sum(r["slide"] == path.stem for r in rows),
                  split[path.stem])
+        if near_point:
+            log.warning("%s: %d patch(es) left out: within %g µm of the %d glomerul(us/i) marked by a point only "
+                        "(outline them to train on them)", path.name, near_point, POINT_MARGIN_UM, len(labels.points))
     return rows
 
 

@@ -16,7 +16,8 @@ from ..model import LoadedModel
 from ..postprocess import EIGHT_CONNECTED, glomeruli_in_image
 from ..engines.torch_engine import TorchEngine
 from ..slides import image_to_array
-from .data import DEFAULT_CLASS_MAP, label_image_from_masks, load_patch, rasterise_polygons, read_qupath_geojson
+from .data import (DEFAULT_CLASS_MAP, label_image_from_masks, load_patch, rasterise_polygons, read_qupath_geojson,
+                   read_qupath_points)
 from .metrics import (dice, glomerulus_counts, instance_matches, known_class_counts, pixel_metrics,
                       sclerosis_percent)
 
@@ -30,12 +31,12 @@ class _Scores:
         self.detection = {"n_predicted": 0, "n_true": 0, "matched": 0, "class_agreement": 0}
         self.rows: list[dict] = []
 
-    def add(self, item: str, pred: np.ndarray, truth: np.ndarray, **extra) -> dict:
+    def add(self, item: str, pred: np.ndarray, truth: np.ndarray, points=(), **extra) -> dict:
         t, f, n = known_class_counts(pred, truth)
         self.tp, self.fp, self.fn = self.tp + t, self.fp + f, self.fn + n
         g = glomerulus_counts(pred, truth)
         self.glomerulus += g
-        inst = instance_matches(pred, truth)
+        inst = instance_matches(pred, truth, true_points=points)
         for k in self.detection:
             self.detection[k] += inst[k]
         row = {"item": item, **pixel_metrics(t, f, n), "dice_glomerulus": dice(*g), **inst, **extra}
@@ -86,8 +87,18 @@ def slide_truth(truth_dir: Path, stem: str, width: int, height: int, downsample:
     return image_to_array(image)[..., 0]
 
 
+def slide_truth_points(truth_dir: Path, stem: str, downsample: float, class_map: dict) -> list[tuple[float, float, int]]:
+    """Glomeruli marked by a point only (a reviewed slide's missed ones): (x, y, label) at analysis resolution."""
+    geojson = Path(truth_dir) / f"{stem}.geojson"
+    if not geojson.is_file():
+        return []
+    return [(p.x / downsample, p.y / downsample, p.label) for p in read_qupath_points(geojson, class_map)]
+
+
 def evaluate_results(results_dir: Path, truth_dir: Path, class_map: dict | None = None) -> pd.DataFrame:
-    """Compare analyze outputs (mask.tif, report.json per slide) with annotated slides."""
+    """Compare analyze outputs (mask.tif, report.json per slide) with annotated slides: QuPath
+    GeoJSON, label images, or the corrections files of the review page (glomeruli marked by a
+    point count as true glomeruli, detected when a predicted one contains the point)."""
     class_map = class_map or DEFAULT_CLASS_MAP
     scores = _Scores()
     for folder in sorted(p for p in Path(results_dir).iterdir() if (p / "mask.tif").is_file()):
@@ -96,10 +107,11 @@ def evaluate_results(results_dir: Path, truth_dir: Path, class_map: dict | None 
         pred = image_to_array(mask)[..., 0]
         stem = Path(report["path"]).stem
         truth = slide_truth(truth_dir, stem, mask.width, mask.height, report["analysis_downsample"], class_map)
-        truth_pct = sclerosis_percent(truth)
+        points = slide_truth_points(truth_dir, stem, report["analysis_downsample"], class_map)
+        truth_pct = sclerosis_percent(truth, points)
         reported = report.get("percent_global_glomerulosclerosis")
         error = (reported - truth_pct) if reported is not None and not math.isnan(truth_pct) else None
-        scores.add(folder.name, pred, truth, sclerosis_pct_true=truth_pct, sclerosis_pct_reported=reported,
+        scores.add(folder.name, pred, truth, points, sclerosis_pct_true=truth_pct, sclerosis_pct_reported=reported,
                    sclerosis_pct_error=error)
     if not scores.rows:
         raise ValueError(f"no analyze outputs (mask.tif) under {results_dir}")

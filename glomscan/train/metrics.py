@@ -61,9 +61,12 @@ def dice(tp: float, fp: float, fn: float, empty: float = float("nan")) -> float:
     return float(2 * tp / denominator) if denominator > 0 else empty
 
 
-def instance_matches(pred_labels: np.ndarray, true_labels: np.ndarray, iou_threshold: float = 0.5) -> dict:
+def instance_matches(pred_labels: np.ndarray, true_labels: np.ndarray, iou_threshold: float = 0.5,
+                     true_points=()) -> dict:
     """Glomerulus detection by IoU >= threshold between connected components (any class);
-    one-to-one greedy by IoU. Also counts matched pairs whose class agrees."""
+    one-to-one greedy by IoU. Also counts matched pairs whose class agrees. ``true_points``,
+    (x, y, label) in label-image pixels, are true glomeruli without an outline: each one is
+    matched by a predicted glomerulus that contains it and matched nothing else."""
     pred_cc, n_pred = ndimage.label(pred_labels > 0, structure=EIGHT_CONNECTED)
     true_cc, n_true = ndimage.label(true_labels > 0, structure=EIGHT_CONNECTED)
     pairs = []
@@ -90,17 +93,27 @@ def instance_matches(pred_labels: np.ndarray, true_labels: np.ndarray, iou_thres
         tc = np.bincount(true_labels[true_cc == j], minlength=3)[1:].argmax()
         class_agree += int(pc == tc)
     tp = len(matched)
+    h, w = pred_labels.shape
+    for x, y, label in true_points:
+        n_true += 1
+        i = int(pred_cc[min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)])
+        if i and i not in used_p:
+            used_p.add(i)
+            tp += 1
+            class_agree += int(np.bincount(pred_labels[pred_cc == i], minlength=3)[1:].argmax() + 1 == label)
     precision, recall = _ratio(tp, n_pred), _ratio(tp, n_true)
     return {"n_predicted": n_pred, "n_true": n_true, "matched": tp, "class_agreement": class_agree,
             "detection_precision": precision, "detection_recall": recall,
             "detection_f1": _ratio(2 * precision * recall, precision + recall) if tp else 0.0}
 
 
-def sclerosis_percent(labels: np.ndarray) -> float:
-    """Percent of graded glomeruli (components, class by majority) that are sclerosed;
-    components mostly of unknown class (label 3) are not graded. NaN when none is graded."""
+def sclerosis_percent(labels: np.ndarray, points=()) -> float:
+    """Percent of graded glomeruli (components, class by majority; and ``points``, (x, y, label)
+    glomeruli without an outline) that are sclerosed; components mostly of unknown class (label
+    3) are not graded. NaN when none is graded."""
     cc, n = ndimage.label(labels > 0, structure=EIGHT_CONNECTED)
-    scl = graded = 0
+    graded = sum(label in (1, 2) for _, _, label in points)
+    scl = sum(label == 2 for _, _, label in points)
     for i, sl in enumerate(ndimage.find_objects(cc), start=1):
         values = labels[sl][cc[sl] == i]
         majority = int(np.bincount(values, minlength=4)[1:].argmax()) + 1
