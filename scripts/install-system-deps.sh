@@ -3,7 +3,11 @@
 # distribution's libvips built with OpenSlide. Runs as root, or as a user with sudo.
 # Used by scripts/setup.sh (hence the README's two commands), .ci/run and the Dockerfile.
 # Do NOT add pyvips-binary: it has no openslideload and shadows the system libvips.
+# --browser also installs Chromium, which the browser tests drive headless (scripts/test.sh
+# asks for it; the Docker image and analysis machines do not need it).
 set -euo pipefail
+BROWSER=0
+if [ "${1:-}" = "--browser" ]; then BROWSER=1; fi
 export DEBIAN_FRONTEND=noninteractive
 SUDO=""
 if [ "$(id -u)" != "0" ]; then
@@ -13,9 +17,10 @@ fi
 
 have_python() { command -v python3 > /dev/null && python3 -c "import ensurepip, venv" 2> /dev/null; }
 have_vips() { ldconfig -p 2> /dev/null | grep -q 'libvips\.so\.42' && ldconfig -p 2> /dev/null | grep -q 'libopenslide\.so'; }
+have_browser() { [ "$BROWSER" = 0 ] || command -v chromium > /dev/null || command -v chromium-browser > /dev/null; }
 
-if have_python && have_vips; then
-    echo "python3 (with venv), libvips and OpenSlide already installed"
+if have_python && have_vips && have_browser; then
+    echo "python3 (with venv), libvips and OpenSlide$([ "$BROWSER" = 1 ] && echo ", Chromium") already installed"
     exit 0
 fi
 $SUDO apt-get update -qq
@@ -25,5 +30,9 @@ if apt-cache show libvips42t64 > /dev/null 2>&1; then
     packages+=(libvips42t64 libopenslide0t64)
 else
     packages+=(libvips42 libopenslide0)
+fi
+# Debian 12: chromium; Ubuntu ships it as chromium-browser (a snap on 22.04 and later).
+if ! have_browser; then
+    if apt-cache show chromium > /dev/null 2>&1; then packages+=(chromium); else packages+=(chromium-browser); fi
 fi
 $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}"
