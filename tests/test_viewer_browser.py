@@ -121,6 +121,11 @@ def test_a_click_shows_measurements_and_a_class_change_updates_the_percent(page,
     assert page.evaluate("document.body.dataset.reviewedCounts") == f"{n_normal - 1},{n_scl + 1}"
     page.keyboard.press("u")  # undo
     assert page.locator("#reviewed-percent").inner_text() == f"{sclerosis_summary(n_normal, n_scl)[0]:g} %"
+    page.keyboard.press("2")
+    page.reload()  # corrections survive a reload (local storage)
+    page.wait_for_function("document.body.dataset.ready === '1'")
+    assert page.evaluate("[document.body.dataset.restored, document.body.dataset.reviewedCounts]") == [
+        "1", f"{n_normal - 1},{n_scl + 1}"]
 
 
 def test_corrections_export_round_trips_through_prepare_and_evaluate(page, out, small_slide, tmp_path):
