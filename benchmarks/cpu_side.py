@@ -3,9 +3,10 @@
 An engine that costs nothing (``ReplayEngine`` of benchmarks/gpu.py) hands back stored
 predictions, so what is timed is everything else ``analyze`` does with a slide: tissue
 detection, reading and resampling tiles, blending, labelling and measuring glomeruli, writing
-the mask, tables and overview. Each measurement runs in a child process pinned to N cores
-(``sched_setaffinity`` before it starts, so every thread in it -- libvips', numpy's, ours --
-stays on them) with N tile-reader threads and N merge workers, after one untimed warm-up slide.
+the mask, tables and overview (not the review page; ``--viewer`` includes it). Each
+measurement runs in a child process pinned to N cores (``sched_setaffinity`` before it starts,
+so every thread in it -- libvips', numpy's, ours -- stays on them) with N tile-reader threads
+and N merge workers, after one untimed warm-up slide.
 Runs alternate the core counts, so a shared machine's changing load hits them alike; the ratio
 of each run is taken within that run.
 
@@ -19,7 +20,8 @@ Workloads (what the null engine returns):
 
 ``--profile`` times the stages one after the other on one core instead.
 
-    python benchmarks/cpu_side.py [--quick] [--cores 1,2] [--runs 3] [--workloads truth,model] [--profile]
+    python benchmarks/cpu_side.py [--quick] [--cores 1,2] [--runs 3] [--workloads truth,model]
+                                  [--profile] [--viewer] [--data DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -63,8 +65,11 @@ def make_slide(folder: Path, quick: bool) -> SyntheticSlide:
                                  mpp=0.5, compression="jpeg")
 
 
-def settings_for(tile: int, cores: int) -> AnalysisSettings:
-    extra = {"merge_workers": cores} if "merge_workers" in {f.name for f in dataclasses.fields(AnalysisSettings)} else {}
+def settings_for(tile: int, cores: int, viewer: bool = False) -> AnalysisSettings:
+    """N reader threads and N merge workers; no review page unless asked (its cost is
+    benchmarks/viewer_cost.py's). Settings a version of the code lacks are left out."""
+    fields = {f.name for f in dataclasses.fields(AnalysisSettings)}
+    extra = {k: v for k, v in (("merge_workers", cores), ("viewer", viewer)) if k in fields}
     return AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=8, workers=cores, **extra)
 
 
@@ -116,26 +121,26 @@ def predictions(folder: Path, workload: str) -> np.ndarray:
     return np.load(folder / "model.npy")
 
 
-def child(folder: Path, quick: bool, workload: str, cores: int) -> None:
+def child(folder: Path, quick: bool, workload: str, cores: int, viewer: bool) -> None:
     """One measurement (runs pinned to ``cores`` CPUs): prints a JSON line."""
     from glomscan.model import LoadedModel, ModelCard
 
     _, _, tile, _ = layout(quick)
     model = LoadedModel(module=None, card=ModelCard(name="null", tile=tile), sha256="0" * 64, path=None)
     engine = ReplayEngine(model.card, predictions(folder, workload))
-    settings = settings_for(tile, cores)
+    settings = settings_for(tile, cores, viewer)
     out = Path(tempfile.mkdtemp(dir=folder))
     analyse(folder / "slides", out / "warm-up", model, engine, settings)
     seconds, n = analyse(folder / "slides", out / "timed", model, engine, settings)
     print(json.dumps({"seconds": seconds, "tiles": n, "cpus": sorted(os.sched_getaffinity(0))}), flush=True)
 
 
-def measure(folder: Path, quick: bool, workload: str, cpus: list[int]) -> float:
+def measure(folder: Path, quick: bool, workload: str, cpus: list[int], viewer: bool) -> float:
     """Tiles/s of one pinned child process."""
     env = dict(os.environ, OMP_NUM_THREADS=str(len(cpus)), VIPS_CONCURRENCY=str(len(cpus)))
     cmd = [sys.executable, __file__, "--child", str(folder), "--workloads", workload, "--cores", str(len(cpus))]
-    if quick:
-        cmd.append("--quick")
+    cmd += ["--quick"] if quick else []
+    cmd += ["--viewer"] if viewer else []
     done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
                           preexec_fn=lambda: os.sched_setaffinity(0, cpus))
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -200,20 +205,27 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per core count (default 3)")
     ap.add_argument("--workloads", default="truth,model", help="truth, model or both (default both)")
     ap.add_argument("--profile", action="store_true", help="time the stages one after the other on one core")
+    ap.add_argument("--viewer", action="store_true", help="also write the review page (viewer.html) of each slide")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="keep the slide and predictions in this folder and reuse them when there (to compare "
+                         "two versions of the code on the same inputs)")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     workloads = args.workloads.split(",")
     if args.child is not None:
-        child(args.child, args.quick, workloads[0], int(args.cores))
+        child(args.child, args.quick, workloads[0], int(args.cores), args.viewer)
         return
     cores = [int(c) for c in args.cores.split(",")]
     available = sorted(os.sched_getaffinity(0))
     if max(cores) > len(available):
         sys.exit(f"asked for {max(cores)} cores, {len(available)} available")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        n = prepare(folder, args.quick, workloads)
+        folder = args.data or Path(tmp)
+        if args.data is not None and (folder / "slides" / "bench.tif").is_file():
+            n = len(inferred_tiles(folder / "slides" / "bench.tif", layout(args.quick)[2])[3])
+        else:
+            n = prepare(folder, args.quick, workloads)
         w, h, tile, _ = layout(args.quick)
         print(f"{platform.node()}, {platform.processor() or platform.machine()}, {len(available)} CPUs; "
               f"load average {os.getloadavg()[0]:.2f}; slide {w}x{h} px -> {n} tissue tiles of {tile} px, batch 8",
@@ -225,14 +237,18 @@ def main() -> None:
         results: dict = {"cpus": len(available), "tiles": n, "tile": tile, "load_before": os.getloadavg()[0]}
         for workload in workloads:
             runs: dict[int, list[float]] = {c: [] for c in cores}
+            loads = []
             for _ in range(args.runs):
                 for c in cores:
-                    runs[c].append(measure(folder, args.quick, workload, available[:c]))
+                    runs[c].append(measure(folder, args.quick, workload, available[:c], args.viewer))
+                    loads.append(os.getloadavg()[0])
             results[workload] = {c: [round(x, 2) for x in v] for c, v in runs.items()}
+            results[f"{workload}_load"] = [round(x, 2) for x in loads]
             for c in cores:
                 v = runs[c]
                 print(f"{workload}, {c:2d} core(s): {' / '.join(f'{x:.1f}' for x in v)} tiles/s "
                       f"(median {statistics.median(v):.1f}, spread {min(v):.1f}-{max(v):.1f})", flush=True)
+            print(f"{workload}: load average after each measurement {min(loads):.2f}-{max(loads):.2f}", flush=True)
             for c in cores[1:]:
                 ratios = [a / b for a, b in zip(runs[c], runs[cores[0]])]
                 print(f"{workload}, {c} vs {cores[0]} core(s), per run: {' / '.join(f'{r:.2f}x' for r in ratios)} "
