@@ -21,7 +21,7 @@ Workloads (what the null engine returns):
 ``--profile`` times the stages one after the other on one core instead.
 
     python benchmarks/cpu_side.py [--quick] [--cores 1,2] [--runs 3] [--workloads truth,model]
-                                  [--profile] [--viewer] [--data DIR] [--json OUT]
+                                  [--merge-workers N] [--profile] [--viewer] [--data DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ def make_slide(folder: Path, quick: bool) -> SyntheticSlide:
                                  mpp=0.5, compression="jpeg")
 
 
-def settings_for(tile: int, cores: int, viewer: bool = False) -> AnalysisSettings:
-    """N reader threads and N merge workers; no review page unless asked (its cost is
-    benchmarks/viewer_cost.py's). Settings a version of the code lacks are left out."""
+def settings_for(tile: int, cores: int, viewer: bool = False, merge_workers: int = 0) -> AnalysisSettings:
+    """N reader threads and N merge workers (or ``merge_workers``); no review page unless asked
+    (its cost is benchmarks/viewer_cost.py's). Settings a version of the code lacks are left out."""
     fields = {f.name for f in dataclasses.fields(AnalysisSettings)}
-    extra = {k: v for k, v in (("merge_workers", cores), ("viewer", viewer)) if k in fields}
+    extra = {k: v for k, v in (("merge_workers", merge_workers or cores), ("viewer", viewer)) if k in fields}
     return AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=8, workers=cores, **extra)
 
 
@@ -121,26 +121,27 @@ def predictions(folder: Path, workload: str) -> np.ndarray:
     return np.load(folder / "model.npy")
 
 
-def child(folder: Path, quick: bool, workload: str, cores: int, viewer: bool) -> None:
+def child(folder: Path, quick: bool, workload: str, cores: int, viewer: bool, merge_workers: int) -> None:
     """One measurement (runs pinned to ``cores`` CPUs): prints a JSON line."""
     from glomscan.model import LoadedModel, ModelCard
 
     _, _, tile, _ = layout(quick)
     model = LoadedModel(module=None, card=ModelCard(name="null", tile=tile), sha256="0" * 64, path=None)
     engine = ReplayEngine(model.card, predictions(folder, workload))
-    settings = settings_for(tile, cores, viewer)
+    settings = settings_for(tile, cores, viewer, merge_workers)
     out = Path(tempfile.mkdtemp(dir=folder))
     analyse(folder / "slides", out / "warm-up", model, engine, settings)
     seconds, n = analyse(folder / "slides", out / "timed", model, engine, settings)
     print(json.dumps({"seconds": seconds, "tiles": n, "cpus": sorted(os.sched_getaffinity(0))}), flush=True)
 
 
-def measure(folder: Path, quick: bool, workload: str, cpus: list[int], viewer: bool) -> float:
+def measure(folder: Path, quick: bool, workload: str, cpus: list[int], viewer: bool, merge_workers: int) -> float:
     """Tiles/s of one pinned child process."""
     env = dict(os.environ, OMP_NUM_THREADS=str(len(cpus)), VIPS_CONCURRENCY=str(len(cpus)))
     cmd = [sys.executable, __file__, "--child", str(folder), "--workloads", workload, "--cores", str(len(cpus))]
     cmd += ["--quick"] if quick else []
     cmd += ["--viewer"] if viewer else []
+    cmd += ["--merge-workers", str(merge_workers)]
     done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
                           preexec_fn=lambda: os.sched_setaffinity(0, cpus))
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -198,6 +199,16 @@ def profile(folder: Path, quick: bool, workload: str) -> None:
     print(f"  {'end to end (analyze, 1 merge worker)':36s} {1000 * t_all / n:7.2f} = {n / t_all:.1f} tiles/s")
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="6000x4000 px slide, 512 px tiles (seconds, a check)")
@@ -206,6 +217,8 @@ def main() -> None:
     ap.add_argument("--workloads", default="truth,model", help="truth, model or both (default both)")
     ap.add_argument("--profile", action="store_true", help="time the stages one after the other on one core")
     ap.add_argument("--viewer", action="store_true", help="also write the review page (viewer.html) of each slide")
+    ap.add_argument("--merge-workers", type=int, default=0,
+                    help="merge workers for every core count (default 0: as many as cores)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--data", type=Path, default=None,
                     help="keep the slide and predictions in this folder and reuse them when there (to compare "
@@ -214,7 +227,7 @@ def main() -> None:
     args = ap.parse_args()
     workloads = args.workloads.split(",")
     if args.child is not None:
-        child(args.child, args.quick, workloads[0], int(args.cores), args.viewer)
+        child(args.child, args.quick, workloads[0], int(args.cores), args.viewer, args.merge_workers)
         return
     cores = [int(c) for c in args.cores.split(",")]
     available = sorted(os.sched_getaffinity(0))
@@ -227,9 +240,9 @@ def main() -> None:
         else:
             n = prepare(folder, args.quick, workloads)
         w, h, tile, _ = layout(args.quick)
-        print(f"{platform.node()}, {platform.processor() or platform.machine()}, {len(available)} CPUs; "
-              f"load average {os.getloadavg()[0]:.2f}; slide {w}x{h} px -> {n} tissue tiles of {tile} px, batch 8",
-              flush=True)
+        print(f"{platform.node()}, {cpu_model()}, {len(available)} CPUs; load average {os.getloadavg()[0]:.2f}; "
+              f"slide {w}x{h} px -> {n} tissue tiles of {tile} px, batch 8; merge workers "
+              f"{args.merge_workers or 'as many as cores'}", flush=True)
         if args.profile:
             for workload in workloads:
                 profile(folder, args.quick, workload)
@@ -240,7 +253,8 @@ def main() -> None:
             loads = []
             for _ in range(args.runs):
                 for c in cores:
-                    runs[c].append(measure(folder, args.quick, workload, available[:c], args.viewer))
+                    runs[c].append(measure(folder, args.quick, workload, available[:c], args.viewer,
+                                           args.merge_workers))
                     loads.append(os.getloadavg()[0])
             results[workload] = {c: [round(x, 2) for x in v] for c, v in runs.items()}
             results[f"{workload}_load"] = [round(x, 2) for x in loads]
