@@ -60,8 +60,8 @@ def test_generator_loss_with_encoder_features(tiny_model):
         f_rec, f_ori = features(rec), features(ori)
     per = np.mean([float((a - b).abs().mean()) for a, b in zip(f_rec, f_ori)])
     sty = np.mean([float((gram_matrix(a) - gram_matrix(b)).abs().mean()) for a, b in zip(f_rec, f_ori)])
-    assert float(terms["perceptual"]) == pytest.approx(per, rel=1e-5)
-    assert float(terms["style"]) == pytest.approx(sty, rel=1e-5)
+    assert float(terms["perceptual"].detach()) == pytest.approx(per, rel=1e-5)
+    assert float(terms["style"].detach()) == pytest.approx(sty, rel=1e-5)
     terms["total"].backward()
     assert rec.grad is not None and rec.grad.abs().sum() > 0
     same = loss(ori, ori, mask, scores, scores)
