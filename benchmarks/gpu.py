@@ -28,7 +28,7 @@ from glomscan.config import AnalysisSettings
 from glomscan.engines.base import Engine, EngineChoice
 from glomscan.engines.parity import mask_dice
 from glomscan.engines.torch_engine import TorchEngine
-from glomscan.model import load_checkpoint
+from glomscan.model import load_model
 from glomscan.shipped import default_model_path
 from glomscan.slides import Slide, TileReader
 from glomscan.synthetic import scatter_glomeruli, write_synthetic_slide
@@ -104,7 +104,7 @@ def main() -> None:
         print(f"{results['device']}, {os.cpu_count()} CPUs; slide {w}x{h} px -> {n} tissue tiles of {tile} px, "
               f"batch {batch}", flush=True)
 
-        model = load_checkpoint(model_path)
+        model = load_model(model_path)
         outputs = {}
         for precision in precisions:
             engine = TorchEngine(model, args.device, precision)

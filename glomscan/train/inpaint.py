@@ -305,7 +305,7 @@ LOSS_COLUMNS = ["d_loss", "adv_global", "adv_local", "l1_global", "l1_local", "p
 
 def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings = InpaintSettings(),
                      quiet: bool = False) -> dict:
-    """Train (or resume) the inpainting GAN on ``crops_dir`` (the ``glomscan crops`` folder);
+    """Train (or resume) the inpainting GAN on ``crops_dir`` (the ``glomscan augment crops`` folder);
     returns the last epoch's CSV row."""
     from .crops import crop_ids, read_crops
 
