@@ -36,13 +36,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyvips  # noqa: E402
 import torch  # noqa: E402
-from scipy import ndimage  # noqa: E402
 
 from glomscan.slides import image_to_array  # noqa: E402
 from glomscan.train.crops import read_crops, split_crops  # noqa: E402
 from glomscan.train.data import write_png  # noqa: E402
-from glomscan.train.inpaint import (PAPER_METRICS, InpaintSettings, composite, evaluate_crops_dir,  # noqa: E402
-                                    inpainting_metrics, train_inpainting)
+from glomscan.train.inpaint_baselines import biharmonic_fill, fill_metrics, ring_mean_fill  # noqa: E402
+from glomscan.train.inpaint import PAPER_METRICS, InpaintSettings, evaluate_crops_dir, train_inpainting  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pas_glomeruli"
 
@@ -72,20 +71,8 @@ def build_crops(out: Path, crop_size: int, mask_radius: float) -> int:
     return len(rows)
 
 
-def ring_mean_fill(image: np.ndarray, mask: np.ndarray, width: int = 8) -> np.ndarray:
-    ring = ndimage.binary_dilation(mask, iterations=width) & ~mask
-    return np.where(mask[..., None], image[ring].mean(0).round().astype(np.uint8), image)
-
-
-def biharmonic_fill(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    from skimage.restoration import inpaint_biharmonic
-
-    out = inpaint_biharmonic(image.astype(np.float64) / 255, mask, channel_axis=-1)
-    return (out.clip(0, 1) * 255).round().astype(np.uint8)
-
-
 def baseline(crops, fill) -> dict[str, float]:
-    rows = [inpainting_metrics(image, composite(image, fill(image, mask), mask), mask) for image, mask in crops]
+    rows = fill_metrics(crops, fill)
     return {k: float(np.mean([r[k] for r in rows])) for k in ("mae", "psnr", "ssim")}
 
 
