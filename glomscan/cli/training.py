@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import fail_on, is_quiet, seed_option, verbosity
+from ..train.settings import InpaintSettings, MaskGanSettings, SegmentSettings
+from .common import default, fail_on, is_quiet, seed_option, verbosity
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 NEW_FILE = click.Path(dir_okay=False, path_type=Path)
@@ -104,35 +105,35 @@ def train():
 @train.command("segment", short_help="Train the segmentation U-Net.")
 @click.option("--data", "dataset_dir", type=EXISTING_DIR, required=True, help="Set made by 'glomscan prepare'.")
 @_out_option("Best checkpoint")
-@_epochs_option(200)
-@_batch_size_option(8)
-@click.option("--lr", type=float, default=1e-4, show_default=True,
+@_epochs_option(default(SegmentSettings, "epochs"))
+@_batch_size_option(default(SegmentSettings, "batch_size"))
+@click.option("--lr", type=float, default=default(SegmentSettings, "lr"), show_default=True,
               help="Adam learning rate at the start (cosine schedule).")
-@click.option("--min-lr", type=float, default=1e-5, show_default=True,
+@click.option("--min-lr", type=float, default=default(SegmentSettings, "min_lr"), show_default=True,
               help="Learning rate at the end of the cosine schedule.")
 @click.option("--crop", type=int, default=None, help="Random training crops of this side (CPU-friendly).")
-@click.option("--encoder", default="efficientnet-b3", show_default=True,
+@click.option("--encoder", default=default(SegmentSettings, "encoder"), show_default=True,
               help="smp encoder of the U-Net.")
 @click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local encoder state dict (no downloads).")
 @_max_steps_option()
-@click.option("--bn-recalibration-steps", type=int, default=20, show_default=True,
+@click.option("--bn-recalibration-steps", type=int, default=default(SegmentSettings, "bn_recalibration_steps"), show_default=True,
               help="Exact BatchNorm statistics over this many batches before each validation (0: off).")
-@click.option("--name", default="glomscan-unet", show_default=True,
+@click.option("--name", default=default(SegmentSettings, "name"), show_default=True,
               help="Model name recorded in the card.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=default(SegmentSettings, "precision"), show_default=True,
               help="auto: fp16 autocast on CUDA, bf16 autocast + channels_last on CPUs with bf16 instructions, else fp32.")
 @_device_option()
 @click.option("--tile", "card_tile", type=int, default=None,
               help="Analysis tile the model card records (default: the patch size of the set).")
-@click.option("--stain-jitter", type=float, default=0.0, show_default=True,
+@click.option("--stain-jitter", type=float, default=default(SegmentSettings, "stain_jitter"), show_default=True,
               help="Whole-patch stain augmentation: optical density gain 1 +- this.")
 @click.option("--jpeg-min-quality", type=click.IntRange(1, 95), default=None,
               help="JPEG augmentation: half the patches compressed (4:2:0 chroma, as scanners do) at a quality "
                    "drawn from [this, 95].")
 @click.option("--init", "init_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Start from this glomscan checkpoint's weights (fine-tuning) instead of random ones.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--workers", type=click.IntRange(min=0), default=default(SegmentSettings, "workers"), show_default=True,
               help="Processes that load and augment patches while the model trains (0: in the training process).")
 @seed_option()
 @verbosity
@@ -141,7 +142,7 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
                   max_steps_per_epoch, bn_recalibration_steps, name, precision, device, card_tile, stain_jitter,
                   jpeg_min_quality, init_path, workers, seed):
     """Train the U-Net (0.5*BCE + Dice, Adam, cosine LR); resumes from OUT.last.pt if present."""
-    from ..train.segment import SegmentSettings, train_segmentation
+    from ..train.segment import train_segmentation
 
     settings = SegmentSettings(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, crop=crop, encoder=encoder,
                                encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch,
@@ -156,23 +157,23 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
 @click.option("--crops", "crops_dir", type=EXISTING_DIR, required=True,
               help="Crops folder made by 'glomscan augment crops'.")
 @_out_option("Generator file (samples in OUT.samples/)")
-@_epochs_option(100)
-@_batch_size_option(16)
-@click.option("--lr", type=float, default=1e-4, show_default=True,
+@_epochs_option(default(InpaintSettings, "epochs"))
+@_batch_size_option(default(InpaintSettings, "batch_size"))
+@click.option("--lr", type=float, default=default(InpaintSettings, "lr"), show_default=True,
               help="Adam learning rate of the generator and both discriminators (constant).")
 @click.option("--size", type=int, default=None, help="Train at this crop side (resized; CPU-friendly, e.g. 128).")
-@click.option("--base-channels", type=int, default=64, show_default=True,
+@click.option("--base-channels", type=int, default=default(InpaintSettings, "base_channels"), show_default=True,
               help="Width of the first convolution layer (network size).")
-@click.option("--lambda-local-l1", type=float, default=1.0, show_default=True, help="Weight of the local L1 loss.")
+@click.option("--lambda-local-l1", type=float, default=default(InpaintSettings, "lambda_local_l1"), show_default=True, help="Weight of the local L1 loss.")
 @click.option("--vgg-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local torchvision VGG19 state dict for the perceptual/style losses (without it they are off).")
 @click.option("--feature-model", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Or a glomscan segmentation model file: its encoder (kidney tissue features) is the feature network.")
-@click.option("--style-weight", type=float, default=150.0, show_default=True,
+@click.option("--style-weight", type=float, default=default(InpaintSettings, "style_weight"), show_default=True,
               help="Weight of the style loss (the paper's 150 is set for VGG19's activations).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=default(InpaintSettings, "precision"), show_default=True,
               help="CPU training precision (auto: bf16 where the CPU has bf16 instructions); CUDA uses fp16 AMP.")
-@click.option("--augment/--no-augment", default=True, show_default=True, help="Random flips and 90° rotations.")
+@click.option("--augment/--no-augment", default=default(InpaintSettings, "augment"), show_default=True, help="Random flips and 90° rotations.")
 @_max_steps_option()
 @_device_option()
 @seed_option()
@@ -182,7 +183,7 @@ def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channe
                   feature_model, style_weight, precision, augment, max_steps_per_epoch, device, seed):
     """Train the inpainting GAN (AOT generator, global + local LSGAN discriminators); resumes
     from OUT.last.pt if present."""
-    from ..train.inpaint import InpaintSettings, train_inpainting
+    from ..train.inpaint import train_inpainting
 
     settings = InpaintSettings(epochs=epochs, batch_size=batch_size, lr=lr, size=size, base_channels=base_channels,
                                lambda_local_l1=lambda_local_l1, vgg_weights=vgg_weights,
@@ -199,15 +200,15 @@ def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channe
 @click.option("--crops", "crops_dir", type=EXISTING_DIR, required=True,
               help="Crops folder made by 'glomscan augment crops' (their outlines are the training masks).")
 @_out_option("Generator file (samples in OUT.samples.png)", metrics="OUT.losses.csv")
-@_epochs_option(200)
-@_batch_size_option(64)
-@click.option("--image-size", type=click.Choice(["64", "128"]), default="64", show_default=True,
+@_epochs_option(default(MaskGanSettings, "epochs"))
+@_batch_size_option(default(MaskGanSettings, "batch_size"))
+@click.option("--image-size", type=click.Choice(["64", "128"]), default=str(default(MaskGanSettings, "image_size")), show_default=True,
               help="Side of the generated masks, px.")
-@click.option("--latent", type=int, default=100, show_default=True,
+@click.option("--latent", type=int, default=default(MaskGanSettings, "latent"), show_default=True,
               help="Size of the DCGAN's latent vector.")
-@click.option("--base-channels", type=int, default=64, show_default=True,
+@click.option("--base-channels", type=int, default=default(MaskGanSettings, "base_channels"), show_default=True,
               help="Width of the first convolution layer (network size).")
-@click.option("--lr", type=float, default=2e-4, show_default=True,
+@click.option("--lr", type=float, default=default(MaskGanSettings, "lr"), show_default=True,
               help="Adam learning rate.")
 @_max_steps_option()
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True,
@@ -220,7 +221,7 @@ def train_masks(crops_dir, out_path, epochs, batch_size, image_size, latent, bas
                 split, device, seed):
     """Train the mask DCGAN on the crops' glomerulus masks; resumes from OUT.last.pt if present."""
     from ..train.crops import read_crops
-    from ..train.maskgan import MaskGanSettings, train_mask_gan
+    from ..train.maskgan import train_mask_gan
 
     masks = [m for _, m in read_crops(crops_dir, None if split == "all" else split)]
     settings = MaskGanSettings(epochs=epochs, batch_size=batch_size, image_size=int(image_size), latent=latent,

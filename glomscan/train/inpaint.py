@@ -33,47 +33,13 @@ from .inpaint_losses import (GeneratorLoss, InpaintLossWeights, load_segmentatio
 from .data import write_png
 from .harness import TrainingDevice, TrainingRun, choose_training_device, seed_training
 from .inpaint_models import InpaintGenerator, PatchDiscriminator, generator_input, local_view
+from .settings import InpaintSettings
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "glomscan-inpaint-generator"
 PAPER_METRICS = {"mae": 0.0152, "psnr": 22.69, "ssim": 0.809}
 """He et al. 2024, inside the generated region."""
-
-
-@dataclass(frozen=True)
-class InpaintSettings:
-    epochs: int = 100
-    batch_size: int = 16
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    size: int | None = None
-    """Train at this crop side (crops are resized; None: the crops' own size, 256 in the paper).
-    Multiple of 4, at least 64 (the AOT blocks' dilation-8 reflection padding needs H/4 > 8)."""
-    base_channels: int = 64
-    """Generator c (c, 2c, 4c) and discriminator c (c, 2c, 4c, 8c, 1); 64 as the paper."""
-    n_aot_blocks: int = 8
-    lambda_local_l1: float = 1.0
-    perceptual_weight: float = 0.1
-    style_weight: float = 150.0
-    """The paper's weights (method.md), set for VGG19's activations; the scale of the Gram
-    matrices depends on the feature network, so another network may need another weight."""
-    vgg_weights: str | None = None
-    """Local torchvision VGG19 state dict (the paper's feature network)."""
-    feature_model: str | None = None
-    """Or: a glomscan segmentation model file whose encoder (trained on PAS kidney tissue) is
-    the feature network. Neither: the perceptual and style losses are off."""
-    precision: str = "fp32"
-    """On the CPU: fp32, or bf16 (autocast, CPUs with bf16 instructions; "auto" picks it when
-    present). CUDA always uses fp16 AMP."""
-    augment: bool = True
-    """Random flips and 90° rotations of the training crops (not in the paper)."""
-    max_steps_per_epoch: int | None = None
-    device: str | None = None
-    """None: cuda if available, else cpu."""
-    seed: int = 0
-    samples: int = 4
-    """Held-out crops shown in each epoch's sample grid."""
 
 
 # --- conversions -----------------------------------------------------------------------------------

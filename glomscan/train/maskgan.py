@@ -25,6 +25,7 @@ from torch import nn
 from ..atomic import atomic_torch_save
 from .data import read_png, write_png
 from .harness import TrainingRun, choose_training_device, seed_training
+from .settings import MaskGanSettings
 
 log = logging.getLogger(__name__)
 
@@ -116,30 +117,6 @@ def augment_dihedral(batch: torch.Tensor, generator: torch.Generator) -> torch.T
 
 
 # --- training ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class MaskGanSettings:
-    epochs: int = 200
-    batch_size: int = 64
-    image_size: int = 64
-    latent: int = 100
-    base_channels: int = 64
-    lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    steps_per_epoch: int | None = None
-    """Default: one pass over the real masks (at least one step)."""
-    real_label: float = 0.9
-    """One-sided label smoothing: the discriminator's target for real masks."""
-    instance_noise: float = 0.2
-    """Gaussian noise (std, in [-1, 1] units) added to every discriminator input, decaying
-    linearly to 0 over the training. With a few dozen real masks the plain DCGAN recipe let the
-    discriminator win within 50 steps and the generator never left noise (tried on 12 masks);
-    with these two it drew glomerulus shapes after 300 steps."""
-    device: str | None = None
-    """cuda, cuda:1 or cpu (None: cuda if available); the DCGAN trains in fp32."""
-    seed: int = 0
-
 
 def _noisy(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x + sigma * torch.randn_like(x) if sigma > 0 else x

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,49 +22,9 @@ from .data import load_patch
 from .harness import TrainingDevice, TrainingRun, choose_training_device, seed_training
 from .sources import UNKNOWN_CLASS
 from .metrics import dice, glomerulus_counts, known_class_counts, pixel_metrics
+from .settings import SegmentSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SegmentSettings:
-    epochs: int = 200
-    batch_size: int = 8
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    crop: int | None = None
-    """Random crop side for training (None: whole patches, as the paper). Validation always
-    uses whole patches."""
-    encoder: str = "efficientnet-b3"
-    encoder_depth: int = 5
-    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
-    encoder_weights: str | None = None
-    """Local file with encoder weights (state dict); nothing is downloaded."""
-    analysis_mpp: float = 1.0
-    seed: int = 0
-    workers: int = 0
-    max_steps_per_epoch: int | None = None
-    bn_recalibration_steps: int = 20
-    """Before each validation, re-estimate BatchNorm statistics exactly over this many training
-    batches (smp's EfficientNet uses momentum 0.01, so short runs otherwise validate with stale
-    running statistics). 0 disables."""
-    name: str = "glomscan-unet"
-    trained_on: str = ""
-    tile: int | None = None
-    """Analysis tile the model card records (None: the patch size of the set)."""
-    precision: str = "auto"
-    """auto, bf16, fp16 (CUDA) or fp32; auto: fp16 on CUDA, bf16 on CPUs with bf16 instructions."""
-    device: str | None = None
-    """cuda, cuda:1 or cpu (None: cuda if available)."""
-    stain_jitter: float = 0.0
-    """Whole-patch stain augmentation (optical density gain 1 +- this per channel)."""
-    jpeg_min_quality: int | None = None
-    """JPEG augmentation: half the training patches are JPEG-compressed with chroma subsampling
-    (4:2:0, as in most scanners' files) at a quality uniform in [this, 95]. None: off."""
-    init: str | None = None
-    """glomscan checkpoint whose weights start the training (fine-tuning); None: random init."""
-    intended_use: str = ""
-    licence: str = ""
 
 
 def targets_from_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""The settings of the three trainers (``train segment``, ``train inpaint``, ``train masks``),
+in one light module (no torch) so the command line takes its defaults from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    epochs: int = 200
+    batch_size: int = 8
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    crop: int | None = None
+    """Random crop side for training (None: whole patches, as the paper). Validation always
+    uses whole patches."""
+    encoder: str = "efficientnet-b3"
+    encoder_depth: int = 5
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    encoder_weights: str | None = None
+    """Local file with encoder weights (state dict); nothing is downloaded."""
+    analysis_mpp: float = 1.0
+    seed: int = 0
+    workers: int = 0
+    max_steps_per_epoch: int | None = None
+    bn_recalibration_steps: int = 20
+    """Before each validation, re-estimate BatchNorm statistics exactly over this many training
+    batches (smp's EfficientNet uses momentum 0.01, so short runs otherwise validate with stale
+    running statistics). 0 disables."""
+    name: str = "glomscan-unet"
+    trained_on: str = ""
+    tile: int | None = None
+    """Analysis tile the model card records (None: the patch size of the set)."""
+    precision: str = "auto"
+    """auto, bf16, fp16 (CUDA) or fp32; auto: fp16 on CUDA, bf16 on CPUs with bf16 instructions."""
+    device: str | None = None
+    """cuda, cuda:1 or cpu (None: cuda if available)."""
+    stain_jitter: float = 0.0
+    """Whole-patch stain augmentation (optical density gain 1 +- this per channel)."""
+    jpeg_min_quality: int | None = None
+    """JPEG augmentation: half the training patches are JPEG-compressed with chroma subsampling
+    (4:2:0, as in most scanners' files) at a quality uniform in [this, 95]. None: off."""
+    init: str | None = None
+    """glomscan checkpoint whose weights start the training (fine-tuning); None: random init."""
+    intended_use: str = ""
+    licence: str = ""
+
+
+@dataclass(frozen=True)
+class InpaintSettings:
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    size: int | None = None
+    """Train at this crop side (crops are resized; None: the crops' own size, 256 in the paper).
+    Multiple of 4, at least 64 (the AOT blocks' dilation-8 reflection padding needs H/4 > 8)."""
+    base_channels: int = 64
+    """Generator c (c, 2c, 4c) and discriminator c (c, 2c, 4c, 8c, 1); 64 as the paper."""
+    n_aot_blocks: int = 8
+    lambda_local_l1: float = 1.0
+    perceptual_weight: float = 0.1
+    style_weight: float = 150.0
+    """The paper's weights (method.md), set for VGG19's activations; the scale of the Gram
+    matrices depends on the feature network, so another network may need another weight."""
+    vgg_weights: str | None = None
+    """Local torchvision VGG19 state dict (the paper's feature network)."""
+    feature_model: str | None = None
+    """Or: a glomscan segmentation model file whose encoder (trained on PAS kidney tissue) is
+    the feature network. Neither: the perceptual and style losses are off."""
+    precision: str = "fp32"
+    """On the CPU: fp32, or bf16 (autocast, CPUs with bf16 instructions; "auto" picks it when
+    present). CUDA always uses fp16 AMP."""
+    augment: bool = True
+    """Random flips and 90° rotations of the training crops (not in the paper)."""
+    max_steps_per_epoch: int | None = None
+    device: str | None = None
+    """None: cuda if available, else cpu."""
+    seed: int = 0
+    samples: int = 4
+    """Held-out crops shown in each epoch's sample grid."""
+
+
+@dataclass(frozen=True)
+class MaskGanSettings:
+    epochs: int = 200
+    batch_size: int = 64
+    image_size: int = 64
+    latent: int = 100
+    base_channels: int = 64
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    steps_per_epoch: int | None = None
+    """Default: one pass over the real masks (at least one step)."""
+    real_label: float = 0.9
+    """One-sided label smoothing: the discriminator's target for real masks."""
+    instance_noise: float = 0.2
+    """Gaussian noise (std, in [-1, 1] units) added to every discriminator input, decaying
+    linearly to 0 over the training. With a few dozen real masks the plain DCGAN recipe let the
+    discriminator win within 50 steps and the generator never left noise (tried on 12 masks);
+    with these two it drew glomerulus shapes after 300 steps."""
+    device: str | None = None
+    """cuda, cuda:1 or cpu (None: cuda if available); the DCGAN trains in fp32."""
+    seed: int = 0
