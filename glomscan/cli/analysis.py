@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..config import BACKENDS, BLEND_WINDOWS, GPU_PRECISIONS, AnalysisSettings
+from ..engines import EngineOptions
 from .common import default, is_quiet, load_model_or_exit, model_option, seed_option, verbosity, \
     warn_if_not_for_real_tissue
 
@@ -50,7 +51,8 @@ log = logging.getLogger("glomscan")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache of ONNX exports, OpenVINO models and TensorRT engines [env GLOMSCAN_ENGINE_DIR, "
                    "default ~/.cache/glomscan/engines].")
-@click.option("--precision", type=click.Choice(GPU_PRECISIONS), default="fp16", show_default=True,
+@click.option("--precision", type=click.Choice(GPU_PRECISIONS), default=default(EngineOptions, "precision"),
+              show_default=True,
               help="Precision of the GPU backends (TensorRT engine, torch CUDA autocast); CPUs run fp32.")
 @click.option("--viewer/--no-viewer", default=default(AnalysisSettings, "viewer"), show_default=True,
               help="Write OUT/<slide>/viewer.html: the slide zoomable (a Deep Zoom JPEG pyramid at the analysis "
@@ -94,7 +96,7 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
     warn_if_not_for_real_tissue(model)
 
     from ..batch import OutputNotWritable, run_batch
-    from ..engines import EngineOptions, create_engine
+    from ..engines import create_engine
 
     options = EngineOptions(precision=precision, max_batch=batch_size or 8, tile=tile,
                             **({"engine_dir": engine_dir} if engine_dir else {}))

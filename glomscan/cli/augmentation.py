@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import fail_on, seed_option, verbosity
+from ..train.settings import CropSettings, MaskGenerationSettings, OutlineCropSettings, SynthesisSettings
+from .common import default, fail_on, seed_option, verbosity
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -25,15 +26,15 @@ def augment():
                    "'prepare' splits it (--test-fraction is its validation fraction).")
 @click.option("--tiles", "tiles_dir", type=EXISTING_DIR, default=None,
               help="With --from-crop-set: tile set whose tissue surrounds each glomerulus (else reflection padding).")
-@click.option("--tiles-mpp", type=float, default=0.5, show_default=True, help="µm/px of the tile set's images.")
-@click.option("--classes", type=click.Choice(["sclerosed", "normal", "all"]), default="sclerosed", show_default=True,
+@click.option("--tiles-mpp", type=float, default=default(OutlineCropSettings, "tiles_mpp"), show_default=True, help="µm/px of the tile set's images.")
+@click.option("--classes", type=click.Choice(["sclerosed", "normal", "all"]), default=default(OutlineCropSettings, "classes"), show_default=True,
               help="With --from-crop-set: which glomeruli.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for the glomerulus crops.")
-@click.option("--size", type=int, default=256, show_default=True, help="Crop side, px.")
-@click.option("--test-fraction", type=float, default=0.2, show_default=True, help="Share of glomeruli for the test split.")
+@click.option("--size", type=int, default=default(CropSettings, "size"), show_default=True, help="Crop side, px.")
+@click.option("--test-fraction", type=float, default=default(CropSettings, "test_fraction"), show_default=True, help="Share of glomeruli for the test split.")
 @seed_option()
-@click.option("--split", type=click.Choice(["train", "val", "all"]), default="train", show_default=True,
+@click.option("--split", type=click.Choice(["train", "val", "all"]), default=default(CropSettings, "split"), show_default=True,
               help="Dataset split the glomeruli come from.")
 @verbosity
 @fail_on(ValueError)
@@ -68,10 +69,10 @@ def crops(dataset_dir, crop_set_dir, tiles_dir, tiles_mpp, classes, out_dir, siz
               help="How many to write.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for the generated masks.")
-@click.option("--size", type=int, default=256, show_default=True, help="Mask canvas side, px.")
-@click.option("--threshold", type=float, default=0.5, show_default=True,
+@click.option("--size", type=int, default=default(MaskGenerationSettings, "size"), show_default=True, help="Mask canvas side, px.")
+@click.option("--threshold", type=float, default=default(MaskGenerationSettings, "threshold"), show_default=True,
               help="Probability above which a generated pixel belongs to the mask.")
-@click.option("--min-island-px", type=int, default=64, show_default=True, help="Islands below this area are removed.")
+@click.option("--min-island-px", type=int, default=default(MaskGenerationSettings, "min_island_px"), show_default=True, help="Islands below this area are removed.")
 @click.option("--diameter-range", type=(float, float), default=None, metavar="MIN MAX",
               help="Equivalent diameters (px) spread evenly over this range (default: the real masks' range).")
 @seed_option()
@@ -101,11 +102,11 @@ def masks(model_path, count, out_dir, size, threshold, min_island_px, diameter_r
               help="Folder of glomerulus masks (from 'glomscan augment masks' or crops).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for the new training patches.")
-@click.option("--amount", type=float, default=1.0, show_default=True,
+@click.option("--amount", type=float, default=default(SynthesisSettings, "amount"), show_default=True,
               help="Synthetic glomeruli per real sclerosed glomerulus of the training split.")
-@click.option("--feather", "feather_px", type=float, default=0.0, show_default=True,
+@click.option("--feather", "feather_px", type=float, default=default(SynthesisSettings, "feather_px"), show_default=True,
               help="Blend width (px) inside the mask border.")
-@click.option("--min-distance-px", type=int, default=16, show_default=True,
+@click.option("--min-distance-px", type=int, default=default(SynthesisSettings, "min_distance_px"), show_default=True,
               help="Gap kept to every labelled glomerulus.")
 @seed_option()
 @verbosity

@@ -9,16 +9,19 @@ from pathlib import Path
 import click
 
 from ..config import GPU_PRECISIONS
-from .common import load_model_or_exit, model_option, seed_option, verbosity
+from ..engines import EngineOptions
+from ..engines.onnx import OPSET
+from ..model import ModelCard
+from .common import default, load_model_or_exit, model_option, seed_option, verbosity
 
 
 @click.command("init-model", short_help="Write a randomly initialised checkpoint (demos, tests).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Checkpoint file to write.")
-@click.option("--encoder", default="efficientnet-b3", show_default=True,
+@click.option("--encoder", default=default(ModelCard, "encoder"), show_default=True,
               help="smp encoder of the U-Net.")
 @seed_option()
-@click.option("--analysis-mpp", type=float, default=1.0, show_default=True,
+@click.option("--analysis-mpp", type=float, default=default(ModelCard, "analysis_mpp"), show_default=True,
               help="Resolution the model will analyse at, µm per pixel.")
 @verbosity
 def init_model(out_path, encoder, seed, analysis_mpp):
@@ -56,7 +59,7 @@ def pack_model(checkpoint, out_path, name, trained_on, intended_use, licence, fo
 @model_option()
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="ONNX file to write.")
-@click.option("--opset", type=int, default=17, show_default=True,
+@click.option("--opset", type=int, default=OPSET, show_default=True,
               help="ONNX opset (17 or later).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compare ONNX Runtime with torch on a random batch (max abs difference <= 1e-4).")
@@ -86,12 +89,14 @@ def export_onnx(model_path, out_path, opset, check, model_file):
 
 @click.command("build-engine", short_help="Build (or find) the TensorRT engine for this GPU.")
 @model_option()
-@click.option("--precision", type=click.Choice(GPU_PRECISIONS), default="fp16", show_default=True,
+@click.option("--precision", type=click.Choice(GPU_PRECISIONS), default=default(EngineOptions, "precision"),
+              show_default=True,
               help="Engine precision (the same flag as analyze's, so analyze finds this engine).")
-@click.option("--max-batch", type=int, default=8, show_default=True,
+@click.option("--max-batch", type=int, default=default(EngineOptions, "max_batch"), show_default=True,
               help="Largest batch the TensorRT profile accepts (analyze asks for --batch-size, else 8).")
 @click.option("--tile", type=int, default=None, help="Tile size of the profile (default: the model's).")
-@click.option("--workspace", "workspace_gb", type=float, default=4.0, show_default=True, help="Builder workspace, GiB.")
+@click.option("--workspace", "workspace_gb", type=float, default=default(EngineOptions, "workspace_gb"), show_default=True,
+              help="Builder workspace, GiB.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Engine cache [env GLOMSCAN_ENGINE_DIR, default ~/.cache/glomscan/engines].")
 @verbosity

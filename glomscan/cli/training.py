@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..train.settings import InpaintSettings, MaskGanSettings, SegmentSettings
+from ..train.settings import InpaintSettings, MaskGanSettings, PrepareSettings, SegmentSettings
 from .common import default, fail_on, is_quiet, seed_option, verbosity
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -44,19 +44,19 @@ def _out_option(what: str, metrics: str = "OUT.metrics.csv"):
               help="Per slide: <stem>.geojson (QuPath), <stem>_labels.png, or <stem>_normal.png + <stem>_sclerosed.png.")
 @click.option("--tiles", "tiles_dir", type=EXISTING_DIR, default=None,
               help="Tile set: images/<name> + masks/<name> (binary glomerulus masks, class unknown).")
-@click.option("--tiles-mpp", type=float, default=0.5, show_default=True, help="µm/px of the tile set's images.")
+@click.option("--tiles-mpp", type=float, default=default(PrepareSettings, "tiles_mpp"), show_default=True, help="µm/px of the tile set's images.")
 @click.option("--crops", "crops_dir", type=EXISTING_DIR, default=None,
               help="Glomerulus crop set: labels.csv (image, slide, globally_sclerosed) + images/ + masks/; "
                    "composited into the tile set's tissue.")
-@click.option("--composite-uses", type=int, default=3, show_default=True,
+@click.option("--composite-uses", type=int, default=default(PrepareSettings, "composite_uses"), show_default=True,
               help="Times each training crop is pasted (each time another size, place and stain).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for the prepared set (images/, masks/, manifest.csv).")
-@click.option("--tile", type=int, default=1024, show_default=True, help="Patch side cut from slides (analysis px).")
-@click.option("--stride", type=int, default=512, show_default=True, help="Patch stride on slides (analysis px).")
-@click.option("--target-mpp", type=float, default=1.0, show_default=True, help="Analysis resolution, µm/px.")
-@click.option("--downsample", type=float, default=2.0, show_default=True, help="For slides without mpp.")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+@click.option("--tile", type=int, default=default(PrepareSettings, "tile"), show_default=True, help="Patch side cut from slides (analysis px).")
+@click.option("--stride", type=int, default=default(PrepareSettings, "stride"), show_default=True, help="Patch stride on slides (analysis px).")
+@click.option("--target-mpp", type=float, default=default(PrepareSettings, "target_mpp"), show_default=True, help="Analysis resolution, µm/px.")
+@click.option("--downsample", type=float, default=default(PrepareSettings, "downsample"), show_default=True, help="For slides without mpp.")
+@click.option("--val-fraction", type=float, default=default(PrepareSettings, "validation_fraction"), show_default=True,
               help="Share of slides (and tile groups) for validation.")
 @click.option("--class-map", default=None,
               help='QuPath class names, e.g. "Glomerulus=normal,Sclerotic=sclerosed,Other=ignore" (default: common names).')
@@ -66,7 +66,7 @@ def prepare(slides_dir, annotations_dir, tiles_dir, tiles_mpp, crops_dir, compos
             target_mpp, downsample, val_fraction, class_map, seed):
     """Build a training set (patches + label masks + manifest.csv) from annotated slides, tile sets
     with glomerulus masks, and graded glomerulus crops composited into tissue."""
-    from ..train.data import AnnotationError, PrepareSettings, parse_class_map, prepare_dataset
+    from ..train.data import AnnotationError, parse_class_map, prepare_dataset
     from ..train.sources import SourceError
 
     try:

@@ -27,24 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from .sources import GlomerulusCrop, resize_mask, resize_rgb
-
-
-@dataclass(frozen=True)
-class CompositeSettings:
-    diameter_range_um: tuple[float, float] = (100.0, 250.0)
-    """Equivalent diameters of pasted glomeruli are uniform in this range (µm)."""
-    edge_sigma_px: float = 1.5
-    """Softness of the cut along the outline (Gaussian sigma, analysis pixels)."""
-    stain_match: float = 0.8
-    """0: keep the crop's colours; 1: match the background tissue's mean optical density."""
-    stain_jitter: float = 0.08
-    """Per-channel multiplicative jitter of optical density (uniform +-)."""
-    min_tissue_fraction: float = 0.9
-    """Share of the outline that must lie on tissue."""
-    clearance_px: int = 8
-    """Minimum gap between a pasted outline and any labelled glomerulus."""
-    attempts: int = 40
-    """Random positions tried per glomerulus before giving up on a background."""
+from .settings import CompositeSettings
 
 
 @dataclass(frozen=True)

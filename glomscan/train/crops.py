@@ -37,6 +37,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 
 from .data import load_patch, read_png, synthetic_rows, write_png
+from .settings import CropSettings
 
 log = logging.getLogger(__name__)
 
@@ -237,15 +238,6 @@ def sclerosed_census(dataset_dir: Path, manifest: pd.DataFrame, split: str = "tr
 
 
 # --- the crops command ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CropSettings:
-    size: int = 256
-    test_fraction: float = 0.2
-    seed: int = 0
-    split: str = "train"
-    """Which dataset split the glomeruli come from ("train", "val" or "all")."""
-
 
 @dataclass
 class CropSummary:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,24 +28,14 @@ import pandas as pd
 import pyvips
 from skimage.draw import polygon as fill_polygon
 
-from ..config import TissueSettings
 from ..slides import Slide, TileReader, analysis_resolution, find_slides, image_to_array
 from ..tiling import TileGrid
-from .composite import CompositeSettings, paste_glomeruli
+from .composite import paste_glomeruli
 from .sources import UNKNOWN_CLASS, read_crop_set, read_tile_set
+from .settings import DEFAULT_CLASS_MAP, PrepareSettings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLASS_MAP = {
-    "glomerulus normal": 1, "normal": 1, "normal glomerulus": 1, "glomerulus": 1, "non-sclerotic": 1,
-    "glomerulus sclerosed": 2, "sclerosed": 2, "sclerosed glomerulus": 2, "sclerotic": 2,
-    "globally sclerosed": 2, "global sclerosis": 2, "sclerotic glomerulus": 2,
-    "glomerulus (class unknown)": 3, "glomerulus, class unknown": 3, "glomerulus unknown": 3, "unknown": 3,
-    "not glomerulus": 0, "not a glomerulus": 0, "false detection": 0,
-}
-"""QuPath classification name (case-insensitive) -> label (3: glomerulus of unknown class,
-which supervises only glomerulus-vs-background; 0: background, e.g. the false detections of a
-file corrected in the review page; note that plain "glomerulus" means normal)."""
 POINT_MARGIN_UM = 150.0
 """A glomerulus marked by a point (no outline) may reach this far from it: patches closer than
 this to a point are left out of a training set, since its missing outline would teach them
@@ -222,29 +212,6 @@ def _resize_nearest(image: pyvips.Image, width: int, height: int) -> pyvips.Imag
     if (image.width, image.height) == (width, height):
         return image
     return image.resize(width / image.width, vscale=height / image.height, kernel="nearest")
-
-
-@dataclass
-class PrepareSettings:
-    target_mpp: float = 1.0
-    downsample: float = 2.0
-    """Used for slides without mpp."""
-    tile: int = 1024
-    stride: int = 512
-    validation_fraction: float = 0.2
-    seed: int = 0
-    class_map: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CLASS_MAP))
-    tissue: TissueSettings = field(default_factory=TissueSettings)
-    tiles_mpp: float = 0.5
-    """µm/px of a tile set's images (AIDPATH tiles: 20x, about 0.5)."""
-    composite_uses: int = 3
-    """Each training glomerulus crop is pasted this many times (other size, place, stain)."""
-    sclerosed_oversampling: int = 2
-    """Training crops of sclerosed glomeruli (the minority, about 1 in 5) are pasted this many
-    times more often."""
-    glomeruli_per_composite: tuple[int, int] = (2, 4)
-    """Glomeruli pasted into one tile (inclusive range)."""
-    composite: CompositeSettings = field(default_factory=CompositeSettings)
 
 
 def split_slides(slides: list[str], validation_fraction: float, seed: int) -> dict[str, str]:

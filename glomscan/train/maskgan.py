@@ -13,7 +13,7 @@ import csv
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from ..atomic import atomic_torch_save
 from .data import read_png, write_png
 from .harness import TrainingRun, choose_training_device, seed_training
 from .settings import MaskGanSettings
+from .settings import MaskGenerationSettings
 
 log = logging.getLogger(__name__)
 
@@ -297,17 +298,6 @@ def even_diameters(count: int, low: float, high: float, rng: np.random.Generator
         raise ValueError(f"diameter range must satisfy 0 < min <= max, got {low}..{high}")
     u = (np.arange(count) + rng.uniform(size=count)) / count
     return rng.permutation(low + u * (high - low))
-
-
-@dataclass(frozen=True)
-class MaskGenerationSettings:
-    size: int = 256
-    threshold: float = 0.5
-    min_island_px: int = 64
-    diameter_range: tuple[float, float] | None = None
-    """Equivalent diameters (px) the masks are spread over; None: the real masks' range."""
-    seed: int = 0
-    max_tries_per_mask: int = 20
 
 
 def generate_masks(generator: MaskGenerator, count: int, settings: MaskGenerationSettings,

@@ -47,30 +47,11 @@ from .composite import optical_density, from_optical_density, tissue_map
 from .crops import CROP_COLUMNS, component_circle
 from .data import split_slides, write_png
 from .sources import GlomerulusCrop, read_crop_set, read_tile_set, resize_mask, resize_rgb
+from .settings import OutlineCropSettings
 
 log = logging.getLogger(__name__)
 
 OUTLINE_CROP_COLUMNS = CROP_COLUMNS + ["image", "label", "scale", "context"]
-
-
-@dataclass(frozen=True)
-class OutlineCropSettings:
-    size: int = 256
-    classes: str = "sclerosed"
-    """"sclerosed", "normal" or "all"."""
-    margin_px: int = 16
-    """Gap kept between the outline's enclosing circle and the canvas border."""
-    validation_fraction: float = 0.2
-    seed: int = 0
-    """Split seed (``prepare``'s) and the seed of the context windows."""
-    tiles_mpp: float = 0.5
-    target_mpp: float = 1.0
-    """The tile set is read at this resolution (``prepare``'s analysis resolution)."""
-    keep_px: int = 3
-    """The crop is pasted along its outline dilated by this many pixels."""
-    edge_sigma_px: float = 1.5
-    clearance_px: int = 8
-    attempts: int = 200
 
 
 def fit_scale(outline: np.ndarray, size: int, margin_px: int) -> float:

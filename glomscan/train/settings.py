@@ -1,9 +1,25 @@
-"""The settings of the three trainers (``train segment``, ``train inpaint``, ``train masks``),
-in one light module (no torch) so the command line takes its defaults from them."""
+"""The settings of training data and training: preparing a set (``prepare``), augmenting it
+(``augment crops | masks | synthesize``) and the three trainers (``train segment | inpaint |
+masks``), in one light module (no torch, no image libraries) so the command line takes its
+defaults from them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ..config import TissueSettings
+
+DEFAULT_CLASS_MAP = {
+    "glomerulus normal": 1, "normal": 1, "normal glomerulus": 1, "glomerulus": 1, "non-sclerotic": 1,
+    "glomerulus sclerosed": 2, "sclerosed": 2, "sclerosed glomerulus": 2, "sclerotic": 2,
+    "globally sclerosed": 2, "global sclerosis": 2, "sclerotic glomerulus": 2,
+    "glomerulus (class unknown)": 3, "glomerulus, class unknown": 3, "glomerulus unknown": 3, "unknown": 3,
+    "not glomerulus": 0, "not a glomerulus": 0, "false detection": 0,
+}
+"""QuPath classification name (case-insensitive) -> label (3: glomerulus of unknown class,
+which supervises only glomerulus-vs-background; 0: background, e.g. the false detections of a
+file corrected in the review page; note that plain "glomerulus" means normal)."""
+
 
 
 @dataclass(frozen=True)
@@ -104,3 +120,98 @@ class MaskGanSettings:
     device: str | None = None
     """cuda, cuda:1 or cpu (None: cuda if available); the DCGAN trains in fp32."""
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class CompositeSettings:
+    diameter_range_um: tuple[float, float] = (100.0, 250.0)
+    """Equivalent diameters of pasted glomeruli are uniform in this range (µm)."""
+    edge_sigma_px: float = 1.5
+    """Softness of the cut along the outline (Gaussian sigma, analysis pixels)."""
+    stain_match: float = 0.8
+    """0: keep the crop's colours; 1: match the background tissue's mean optical density."""
+    stain_jitter: float = 0.08
+    """Per-channel multiplicative jitter of optical density (uniform +-)."""
+    min_tissue_fraction: float = 0.9
+    """Share of the outline that must lie on tissue."""
+    clearance_px: int = 8
+    """Minimum gap between a pasted outline and any labelled glomerulus."""
+    attempts: int = 40
+    """Random positions tried per glomerulus before giving up on a background."""
+
+
+@dataclass
+class PrepareSettings:
+    target_mpp: float = 1.0
+    downsample: float = 2.0
+    """Used for slides without mpp."""
+    tile: int = 1024
+    stride: int = 512
+    validation_fraction: float = 0.2
+    seed: int = 0
+    class_map: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CLASS_MAP))
+    tissue: TissueSettings = field(default_factory=TissueSettings)
+    tiles_mpp: float = 0.5
+    """µm/px of a tile set's images (AIDPATH tiles: 20x, about 0.5)."""
+    composite_uses: int = 3
+    """Each training glomerulus crop is pasted this many times (other size, place, stain)."""
+    sclerosed_oversampling: int = 2
+    """Training crops of sclerosed glomeruli (the minority, about 1 in 5) are pasted this many
+    times more often."""
+    glomeruli_per_composite: tuple[int, int] = (2, 4)
+    """Glomeruli pasted into one tile (inclusive range)."""
+    composite: CompositeSettings = field(default_factory=CompositeSettings)
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    size: int = 256
+    test_fraction: float = 0.2
+    seed: int = 0
+    split: str = "train"
+    """Which dataset split the glomeruli come from ("train", "val" or "all")."""
+
+
+@dataclass(frozen=True)
+class OutlineCropSettings:
+    size: int = 256
+    classes: str = "sclerosed"
+    """"sclerosed", "normal" or "all"."""
+    margin_px: int = 16
+    """Gap kept between the outline's enclosing circle and the canvas border."""
+    validation_fraction: float = 0.2
+    seed: int = 0
+    """Split seed (``prepare``'s) and the seed of the context windows."""
+    tiles_mpp: float = 0.5
+    target_mpp: float = 1.0
+    """The tile set is read at this resolution (``prepare``'s analysis resolution)."""
+    keep_px: int = 3
+    """The crop is pasted along its outline dilated by this many pixels."""
+    edge_sigma_px: float = 1.5
+    clearance_px: int = 8
+    attempts: int = 200
+
+
+@dataclass(frozen=True)
+class MaskGenerationSettings:
+    size: int = 256
+    threshold: float = 0.5
+    min_island_px: int = 64
+    diameter_range: tuple[float, float] | None = None
+    """Equivalent diameters (px) the masks are spread over; None: the real masks' range."""
+    seed: int = 0
+    max_tries_per_mask: int = 20
+
+
+@dataclass(frozen=True)
+class SynthesisSettings:
+    amount: float = 1.0
+    """Synthetic glomeruli per real sclerosed glomerulus of the training split (paper: 0.3, 0.6, 1.0)."""
+    feather_px: float = 0.0
+    """Blend width inside the mask's border (0: hard paste). Never outside the mask."""
+    min_distance_px: int = 16
+    """Gap kept to every labelled glomerulus (real or synthetic)."""
+    seed: int = 0
+    min_saturation: float = TissueSettings.min_saturation
+    examples: int = 8
+    """Placements shown in examples.png."""

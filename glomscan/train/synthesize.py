@@ -38,26 +38,13 @@ from ..config import TissueSettings
 from .crops import sclerosed_census, training_rows
 from .data import MANIFEST_COLUMNS, load_patch, write_png
 from .maskgan import equivalent_diameter
+from .settings import SynthesisSettings
 
 log = logging.getLogger(__name__)
 
 
 class SynthesisError(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class SynthesisSettings:
-    amount: float = 1.0
-    """Synthetic glomeruli per real sclerosed glomerulus of the training split (paper: 0.3, 0.6, 1.0)."""
-    feather_px: float = 0.0
-    """Blend width inside the mask's border (0: hard paste). Never outside the mask."""
-    min_distance_px: int = 16
-    """Gap kept to every labelled glomerulus (real or synthetic)."""
-    seed: int = 0
-    min_saturation: float = TissueSettings.min_saturation
-    examples: int = 8
-    """Placements shown in examples.png."""
 
 
 @dataclass
