@@ -179,16 +179,17 @@ class OutlineCropSettings:
     """"sclerosed", "normal" or "all"."""
     margin_px: int = 16
     """Gap kept between the outline's enclosing circle and the canvas border."""
-    validation_fraction: float = 0.2
+    validation_fraction: float = PrepareSettings.validation_fraction
     seed: int = 0
     """Split seed (``prepare``'s) and the seed of the context windows."""
-    tiles_mpp: float = 0.5
-    target_mpp: float = 1.0
+    tiles_mpp: float = PrepareSettings.tiles_mpp
+    target_mpp: float = PrepareSettings.target_mpp
     """The tile set is read at this resolution (``prepare``'s analysis resolution)."""
     keep_px: int = 3
     """The crop is pasted along its outline dilated by this many pixels."""
-    edge_sigma_px: float = 1.5
-    clearance_px: int = 8
+    edge_sigma_px: float = CompositeSettings.edge_sigma_px
+    clearance_px: int = CompositeSettings.clearance_px
+    """Pasting as ``prepare``'s composites do: feathered edge, gap to the tile's glomeruli."""
     attempts: int = 200
 
 
