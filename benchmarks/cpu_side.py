@@ -18,7 +18,7 @@ Workloads (what the null engine returns):
   ``benchmarks/gpu.py`` does. On synthetic tissue the model marks most of it as glomerulus, so
   components span the slide: the worst case for labelling.
 
-``--profile`` times the stages one after the other on one core instead.
+``--profile`` times the stages one after the other on one core instead (``--runs`` times).
 
     python benchmarks/cpu_side.py [--quick] [--cores 1,2] [--runs 3] [--workloads truth,model]
                                   [--merge-workers N] [--profile] [--viewer] [--data DIR] [--json OUT]
@@ -149,54 +149,70 @@ def measure(folder: Path, quick: bool, workload: str, cpus: list[int], viewer: b
     return result["tiles"] / result["seconds"]
 
 
-def profile(folder: Path, quick: bool, workload: str) -> None:
-    """Each stage alone, one after the other, on one core (the sequential code paths)."""
+def profile(folder: Path, quick: bool, workload: str, runs: int) -> None:
+    """Each stage alone, one after the other, on one core (the sequential code paths), ``runs``
+    times: median and range in ms per tile."""
     from glomscan.merge import BlendingCanvas
+    from glomscan.model import LoadedModel, ModelCard
+    from glomscan.pipeline import OVERVIEW_MAX_SIDE
     from glomscan.postprocess import InstanceStream
-    from glomscan.report import StreamedLabelFile
+    from glomscan.report import StreamedLabelFile, write_mask_tiff, write_overview
+    from glomscan.slides import image_to_array
 
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     _, _, tile, _ = layout(quick)
-    t0 = time.perf_counter()
-    slide, image, grid, tiles = inferred_tiles(folder / "slides" / "bench.tif", tile)
-    t_tissue = time.perf_counter() - t0
-    n = len(tiles)
-    reader = TileReader(image, tile)
-    t0 = time.perf_counter()
-    for t in tiles:
-        reader.read(t.x, t.y)
-    t_read = time.perf_counter() - t0
-    engine = ReplayEngine(None, predictions(folder, workload))
-    preds = [engine.predict(np.zeros((1, tile, tile, 3), np.uint8))[0] for _ in tiles]
-    canvas = BlendingCanvas(grid, 2)
-    t0 = time.perf_counter()
-    bands = []
-    for t, p in zip(tiles, preds):
-        bands += canvas.add(t, p)
-    bands += canvas.finish()
-    t_blend = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        labels = StreamedLabelFile(Path(tmp) / "mask.pgm", image.width, image.height)
-        stream = InstanceStream(image.width, ("normal", "sclerosed"), 1500.0, row_sink=labels.write_rows)
-        t0 = time.perf_counter()
-        for band in bands:
-            stream.push(band)
-        instances = stream.finish()
-        t_label = time.perf_counter() - t0
-        labels.close()
-        from glomscan.model import LoadedModel, ModelCard
+    model = LoadedModel(module=None, card=ModelCard(name="null", tile=tile), sha256="0" * 64, path=None)
+    engine = ReplayEngine(model.card, predictions(folder, workload))
+    times: dict[str, list[float]] = {}
 
-        model = LoadedModel(module=None, card=ModelCard(name="null", tile=tile), sha256="0" * 64, path=None)
-        engine = ReplayEngine(model.card, predictions(folder, workload))
-        analyse(folder / "slides", Path(tmp) / "warm-up", model, engine, settings_for(tile, 1))
-        t_all, _ = analyse(folder / "slides", Path(tmp) / "timed", model, engine, settings_for(tile, 1))
-    stages = (("slide open + tissue detection", t_tissue), ("tile reading", t_read), ("blending", t_blend),
-              ("labelling + measuring", t_label))
-    print(f"{workload}: {n} tiles, {len(instances)} glomeruli; one core, ms per tile:")
-    for name, seconds in stages:
-        print(f"  {name:36s} {1000 * seconds / n:7.2f}")
-    print(f"  {'the rest (outputs, overheads)':36s} {1000 * (t_all - sum(s for _, s in stages)) / n:7.2f}")
-    print(f"  {'end to end (analyze, 1 merge worker)':36s} {1000 * t_all / n:7.2f} = {n / t_all:.1f} tiles/s")
+    def timed(name: str, work):
+        t0 = time.perf_counter()
+        result = work()
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+        return result
+
+    for run in range(runs):
+        slide, image, grid, tiles = timed("slide open + tissue detection",
+                                          lambda: inferred_tiles(folder / "slides" / "bench.tif", tile))
+        n = len(tiles)
+        reader = TileReader(image, tile)
+        timed("tile reading", lambda: [reader.read(t.x, t.y) for t in tiles])
+        preds = [engine.predict(np.zeros((1, tile, tile, 3), np.uint8))[0] for _ in tiles]
+
+        def blend():
+            canvas = BlendingCanvas(grid, 2)
+            bands = [b for t, p in zip(tiles, preds) for b in canvas.add(t, p)]
+            return bands + canvas.finish()
+
+        bands = timed("blending", blend)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            tmp = Path(tmp)
+            labels = StreamedLabelFile(tmp / "mask.pgm", image.width, image.height)
+
+            def label():
+                stream = InstanceStream(image.width, ("normal", "sclerosed"), 1500.0, row_sink=labels.write_rows)
+                for band in bands:
+                    stream.push(band)
+                return stream.finish()
+
+            instances = timed("labelling + measuring", label)
+            del bands, preds
+            timed("mask.tif", lambda: write_mask_tiff(labels.image(), tmp / "mask.tif", 1.0))
+            labels.close()
+            ds = max(1.0, max(image.width, image.height) / OVERVIEW_MAX_SIDE)
+            timed("overview.png", lambda: write_overview(image_to_array(slide.image_at(DOWNSAMPLE * ds)[0]), ds,
+                                                         instances, tmp / "overview.png"))
+            if run == 0:
+                analyse(folder / "slides", tmp / "warm-up", model, engine, settings_for(tile, 1))
+            timed("end to end (analyze, 1 merge worker)",
+                  lambda: analyse(folder / "slides", tmp / "timed", model, engine, settings_for(tile, 1)))
+    print(f"{workload}: {n} tiles, {len(instances)} glomeruli; one core, ms per tile, median (range) of {runs} runs:")
+    for name, seconds in times.items():
+        ms = [1000 * x / n for x in seconds]
+        print(f"  {name:38s} {statistics.median(ms):7.2f} ({min(ms):.2f}-{max(ms):.2f})")
+    e2e = statistics.median(times["end to end (analyze, 1 merge worker)"])
+    print(f"  end to end: {n / e2e:.1f} tiles/s; the stages above it sum to "
+          f"{sum(statistics.median(v) for k, v in times.items() if not k.startswith('end')) / e2e:.2f} of it")
 
 
 def cpu_model() -> str:
@@ -245,7 +261,7 @@ def main() -> None:
               f"{args.merge_workers or 'as many as cores'}", flush=True)
         if args.profile:
             for workload in workloads:
-                profile(folder, args.quick, workload)
+                profile(folder, args.quick, workload, args.runs)
             return
         results: dict = {"cpus": len(available), "tiles": n, "tile": tile, "load_before": os.getloadavg()[0]}
         for workload in workloads:
