@@ -12,7 +12,7 @@ of each run is taken within that run.
 
 Workloads (what the null engine returns):
 
-- ``truth``: each tile's true masks of the synthetic glomeruli (discs 40-75 px across at the
+- ``truth``: each tile's true masks of the synthetic glomeruli (discs 80-150 px across at the
   analysis resolution): glomerulus-sized components, as a working model gives.
 - ``model``: one prediction of the shipped model (tile 0) replayed on every tile, as
   ``benchmarks/gpu.py`` does. On synthetic tissue the model marks most of it as glomerulus, so
