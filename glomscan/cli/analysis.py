@@ -41,6 +41,10 @@ log = logging.getLogger("glomscan")
               help="Drop glomerulus candidates smaller than this.")
 @click.option("--readers", type=int, default=default(AnalysisSettings, "workers"), show_default=True,
               help="Tile reader threads per slide (prefetch tiles while the model runs).")
+@click.option("--merge-workers", type=click.IntRange(min=0), default=default(AnalysisSettings, "merge_workers"),
+              show_default=True,
+              help="Threads that blend tile predictions and find and measure glomeruli; 0: one per CPU this process "
+                   "may use (its CPU affinity, or OMP_NUM_THREADS when smaller). Results do not depend on it.")
 @click.option("--cluster", default=None, metavar="local|tcp://HOST:8786",
               help="Spread slides over Dask workers: 'local' starts one worker process per visible GPU "
                    "(or --workers on CPU); tcp://... uses a running Dask scheduler.")
@@ -63,8 +67,8 @@ log = logging.getLogger("glomscan")
 @click.option("--force", is_flag=True, help="Redo slides whose outputs are complete and up to date.")
 @verbosity
 def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap, target_mpp, downsample,
-            mpp_override, min_area_um2, readers, cluster, workers, blend, engine_dir, precision, viewer, recursive,
-            force):
+            mpp_override, min_area_um2, readers, merge_workers, cluster, workers, blend, engine_dir, precision, viewer,
+            recursive, force):
     """Analyse every slide in SLIDES_DIR: masks, glomerulus tables, sclerosis reports, and the
     batch report OUT/index.html.
 
@@ -88,6 +92,7 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
                                f"{model.card.tile_multiple} px")
     settings = AnalysisSettings(target_mpp=target_mpp, downsample=downsample, mpp_override=mpp_override,
                                 tile=tile, overlap=overlap, batch_size=max(batch_size, 1), workers=readers,
+                                merge_workers=merge_workers,
                                 min_glomerulus_area_um2=min_area_um2, blend=blend, viewer=viewer)
     try:
         settings.validate()

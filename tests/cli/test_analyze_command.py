@@ -125,3 +125,18 @@ def test_tile_defaults_to_the_model_card_and_must_suit_the_encoder(small_slide, 
 
     settings = json.loads((tmp_path / "out" / "case01" / "report.json").read_text())["fingerprint"]["settings"]
     assert settings == AnalysisSettings(tile=256, overlap=128).fingerprint()  # the tiny model's card: 256 px tiles
+
+
+def test_merge_workers_option_reaches_the_settings_and_leaves_results_unchanged(small_slide, tiny_checkpoint, tmp_path):
+    slides = tmp_path / "slides"
+    copy_slide(small_slide.path, slides)
+    masks = []
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        res = CliRunner().invoke(main, ["analyze", str(slides), "--out", str(out), "--model", str(tiny_checkpoint),
+                                        *FAST, "--merge-workers", str(n), "--no-viewer"])
+        assert res.exit_code == 0, res.output
+        masks.append((out / "case01" / "glomeruli.csv").read_bytes())
+    assert masks[0] == masks[1]
+    bad = CliRunner().invoke(main, ["analyze", str(slides), "--merge-workers", "-1"])
+    assert bad.exit_code == 2
