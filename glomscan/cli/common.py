@@ -11,8 +11,6 @@ from pathlib import Path
 
 import click
 
-log = logging.getLogger("glomscan")
-
 _QUIET_KEY = "glomscan.quiet"
 
 
