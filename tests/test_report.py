@@ -11,6 +11,7 @@ from glomscan.report import (
     StreamedLabelFile,
     glomeruli_geojson,
     glomeruli_table,
+    polygon_mask,
     wilson_interval,
     write_mask_tiff,
     write_overview,
@@ -102,3 +103,41 @@ def test_overview_draws_class_colours(tmp_path):
     assert arr[40, 40, 2] > arr[40, 40, 0]  # blue-ish inside the normal one
     assert arr[35, 95, 0] > arr[35, 95, 2]  # red-ish inside the sclerosed one
     assert (arr[5, 5] == 240).all()
+
+
+def pnpoly_mask(rows, cols, shape):
+    """Reference: the PNPOLY crossing test at every pixel centre."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
+    inside = np.zeros(shape, bool)
+    for i in range(len(rows)):
+        j = (i + 1) % len(rows)
+        crosses = (rows[i] > yy) != (rows[j] > yy)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = (cols[j] - cols[i]) * (yy - rows[i]) / (rows[j] - rows[i]) + cols[i]
+        inside ^= crosses & (xx < x)
+    return inside
+
+
+def test_polygon_fill_matches_the_crossing_test_pixel_for_pixel():
+    """Convex, star-shaped, self-intersecting, integer-vertex and partly outside polygons."""
+    rng = np.random.default_rng(1)
+    for k in range(120):
+        n = int(rng.integers(3, 40))
+        angles, radii = np.sort(rng.uniform(0, 2 * np.pi, n)), rng.uniform(5, 30, n)
+        cy, cx = rng.uniform(-10, 70, 2)
+        rows, cols = cy + radii * np.sin(angles), cx + radii * np.cos(angles)
+        if k % 3 == 0:
+            rows, cols = np.round(rows), np.round(cols)
+        if k % 5 == 0:
+            rows, cols = rng.uniform(-5, 60, n), rng.uniform(-5, 60, n)
+        assert np.array_equal(polygon_mask(rows, cols, (60, 70)), pnpoly_mask(rows, cols, (60, 70))), k
+
+
+def test_polygon_fill_of_a_slide_sized_outline():
+    """A false detection the size of a tissue island (hundreds of vertices, millions of pixels)."""
+    t = np.linspace(0, 2 * np.pi, 342, endpoint=False)
+    rows, cols = 800 + 700 * np.sin(t) + 30 * np.sin(7 * t), 1000 + 900 * np.cos(t)
+    inside = polygon_mask(rows, cols, (1600, 2000))
+    assert abs(int(inside.sum()) - np.pi * 700 * 900) < 0.01 * np.pi * 700 * 900
+    assert inside[800, 1000] and not inside[5, 5] and not inside[800, 1950]
+    assert not polygon_mask([1.0, 2.0], [1.0, 2.0], (5, 5)).any()  # fewer than 3 vertices
