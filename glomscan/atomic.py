@@ -4,9 +4,14 @@ A reader (or a later run after a crash) sees the old file or the new one, never 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+"""Errors that mean the output folder takes no more writes (full, over quota, read-only): they
+stop a batch, where any other error fails one slide or one optional output."""
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)

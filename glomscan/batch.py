@@ -9,7 +9,6 @@ that the next run deletes, never a half-written OUT/<slide>/ that looks done.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -29,7 +28,7 @@ from .engines.base import Engine, EngineChoice
 from .model import LoadedModel
 from .pipeline import OUTPUT_FILES, SlideReport, analyze_slide
 from .progress import Progress
-from .atomic import atomic_write_text
+from .atomic import OUTPUT_ERRNOS, atomic_write_text
 from .interrupts import deferred_sigint, raise_if_interrupted
 from .slides import SLIDE_EXTENSIONS, SlideError, file_fingerprint, find_slides
 
@@ -66,7 +65,6 @@ class SlideJob:
     fingerprint: dict
 
 
-OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 """Errors that mean the output folder, not the slide, is the problem: the batch stops."""
 
 
@@ -370,8 +368,6 @@ def process_slide(job: SlideJob, out_dir: Path, model: LoadedModel, engine: Engi
     try:
         report = analyze_slide(job.path, job.name, staging_dir, model, engine, choice, settings,
                                job.fingerprint, quiet, report=report)
-        if settings.viewer:
-            add_viewer(staging_dir, report, settings)
         raise_if_interrupted()  # Ctrl-C came after the last tile: this slide is redone, as promised
         publish(staging_dir, final_dir)
         return report
@@ -387,28 +383,6 @@ def process_slide(job: SlideJob, out_dir: Path, model: LoadedModel, engine: Engi
             report.reason = f"output folder: {exc.strerror} (while writing {getattr(exc, 'filename', None) or 'outputs'})"
         record_failure(out_dir, report, cause=exc)
         return report
-
-
-def add_viewer(folder: Path, report: SlideReport, settings: AnalysisSettings) -> None:
-    """The slide's review page (``viewer.html`` and its tiles) next to its other outputs. The
-    analysis stands without it: a failure to make it is logged and the slide stays ok, without
-    a viewer; only a full or read-only output folder fails the slide (and stops the batch)."""
-    from .viewer import VIEWER_DIR, VIEWER_PAGE, write_viewer
-
-    try:
-        info = write_viewer(folder, report, settings.mpp_override)
-    except Exception as exc:  # pyvips.Error and the like: the results stand
-        if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
-            raise
-        _drop_viewer(folder, VIEWER_DIR, VIEWER_PAGE)
-        log.warning("%s: no viewer (%s: %s); the analysis is complete", report.slide, type(exc).__name__, exc)
-    else:
-        log.info("%s: viewer %.1f MB (%d tiles) in %.1f s", report.slide, info.bytes / 1e6, info.tiles, info.seconds)
-
-
-def _drop_viewer(folder: Path, directory: str, page: str) -> None:
-    shutil.rmtree(folder / directory, ignore_errors=True)
-    (folder / page).unlink(missing_ok=True)
 
 
 def failed_report(job: SlideJob, model: LoadedModel, reason: str, choice: EngineChoice | None = None,

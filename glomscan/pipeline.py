@@ -287,22 +287,33 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     merge = SlideMerge(grid, model.card.classes, settings, settings.min_glomerulus_area_um2 / assumed_mpp**2,
                        labels_file.write_rows, settings.merge_workers or cpu_share())
     reader = TileReader(image, settings.tile)
+    overview_ds = max(1.0, max(image.width, image.height) / OVERVIEW_MAX_SIDE)
+    # the slide's last outputs are made side by side: libvips encodes the mask, the review
+    # page's tile pyramid (it needs no result) and reads the overview's pixels (GIL released)
+    # while the last rows are labelled and the tables and the overview are made
+    writer = ThreadPoolExecutor(3, thread_name_prefix="slide-writer")
+    viewer_tiles = None
     try:
         with Progress(len(tiles), f"{name} tiles", quiet=quiet) as progress:
             report.inference_s = round(predict_tiles(tiles, reader.read, engine, settings.batch_size,
                                                      settings.workers, merge.add, progress), 3)
+        viewer_started = time.perf_counter()
+        if settings.viewer:
+            from .viewer import write_viewer_tiles
+
+            viewer_tiles = writer.submit(write_viewer_tiles, out_dir, image)
+        overview_pixels = writer.submit(lambda: image_to_array(slide.image_at(downsample * overview_ds)[0]))
         instances = merge.finish()
-        # libvips encodes the mask (GIL released) while the tables and the overview are made
-        with ThreadPoolExecutor(1, thread_name_prefix="mask-writer") as writer:
-            mask_written = writer.submit(write_mask_tiff, labels_file.image(), out_dir / "mask.tif", analysis_mpp)
-            table = glomeruli_table(instances, downsample, analysis_mpp)
-            write_glomeruli_csv(table, out_dir / "glomeruli.csv")
-            write_geojson(glomeruli_geojson(instances, table, downsample), out_dir / "glomeruli.geojson")
-            overview_ds = max(1.0, max(image.width, image.height) / OVERVIEW_MAX_SIDE)
-            overview_image, _ = slide.image_at(downsample * overview_ds)
-            write_overview(image_to_array(overview_image), overview_ds, instances, out_dir / "overview.png")
-            mask_written.result()
+        mask_written = writer.submit(write_mask_tiff, labels_file.image(), out_dir / "mask.tif", analysis_mpp)
+        table = glomeruli_table(instances, downsample, analysis_mpp)
+        write_glomeruli_csv(table, out_dir / "glomeruli.csv")
+        write_geojson(glomeruli_geojson(instances, table, downsample), out_dir / "glomeruli.geojson")
+        write_overview(overview_pixels.result(), overview_ds, instances, out_dir / "overview.png")
+        mask_written.result()
+        if viewer_tiles is not None:
+            viewer_tiles.exception()  # wait; its failure is the viewer's, not the slide's
     finally:
+        writer.shutdown(wait=True, cancel_futures=True)
         merge.close()
         labels_file.close()
     labels_file.path.unlink()
@@ -314,6 +325,10 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     (report.percent_global_glomerulosclerosis, report.ci95_low,
      report.ci95_high) = sclerosis_summary(report.n_normal, report.n_sclerosed)
     report.status, report.reason = "ok", ""
+    if viewer_tiles is not None:
+        from .viewer import finish_viewer
+
+        finish_viewer(out_dir, report, image.width, image.height, viewer_started, viewer_tiles.exception())
     report.runtime_s = round(time.perf_counter() - started, 3)
     atomic_write_text(out_dir / "report.json", report.to_json())
     return report

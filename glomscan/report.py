@@ -232,5 +232,7 @@ def write_overview(thumbnail: np.ndarray, downsample: float, instances: list[Glo
         box[outline] = colour
     image = pyvips.Image.new_from_array(np.ascontiguousarray(canvas.astype(np.uint8)), interpretation="srgb")
     atomic_write_bytes(path, image.pngsave_buffer(compression=1))  # level 6 took ~1.5 s per slide
-    small = image.thumbnail_image(THUMBNAIL_MAX_SIDE, size="down")  # what index.html shows: a page of
-    atomic_write_bytes(path.with_name(THUMBNAIL_NAME), small.pngsave_buffer(compression=6))  # slides loads fast
+    # what index.html shows, small so that a page of many slides loads fast (box + linear: 4x
+    # faster than thumbnail_image's lanczos)
+    small = image.resize(min(1.0, THUMBNAIL_MAX_SIDE / max(image.width, image.height)), kernel="linear")
+    atomic_write_bytes(path.with_name(THUMBNAIL_NAME), small.pngsave_buffer(compression=6))

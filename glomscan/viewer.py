@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pyvips
 
-from .atomic import atomic_write_text
+from .atomic import OUTPUT_ERRNOS, atomic_write_text
 from .report import CLASS_COLOURS, QUPATH_CLASS_NAMES, Z_95
 from .slides import Slide
 
@@ -118,10 +118,8 @@ def render_page(data: dict) -> str:
 """
 
 
-def analysis_image(report, mpp_override: float | None) -> pyvips.Image:
-    """The slide at its analysis resolution as 8-bit sRGB without alpha (what the model saw)."""
-    slide = Slide(Path(report.path), mpp_override=mpp_override)
-    image, _ = slide.image_at(report.analysis_downsample)
+def viewer_image(image: pyvips.Image) -> pyvips.Image:
+    """The slide at its analysis resolution (as analyze reads it) as 8-bit sRGB without alpha."""
     if image.hasalpha():
         image = image.flatten(background=[255, 255, 255])
     if image.bands == 1:
@@ -129,21 +127,61 @@ def analysis_image(report, mpp_override: float | None) -> pyvips.Image:
     return image.cast("uchar")
 
 
-def write_viewer(folder: Path, report, mpp_override: float | None = None) -> ViewerInfo:
-    """Write ``folder/viewer.html`` and ``folder/viewer/`` for an analysed slide whose outputs
-    (report fields, ``glomeruli.geojson``) are in ``folder``. The page is written last."""
-    started = time.perf_counter()
-    folder = Path(folder)
-    target = folder / VIEWER_DIR
+def analysis_image(report, mpp_override: float | None) -> pyvips.Image:
+    """The slide at its analysis resolution as 8-bit sRGB without alpha (what the model saw)."""
+    slide = Slide(Path(report.path), mpp_override=mpp_override)
+    return viewer_image(slide.image_at(report.analysis_downsample)[0])
+
+
+def write_viewer_tiles(folder: Path, image: pyvips.Image) -> None:
+    """``folder/viewer/``: the page's scripts and the tile pyramid of ``image`` (the slide at
+    the analysis resolution). Needs no analysis result, so ``analyze`` runs it beside the
+    slide's last outputs."""
+    target = Path(folder) / VIEWER_DIR
     if target.exists():
         shutil.rmtree(target)
     target.mkdir()
     assets = resources.files("glomscan") / "viewer_assets"
     for name in ASSETS:
         (target / name).write_bytes((assets / name).read_bytes())
-    image = analysis_image(report, mpp_override)
-    image.dzsave(str(target / "tiles"), tile_size=TILE_SIZE, overlap=TILE_OVERLAP, suffix=f".jpg[Q={JPEG_QUALITY}]")
-    atomic_write_text(folder / VIEWER_PAGE, render_page(page_data(folder, report, image.width, image.height)))
-    files = [p for p in target.rglob("*") if p.is_file()] + [folder / VIEWER_PAGE]
+    viewer_image(image).dzsave(str(target / "tiles"), tile_size=TILE_SIZE, overlap=TILE_OVERLAP,
+                               suffix=f".jpg[Q={JPEG_QUALITY}]")
+
+
+def write_viewer_page(folder: Path, report, width: int, height: int, started: float) -> ViewerInfo:
+    """``folder/viewer.html`` over the tiles of ``write_viewer_tiles`` (``report`` and
+    ``glomeruli.geojson`` complete); what the viewer cost since ``started`` (perf_counter)."""
+    folder = Path(folder)
+    atomic_write_text(folder / VIEWER_PAGE, render_page(page_data(folder, report, width, height)))
+    files = [p for p in (folder / VIEWER_DIR).rglob("*") if p.is_file()] + [folder / VIEWER_PAGE]
     tiles = sum(p.suffix == ".jpg" for p in files)
     return ViewerInfo(round(time.perf_counter() - started, 3), sum(p.stat().st_size for p in files), tiles)
+
+
+def write_viewer(folder: Path, report, mpp_override: float | None = None) -> ViewerInfo:
+    """Write ``folder/viewer.html`` and ``folder/viewer/`` for an analysed slide whose outputs
+    (report fields, ``glomeruli.geojson``) are in ``folder``. The page is written last."""
+    started = time.perf_counter()
+    image = analysis_image(report, mpp_override)
+    write_viewer_tiles(folder, image)
+    return write_viewer_page(folder, report, image.width, image.height, started)
+
+
+def finish_viewer(folder: Path, report, width: int, height: int, started: float,
+                  tiles_error: BaseException | None) -> None:
+    """The page over tiles written since ``started``; the analysis stands without it: a failure
+    (``tiles_error`` from ``write_viewer_tiles`` or one writing the page) is logged and the
+    slide stays ok without a viewer; only a full or read-only output folder is raised (it fails
+    the slide and stops the batch)."""
+    try:
+        if tiles_error is not None:
+            raise tiles_error
+        info = write_viewer_page(folder, report, width, height, started)
+    except Exception as exc:  # pyvips.Error and the like: the results stand
+        if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
+            raise
+        shutil.rmtree(Path(folder) / VIEWER_DIR, ignore_errors=True)
+        (Path(folder) / VIEWER_PAGE).unlink(missing_ok=True)
+        log.warning("%s: no viewer (%s: %s); the analysis is complete", report.slide, type(exc).__name__, exc)
+    else:
+        log.info("%s: viewer %.1f MB (%d tiles) in %.1f s", report.slide, info.bytes / 1e6, info.tiles, info.seconds)

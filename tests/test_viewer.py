@@ -100,12 +100,12 @@ def test_index_links_each_viewer_and_no_viewer_leaves_none(out, small_slide, tmp
 def test_a_failing_viewer_leaves_the_slide_ok_without_one(small_slide, tmp_path, monkeypatch, caplog):
     import glomscan.viewer
 
-    def broken(folder, report, mpp_override=None):
+    def broken(folder, image):
         (folder / VIEWER_DIR).mkdir()
         (folder / VIEWER_DIR / "partial.jpg").write_bytes(b"x")
         raise pyvips.Error("dzsave: out of luck")
 
-    monkeypatch.setattr(glomscan.viewer, "write_viewer", broken)
+    monkeypatch.setattr(glomscan.viewer, "write_viewer_tiles", broken)
     copy_slide(small_slide.path, tmp_path / "slides", "case01.tif")
     outcome = run_batch(tmp_path / "slides", tmp_path / "out", oracle_model(), OracleEngine(), ORACLE_CHOICE, FAST,
                         quiet=True)
