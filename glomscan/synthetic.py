@@ -201,3 +201,33 @@ def write_training_slides(out_dir: Path, count: int, seed: int) -> None:
     for i in range(count):
         slide = training_slide(out_dir / "slides" / f"synthetic{i:03d}.tif", seed=seed + i)
         (out_dir / "annotations" / f"synthetic{i:03d}.geojson").write_text(json.dumps(slide.qupath_geojson()))
+
+
+def write_real_tissue_slide(path: Path, width: int, height: int, tissue: list[tuple[int, int, int, int]],
+                            seed: int = 0, sample_dir: Path | None = None) -> int:
+    """A pyramidal JPEG TIFF at 0.5 µm/px whose tissue rectangles are paved with the shipped
+    sample's real PAS tiles (1024 px at 0.5 µm/px, each turned and mirrored at random), on
+    glass elsewhere: a slide of any size on which a model trained on real tissue finds
+    glomeruli of real sizes (synthetic discs are not tissue to it). Returns the tiles placed."""
+    from .shipped import SAMPLE_DIR
+
+    sources = [pyvips.Image.new_from_file(str(p), access="random")
+               for p in sorted(Path(sample_dir or SAMPLE_DIR).glob("*.tif"))]
+    if not sources:
+        raise FileNotFoundError(f"no sample tiles (*.tif) in {sample_dir or SAMPLE_DIR}")
+    sources = [s.extract_band(0, n=3) if s.bands > 3 else s for s in sources]
+    rng = np.random.default_rng(seed)
+    image = (pyvips.Image.black(width, height, bands=3) + list(GLASS)).cast("uchar").copy(interpretation="srgb")
+    placed = 0
+    for x0, y0, x1, y1 in tissue:
+        for y in range(y0, y1, 1024):
+            for x in range(x0, x1, 1024):
+                tile = sources[int(rng.integers(len(sources)))].rot(("d0", "d90", "d180", "d270")[int(rng.integers(4))])
+                if rng.integers(2):
+                    tile = tile.fliphor()
+                tile = tile.crop(0, 0, min(tile.width, x1 - x, width - x), min(tile.height, y1 - y, height - y))
+                image = image.insert(tile, x, y)
+                placed += 1
+    image.tiffsave(str(path), tile=True, tile_width=256, tile_height=256, pyramid=True, compression="jpeg", Q=90,
+                   xres=2000.0, yres=2000.0, resunit="cm")
+    return placed

@@ -115,3 +115,22 @@ def test_svs_extension_with_garbage_is_a_slide_error(tmp_path):
     p.write_bytes(b"\x00" * 4096)
     with pytest.raises(SlideError):
         Slide(p)
+
+
+def test_real_tissue_slide_is_paved_with_the_sample_tiles(tmp_path):
+    from glomscan.shipped import SAMPLE_DIR
+    from glomscan.synthetic import GLASS, write_real_tissue_slide
+
+    if not sorted(SAMPLE_DIR.glob("*.tif")):
+        pytest.skip("the shipped sample is not installed")
+    placed = write_real_tissue_slide(tmp_path / "real.tif", 3000, 2500, [(100, 200, 2148, 1224)], seed=3)
+    assert placed == 2  # two 1024 px tiles across, one down
+    slide = Slide(tmp_path / "real.tif")
+    assert slide.mpp == pytest.approx(0.5) and len(slide.levels) > 1
+    image = image_to_array(slide.image_at(1.0)[0]).astype(int)
+    assert np.abs(image[2400, 2900] - GLASS).max() <= 3  # glass off the tissue rectangle
+    first = image[200:1224, 100:1124]
+    samples = [image_to_array(pyvips.Image.new_from_file(str(p)))[..., :3].astype(int)
+               for p in sorted(SAMPLE_DIR.glob("*.tif"))]
+    turned = [np.rot90(s, k)[:, ::f] for s in samples for k in range(4) for f in (1, -1)]
+    assert min(np.abs(first - t).mean() for t in turned) < 3  # one sample tile, turned (JPEG-close)
