@@ -11,8 +11,9 @@ through ``glomscan.train.evaluate.evaluate_prepared_set`` (``glomscan evaluate r
 Steps (each skipped when its output exists, so a rerun resumes; trainings resume per epoch):
 1. ``prepare``: the shared tile set (aidpath_tiles) with the shared crop set (aidpath_glomeruli)
    composited into it, split by slide (``--base`` reuses a prepared set instead);
-2. masks: ``--count`` masks from the mask GAN (``--maskgan``), diameters spread over
-   ``--diameter-range`` (analysis px = µm at 1 µm/px);
+2. masks: as many masks from the mask GAN (``--maskgan``) as the largest amount needs, their
+   diameters drawn from the real sclerosed glomeruli of the training split (or spread over
+   ``--diameter-range``; analysis px = µm at 1 µm/px);
 3. ``synthesize`` into the base set's training patches (tissue away from every labelled
    glomerulus) at each amount with the inpainting generator (``--generator``);
 4. ``train segment`` on each set for each seed (``--epochs`` x ``--steps`` steps of
@@ -54,17 +55,31 @@ def prepare_base(work: Path, tiles: Path, crops: Path) -> Path:
     return base
 
 
-def make_masks(work: Path, maskgan: Path, count: int, diameters: tuple[float, float], seed: int,
+def real_sclerosed_diameters_px(base: Path) -> np.ndarray:
+    """Equivalent diameters (analysis px) of the real sclerosed glomeruli of the training split."""
+    placed = pd.read_csv(base / "glomeruli.csv")
+    mpp = json.loads((base / "dataset.json").read_text()).get("target_mpp", 1.0) if (
+        base / "dataset.json").is_file() else 1.0
+    return placed[(placed.split == "train") & (placed.label == 2)].diameter_um.to_numpy(np.float64) / mpp
+
+
+def make_masks(work: Path, maskgan: Path, count: int, diameters: tuple[float, float] | np.ndarray, seed: int,
                size: int = 256) -> list[np.ndarray]:
+    """``count`` generated masks, with equivalent diameters spread over a (low, high) range or
+    drawn (with replacement) from the given real diameters."""
     from glomscan.train.maskgan import (MaskGenerationSettings, generate_masks, load_mask_generator, read_masks,
                                        write_masks)
 
     folder = work / "masks"
     if not (folder / "masks.csv").is_file():
         generator, _, info = load_mask_generator(maskgan)
+        drawn = None
+        if isinstance(diameters, np.ndarray):
+            drawn = np.clip(np.random.default_rng(seed).choice(diameters, count), 8.0, 0.9 * size)
+            diameters = None
         masks, records = generate_masks(generator, count, MaskGenerationSettings(size=size, diameter_range=diameters,
                                                                                   seed=seed),
-                                        (info["diameter_min_px"], info["diameter_max_px"]))
+                                        (info["diameter_min_px"], info["diameter_max_px"]), diameters_px=drawn)
         write_masks(folder, masks, records)
     return read_masks(folder)
 
@@ -138,7 +153,9 @@ def main() -> None:
     ap.add_argument("--encoder", default="efficientnet-b3", help="U-Net encoder (as train segment)")
     ap.add_argument("--init", default=None, help="start every run from this model (fine-tuning)")
     ap.add_argument("--mask-size", type=int, default=256, help="mask canvas (the inpainting crop), px")
-    ap.add_argument("--diameter-range", type=float, nargs=2, default=(100.0, 220.0))
+    ap.add_argument("--diameter-range", type=float, nargs=2, default=None,
+                    help="spread mask diameters evenly over this range (px); default: drawn from the real "
+                         "sclerosed glomeruli of the training split")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--report", type=Path, default=None)
@@ -152,8 +169,8 @@ def main() -> None:
 
     census = sclerosed_census(base, pd.read_csv(base / "manifest.csv", dtype={"patch_id": str, "slide": str}), "train")
     count = max(1, round(max(args.amounts) * census.total))
-    masks = make_masks(args.work, args.maskgan, count, tuple(args.diameter_range), 0,
-                                                  args.mask_size) if max(args.amounts) > 0 else []
+    diameters = real_sclerosed_diameters_px(base) if args.diameter_range is None else tuple(args.diameter_range)
+    masks = make_masks(args.work, args.maskgan, count, diameters, 0, args.mask_size) if max(args.amounts) > 0 else []
     rows = []
     for amount in args.amounts:
         data = synthetic_set(args.work, base, amount, args.generator, masks, 0)

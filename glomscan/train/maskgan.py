@@ -301,15 +301,23 @@ def even_diameters(count: int, low: float, high: float, rng: np.random.Generator
 
 
 def generate_masks(generator: MaskGenerator, count: int, settings: MaskGenerationSettings,
-                   default_range: tuple[float, float], batch: int = 64) -> tuple[list[np.ndarray], list[dict]]:
-    """Sample, post-process and rescale ``count`` masks: (masks, one record per mask)."""
+                   default_range: tuple[float, float], batch: int = 64,
+                   diameters_px: np.ndarray | None = None) -> tuple[list[np.ndarray], list[dict]]:
+    """Sample, post-process and rescale ``count`` masks: (masks, one record per mask). Their
+    equivalent diameters are spread evenly over the settings' range (or ``default_range``), or
+    are ``diameters_px`` (``count`` of them) when given, e.g. drawn from real glomeruli."""
     if count < 1:
         raise ValueError("count must be at least 1")
-    low, high = settings.diameter_range or default_range
+    if diameters_px is not None:
+        targets = np.asarray(diameters_px, np.float64)
+        if targets.shape != (count,) or not (targets > 0).all():
+            raise ValueError(f"diameters_px must be {count} positive diameters")
+        high = float(targets.max())
+    else:
+        low, high = settings.diameter_range or default_range
+        targets = even_diameters(count, low, high, np.random.default_rng(settings.seed))
     if high > settings.size:
         raise ValueError(f"diameters up to {high:.0f} px do not fit in {settings.size} px masks")
-    rng = np.random.default_rng(settings.seed)
-    targets = even_diameters(count, low, high, rng)
     torch.manual_seed(settings.seed)
     masks, records, tries = [], [], 0
     generator.eval()

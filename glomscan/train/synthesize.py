@@ -205,6 +205,7 @@ def synthesize(dataset_dir: Path, out_dir: Path, inpainter: Callable, masks: lis
     patch_ids = sorted(rows_by_id)
     work: dict[str, PatchCanvas] = {}
     placements: list[Placement] = []
+    shapes = []
     for i in range(count):
         mask_index = i % len(masks)
         mask = masks[mask_index]
@@ -212,6 +213,10 @@ def synthesize(dataset_dir: Path, out_dir: Path, inpainter: Callable, masks: lis
             mask = np.rot90(mask, int(rng.integers(4)))
             mask = mask[:, ::-1] if rng.random() < 0.5 else mask
             mask = np.ascontiguousarray(mask)
+        shapes.append((i, mask_index, mask))
+    # largest first: big glomeruli find room while the patches are empty, small ones fill the gaps
+    shapes.sort(key=lambda shape: -int(shape[2].sum()))
+    for i, mask_index, mask in shapes:
         for patch_id in rng.permutation(patch_ids):
             if patch_id not in work:
                 image, labels = (np.array(a) for a in load_patch(dataset_dir, rows_by_id[patch_id]))
@@ -233,7 +238,7 @@ def synthesize(dataset_dir: Path, out_dir: Path, inpainter: Callable, masks: lis
         before = canvas.image[window].copy()
         after = composite(before, inpaint_crop(inpainter, before, mask), mask, settings.feather_px)
         canvas.paint(window, after, mask)
-        shown = i < settings.examples
+        shown = len(placements) < settings.examples
         placements.append(Placement(i, patch_id, x0, y0, mask_index, int(mask.sum()), mask,
                                     before if shown else None, after if shown else None))
     # written into a hidden sibling folder and renamed when complete: never a half dataset

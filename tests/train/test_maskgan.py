@@ -121,12 +121,19 @@ def test_train_generate_round_trip(tmp_path):
     assert loaded.image_size == 32 and info["n_masks"] == 6
     assert info["diameter_min_px"] == pytest.approx(min(equivalent_diameter(m.sum()) for m in masks))
     # an untrained generator's samples are noise: threshold 0 keeps most of the canvas
-    out, records = generate_masks(generator, 5, MaskGenerationSettings(size=128, threshold=0.0, min_island_px=1,
-                                                                       diameter_range=(20, 40)), (1, 2))
+    out, records_even = generate_masks(generator, 5, MaskGenerationSettings(size=128, threshold=0.0, min_island_px=1,
+                                                                            diameter_range=(20, 40)), (1, 2))
     assert len(out) == 5 and all(m.shape == (128, 128) for m in out)
-    for m, r in zip(out, records):
+    for m, r in zip(out, records_even):
         assert r["equivalent_diameter_px"] == pytest.approx(r["target_diameter_px"], rel=0.1)
-    write_masks(tmp_path / "masks", out, records)
+    _, records_drawn = generate_masks(generator, 3, MaskGenerationSettings(size=128, threshold=0.0, min_island_px=1),
+                                    (1, 2), diameters_px=np.array([22.0, 30.0, 38.0]))
+    assert [r["target_diameter_px"] for r in records_drawn] == [22.0, 30.0, 38.0]  # e.g. real glomeruli's diameters
+    for r in records_drawn:
+        assert r["equivalent_diameter_px"] == pytest.approx(r["target_diameter_px"], rel=0.1)
+    with pytest.raises(ValueError, match="3 positive diameters"):
+        generate_masks(generator, 3, MaskGenerationSettings(size=128), (1, 2), diameters_px=np.array([20.0, 30.0]))
+    write_masks(tmp_path / "masks", out, records_even)
     back = read_masks(tmp_path / "masks")
     assert len(back) == 5 and all(np.array_equal(a, b) for a, b in zip(out, back))
     with pytest.raises(ValueError, match="no glomerulus masks"):
