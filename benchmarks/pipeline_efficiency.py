@@ -5,7 +5,11 @@ behind inference. Each run times, in one process and in turn: the engine alone o
 tissue tiles (already in memory), then ``analyze`` on the slide without and with the review
 page (``--viewer``). It prints each run's ratios, their spread over the runs, and where the
 end-to-end time beyond inference went: before the first tile, between tiles, and after the
-last tile (the slide's tail: last rows, mask, tables, overview, review page).
+last tile (the slide's tail: last rows, mask, tables, overview, review page). Last, the model's
+outputs are replayed through ``analyze`` (an engine that costs nothing): the CPU side alone, in
+wall and CPU seconds, against the CPU seconds of inference. Where inference already keeps every
+core busy, the CPU side can only be hidden on idle cores, so model CPU / (model CPU + CPU side
+CPU) bounds the efficiency whatever the overlap.
 
 The default slide is paved with the shipped sample's real PAS tiles (``--slide real``), so the
 shipped model finds glomeruli of real sizes; on the synthetic disc slide (``--slide discs``)
@@ -17,6 +21,7 @@ it takes whole tissue islands for glomeruli, which no real slide resembles.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -34,6 +39,21 @@ from glomscan.shipped import default_model_path
 from glomscan.slides import Slide, TileReader
 from glomscan.synthetic import scatter_glomeruli, write_real_tissue_slide, write_synthetic_slide
 from glomscan.tiling import TileGrid
+
+
+class ReplayEngine:
+    """Hands back the model's stored outputs for the slide's tiles, in order: the CPU side alone."""
+
+    def __init__(self, engine, outputs: np.ndarray):
+        self.engine, self.outputs, self.next = engine, outputs, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        out = self.outputs[self.next:self.next + len(tiles)]
+        self.next = (self.next + len(tiles)) % len(self.outputs)
+        return out
 
 
 class TimedEngine:
@@ -122,11 +142,16 @@ def main() -> None:
         print(f"slide ({args.slide}): {size[0]}x{size[1]} px at 0.5 µm/px -> analysis {image.width}x{image.height}; "
               f"{n} tissue tiles")
         ratios: dict[str, list[float]] = {"no viewer": [], "viewer": []}
+        outputs, model_cpu, model_wall = [], [], []
         for run in range(1, args.runs + 1):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             for i in range(0, n, args.batch_size):
-                engine.predict(np.stack(pixels[i:i + args.batch_size]))
+                out = engine.predict(np.stack(pixels[i:i + args.batch_size]))
+                if run == 1:
+                    outputs.append(out)  # kept for the replay below
             model_only = time.perf_counter() - t0
+            model_cpu.append(time.process_time() - c0)
+            model_wall.append(model_only)
             line = [f"run {run}: model only {n / model_only:.3f} tiles/s"]
             for label, viewer in (("no viewer", False), ("viewer", True)):
                 r = end_to_end(slide_path.parent, tmp / "out", model, engine, choice, replace(settings, viewer=viewer))
@@ -139,6 +164,22 @@ def main() -> None:
             print("; ".join(line), flush=True)
         for label, values in ratios.items():
             print(f"pipeline efficiency (end-to-end / model-only tiles/s), {label}: {spread(values)}")
+        replay = ReplayEngine(engine, np.concatenate(outputs))
+        inference_cpu = statistics.median(model_cpu)
+        busy = statistics.median(c / w for c, w in zip(model_cpu, model_wall))
+        print(f"inference alone keeps {busy:.2f} of the {len(os.sched_getaffinity(0))} usable cores busy (median)")
+        for label, viewer in (("no viewer", False), ("viewer", True)):
+            walls, cpus = [], []
+            for _ in range(3):
+                c0 = time.process_time()
+                r = end_to_end(slide_path.parent, tmp / "out", model, replay, choice, replace(settings, viewer=viewer))
+                walls.append(r["seconds"])
+                cpus.append(time.process_time() - c0)
+            cpu = statistics.median(cpus)
+            print(f"CPU side alone (the model's outputs replayed), {label}: wall {spread(walls)} s, CPU {spread(cpus)} s; "
+                  f"inference {inference_cpu:.1f} CPU s (median of the model-only passes): the CPU side is "
+                  f"{100 * cpu / inference_cpu:.1f} % of it, efficiency bound where inference fills every core "
+                  f"{inference_cpu / (inference_cpu + cpu):.3f}")
 
 
 if __name__ == "__main__":

@@ -281,3 +281,29 @@ def test_a_component_spanning_every_band_costs_no_relabelling_of_pending_rows():
         ndimage.label = original
     assert len(instances) == 1 and instances[0].area_px == 2000 * 4 and (painted[fg] == 1).all()
     assert max(labelled_rows) == 50 and sum(labelled_rows) == 2000
+
+
+def test_contour_simplification_keeps_the_vertices_of_douglas_peucker():
+    """The same vertices as skimage's approximate_polygon, on glomerulus-like blobs and on
+    integer polylines full of equal distances."""
+    from skimage.measure import approximate_polygon, find_contours
+
+    from glomscan.postprocess import simplify_polyline
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:160, 0:160]
+    for _ in range(40):
+        blob = np.zeros((160, 160), bool)
+        for _ in range(int(rng.integers(1, 4))):
+            cy, cx, ry, rx = rng.uniform(40, 120, 2).tolist() + rng.uniform(8, 45, 2).tolist()
+            blob |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 + 0.3 * rng.standard_normal(blob.shape) < 1
+        contours = find_contours(np.pad(ndimage.binary_opening(blob), 1).astype(np.uint8), 0.5)
+        if contours:
+            contour = max(contours, key=len)
+            for tolerance in (0.1, 0.75, 2.0):
+                assert np.array_equal(simplify_polyline(contour, tolerance), approximate_polygon(contour, tolerance))
+    for _ in range(200):
+        line = rng.integers(0, 10, (int(rng.integers(3, 40)), 2)).astype(float)
+        for tolerance in (0.5, 1.0, 3.0):
+            assert np.array_equal(simplify_polyline(line, tolerance), approximate_polygon(line, tolerance))
+    assert simplify_polyline(np.zeros((2, 2)), 1.0).shape == (2, 2)
