@@ -23,6 +23,7 @@ bench: setup
 	$(BIN)/python benchmarks/backends.py
 	$(BIN)/python benchmarks/pipeline_efficiency.py --backend openvino
 	$(BIN)/python benchmarks/pipeline_efficiency.py --backend onnxruntime
+	$(BIN)/python benchmarks/cpu_side.py
 	$(BIN)/python benchmarks/jpeg_robustness.py
 	$(BIN)/python benchmarks/vs_monai.py
 	$(BIN)/python benchmarks/memory.py
