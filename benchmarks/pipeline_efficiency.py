@@ -24,6 +24,7 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -40,20 +41,8 @@ from glomscan.slides import Slide, TileReader
 from glomscan.synthetic import scatter_glomeruli, write_real_tissue_slide, write_synthetic_slide
 from glomscan.tiling import TileGrid
 
-
-class ReplayEngine:
-    """Hands back the model's stored outputs for the slide's tiles, in order: the CPU side alone."""
-
-    def __init__(self, engine, outputs: np.ndarray):
-        self.engine, self.outputs, self.next = engine, outputs, 0
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def predict(self, tiles: np.ndarray) -> np.ndarray:
-        out = self.outputs[self.next:self.next + len(tiles)]
-        self.next = (self.next + len(tiles)) % len(self.outputs)
-        return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import ReplayEngine  # noqa: E402  (stored predictions handed out in order: the CPU side alone)
 
 
 class TimedEngine:
@@ -164,7 +153,7 @@ def main() -> None:
             print("; ".join(line), flush=True)
         for label, values in ratios.items():
             print(f"pipeline efficiency (end-to-end / model-only tiles/s), {label}: {spread(values)}")
-        replay = ReplayEngine(engine, np.concatenate(outputs))
+        replay = ReplayEngine(model.card, np.concatenate(outputs))
         inference_cpu = statistics.median(model_cpu)
         busy = statistics.median(c / w for c, w in zip(model_cpu, model_wall))
         print(f"inference alone keeps {busy:.2f} of the {len(os.sched_getaffinity(0))} usable cores busy (median)")

@@ -65,9 +65,6 @@ class SlideJob:
     fingerprint: dict
 
 
-"""Errors that mean the output folder, not the slide, is the problem: the batch stops."""
-
-
 class OutputNotWritable(Exception):
     """The output folder no longer accepts writes (read-only, disk full, quota). Carries the
     failed report of the slide that hit it, if any."""

@@ -356,8 +356,7 @@ def simplify_polyline(coords: np.ndarray, tolerance: float) -> np.ndarray:
     while open_segments:
         starts = np.flatnonzero(keep)
         segment = np.cumsum(keep) - 1  # the segment each point starts or lies inside
-        inner = ~keep
-        index = np.flatnonzero(inner)
+        index = np.flatnonzero(~keep)
         if index.size == 0:
             break
         seg = segment[index]
@@ -373,12 +372,13 @@ def simplify_polyline(coords: np.ndarray, tolerance: float) -> np.ndarray:
                             np.minimum(np.sqrt(dc0 ** 2 + dr0 ** 2), np.sqrt(dc1 ** 2 + dr1 ** 2)))
         # the farthest point of each segment (the first of equals), where it is beyond tolerance
         first = np.r_[0, np.flatnonzero(np.diff(seg)) + 1]
+        points_per_segment = np.diff(np.r_[first, index.size])
         farthest = np.maximum.reduceat(distance, first)
         split = farthest > tolerance
         open_segments = bool(split.any())
         if open_segments:
-            is_max = distance == np.repeat(farthest, np.diff(np.r_[first, index.size]))
-            candidates = np.flatnonzero(is_max & np.repeat(split, np.diff(np.r_[first, index.size])))
+            is_max = distance == np.repeat(farthest, points_per_segment)
+            candidates = np.flatnonzero(is_max & np.repeat(split, points_per_segment))
             _, pick = np.unique(seg[candidates], return_index=True)
             keep[index[candidates[pick]]] = True
     return coords[keep]

@@ -128,9 +128,10 @@ def viewer_image(image: pyvips.Image) -> pyvips.Image:
 
 
 def analysis_image(report, mpp_override: float | None) -> pyvips.Image:
-    """The slide at its analysis resolution as 8-bit sRGB without alpha (what the model saw)."""
+    """The slide at its analysis resolution, as analyze read it (``write_viewer_tiles`` makes it
+    8-bit sRGB)."""
     slide = Slide(Path(report.path), mpp_override=mpp_override)
-    return viewer_image(slide.image_at(report.analysis_downsample)[0])
+    return slide.image_at(report.analysis_downsample)[0]
 
 
 def write_viewer_tiles(folder: Path, image: pyvips.Image) -> None:

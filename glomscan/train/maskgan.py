@@ -25,8 +25,7 @@ from torch import nn
 from ..atomic import atomic_torch_save
 from .data import read_png, write_png
 from .harness import TrainingRun, choose_training_device, seed_training
-from .settings import MaskGanSettings
-from .settings import MaskGenerationSettings
+from .settings import MaskGanSettings, MaskGenerationSettings
 
 log = logging.getLogger(__name__)
 

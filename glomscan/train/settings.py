@@ -21,7 +21,6 @@ which supervises only glomerulus-vs-background; 0: background, e.g. the false de
 file corrected in the review page; note that plain "glomerulus" means normal)."""
 
 
-
 @dataclass(frozen=True)
 class SegmentSettings:
     epochs: int = 200
