@@ -171,6 +171,8 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
               help="Or a glomscan segmentation model file: its encoder (kidney tissue features) is the feature network.")
 @click.option("--style-weight", type=float, default=default(InpaintSettings, "style_weight"), show_default=True,
               help="Weight of the style loss (the paper's 150 is set for VGG19's activations).")
+@click.option("--ssim-weight", type=float, default=default(InpaintSettings, "ssim_weight"), show_default=True,
+              help="Weight of 1 - SSIM inside the mask (not in the paper; 0 = off).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=default(InpaintSettings, "precision"), show_default=True,
               help="CPU training precision (auto: bf16 where the CPU has bf16 instructions); CUDA uses fp16 AMP.")
 @click.option("--augment/--no-augment", default=default(InpaintSettings, "augment"), show_default=True, help="Random flips and 90° rotations.")
@@ -180,14 +182,15 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
 @verbosity
 @fail_on(ValueError, FileNotFoundError)
 def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channels, lambda_local_l1, vgg_weights,
-                  feature_model, style_weight, precision, augment, max_steps_per_epoch, device, seed):
+                  feature_model, style_weight, ssim_weight, precision, augment, max_steps_per_epoch, device, seed):
     """Train the inpainting GAN (AOT generator, global + local LSGAN discriminators); resumes
     from OUT.last.pt if present."""
     from ..train.inpaint import train_inpainting
 
     settings = InpaintSettings(epochs=epochs, batch_size=batch_size, lr=lr, size=size, base_channels=base_channels,
                                lambda_local_l1=lambda_local_l1, vgg_weights=vgg_weights,
-                               feature_model=feature_model, style_weight=style_weight, precision=precision,
+                               feature_model=feature_model, style_weight=style_weight, ssim_weight=ssim_weight,
+                               precision=precision,
                                augment=augment,
                                max_steps_per_epoch=max_steps_per_epoch, device=device, seed=seed)
     row = train_inpainting(crops_dir, out_path, settings, quiet=is_quiet())

@@ -266,7 +266,7 @@ def train_step(models: InpaintModels, loss_fn: GeneratorLoss, g_optimiser: torch
     return {"d_loss": float(d_loss.item()), **{k: float(v.item()) for k, v in terms.items()}}
 
 
-LOSS_COLUMNS = ["d_loss", "adv_global", "adv_local", "l1_global", "l1_local", "perceptual", "style", "total"]
+LOSS_COLUMNS = ["d_loss", "adv_global", "adv_local", "l1_global", "l1_local", "perceptual", "style", "ssim", "total"]
 
 
 def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings = InpaintSettings(),
@@ -305,7 +305,7 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
     else:
         vgg = None
     weights = InpaintLossWeights(l1_local=settings.lambda_local_l1, perceptual=settings.perceptual_weight,
-                                 style=settings.style_weight)
+                                 style=settings.style_weight, ssim=settings.ssim_weight)
     loss_fn = GeneratorLoss(weights, vgg).to(device.device)
     models = InpaintModels(InpaintGenerator(settings.base_channels, settings.n_aot_blocks).to(device.device),
                            PatchDiscriminator(settings.base_channels).to(device.device),

@@ -15,6 +15,11 @@ glomerulus on white, :func:`local_view`), all in [-1, 1]:
   (G = F F^T / (C H W), F the C x HW activations)
 - L_total = 0.02 (L_adv_g + L_adv_l) + 1 L1_g + lambda_1l L1_l + 0.1 L_per + 150 L_sty.
 
+Not in the paper, off by default (weight 0): L_ssim = 1 - the mean SSIM inside the mask
+(:func:`masked_ssim`, the definition ``evaluate inpaint`` scores with), added as
+``lambda_ssim L_ssim``. It rewards fills whose local structure follows the original's and
+penalises texture that does not (see docs/augmentation.md).
+
 VGG19 inputs are mapped from [-1, 1] to [0, 1] and normalised with the ImageNet mean/std.
 VGG19 weights only come from a local file; without them the perceptual and style terms are
 disabled (reported as NaN and in :attr:`GeneratorLoss.vgg_status`), never faked.
@@ -54,6 +59,8 @@ class InpaintLossWeights:
     """lambda_1l: not given in the paper."""
     perceptual: float = 0.1
     style: float = 150.0
+    ssim: float = 0.0
+    """lambda_ssim on 1 - SSIM inside the mask; 0 (the paper) leaves the term out."""
 
 
 def lsgan_discriminator_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
@@ -64,6 +71,30 @@ def lsgan_discriminator_loss(real_scores: torch.Tensor, fake_scores: torch.Tenso
 def lsgan_generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
     """E[(1 - D(fake))^2]."""
     return ((1 - fake_scores.float()) ** 2).mean()
+
+
+def masked_ssim(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """Mean SSIM inside ``mask`` between (N, C, H, W) images ``x`` and ``y`` (differentiable):
+    ``skimage.metrics.structural_similarity``'s map (``window`` x ``window`` uniform window,
+    sample covariances, K1 = 0.01, K2 = 0.03, valid region only, i.e. (window - 1) / 2 px cut
+    from each border) averaged over the mask's pixels and the channels. Images in [-1, 1] are
+    mapped to [0, 1] (data range 1) first: SSIM's luminance term is not shift-invariant, and
+    this is the scale of the uint8 images the evaluation scores. Computed in fp32."""
+    with torch.autocast(x.device.type, enabled=False):
+        x, y, m = (x.float() + 1) / 2, (y.float() + 1) / 2, mask.float()
+        pool = lambda t: F.avg_pool2d(t, window, stride=1)  # noqa: E731
+        n = window * window
+        cov_norm = n / (n - 1)
+        ux, uy = pool(x), pool(y)
+        vx = cov_norm * (pool(x * x) - ux * ux)
+        vy = cov_norm * (pool(y * y) - uy * uy)
+        vxy = cov_norm * (pool(x * y) - ux * uy)
+        c1, c2 = 0.01 ** 2, 0.03 ** 2
+        s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+        r = (window - 1) // 2
+        inner = m[:, :, r:m.shape[2] - r, r:m.shape[3] - r]
+        weight = inner.expand_as(s)
+        return (s * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -224,5 +255,8 @@ class GeneratorLoss(nn.Module):
         else:
             nan = torch.tensor(float("nan"), device=rec.device)
             terms["perceptual"], terms["style"] = nan, nan
+        terms["ssim"] = 1 - masked_ssim(rec, ori, mask)  # logged also when its weight is 0
+        if w.ssim:
+            total = total + w.ssim * terms["ssim"]
         terms["total"] = total
         return terms

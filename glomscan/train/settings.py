@@ -79,6 +79,8 @@ class InpaintSettings:
     style_weight: float = 150.0
     """The paper's weights (method.md), set for VGG19's activations; the scale of the Gram
     matrices depends on the feature network, so another network may need another weight."""
+    ssim_weight: float = 0.0
+    """Weight of 1 - SSIM inside the mask (not in the paper; 0 leaves it out)."""
     vgg_weights: str | None = None
     """Local torchvision VGG19 state dict (the paper's feature network)."""
     feature_model: str | None = None

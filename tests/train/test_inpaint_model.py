@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
 from glomscan.train.inpaint_losses import (IMAGENET_STD, VGG_LAYERS, GeneratorLoss, InpaintLossWeights, VGGFeatures,
+                                           masked_ssim,
                                            gram_matrix, load_vgg19_features, lsgan_discriminator_loss,
                                            lsgan_generator_loss)
 from glomscan.train.inpaint_models import (AOTBlock, InpaintGenerator, PatchDiscriminator, SelfAttention,
@@ -229,3 +230,34 @@ def test_vgg_weights_load_from_a_state_dict_file(tmp_path):
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(ValueError):
         load_vgg19_features(tmp_path / "junk.pth")
+
+
+def test_masked_ssim_equals_the_evaluation_ssim_inside_the_mask():
+    """The loss's SSIM is skimage's map (what `evaluate inpaint` scores) averaged over the mask,
+    wherever the mask keeps 3 px from the border."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-60, 61, a.shape), 0, 255).astype(np.uint8)
+    b[10:20, 10:30] = 128  # a flat patch: low-variance windows too
+    mask = np.zeros((40, 48), bool)
+    mask[6:30, 5:40] = True
+    _, ssim_map = structural_similarity(a, b, channel_axis=2, data_range=255, full=True)
+    expected = ssim_map[mask].mean()
+    to_tensor = lambda im: torch.from_numpy(im).permute(2, 0, 1)[None].double() / 127.5 - 1  # noqa: E731
+    got = masked_ssim(to_tensor(a), to_tensor(b), torch.from_numpy(mask)[None, None].double())
+    assert got.item() == pytest.approx(expected, abs=1e-5)
+    same = masked_ssim(to_tensor(a), to_tensor(a), torch.from_numpy(mask)[None, None].double())
+    assert same.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ssim_term_is_logged_always_and_in_the_total_only_with_a_weight():
+    ori, mask = _batch(size=32)
+    scores = torch.ones(2, 1, 1, 1)
+    rec = (ori + 0.3 * torch.randn(ori.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    off = GeneratorLoss(InpaintLossWeights())(rec, ori, mask, scores, scores)
+    on = GeneratorLoss(InpaintLossWeights(ssim=2.0))(rec.clone().requires_grad_(True), ori, mask, scores, scores)
+    expected = 1 - masked_ssim(rec, ori, mask).item()
+    assert 0 < off["ssim"].item() == pytest.approx(expected, rel=1e-6)
+    assert on["total"].item() == pytest.approx(off["total"].item() + 2.0 * expected, rel=1e-5)
