@@ -118,20 +118,24 @@ def augment_dihedral(batch: torch.Tensor, generator: torch.Generator) -> torch.T
 
 # --- training ----------------------------------------------------------------------------------
 
-def _noisy(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    return x + sigma * torch.randn_like(x) if sigma > 0 else x
+def _noisy(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` plus Gaussian noise of std ``sigma`` (drawn on the CPU from ``generator``, so that a
+    resumed run draws what an uninterrupted one would)."""
+    if sigma <= 0:
+        return x
+    return x + sigma * torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
 
 
 def discriminator_step(generator: MaskGenerator, discriminator: MaskDiscriminator, optimiser: torch.optim.Optimizer,
                        real: torch.Tensor, z: torch.Tensor, real_label: float = 1.0,
-                       noise: float = 0.0) -> tuple[float, float, float]:
+                       noise: float = 0.0, rng: torch.Generator | None = None) -> tuple[float, float, float]:
     """One discriminator update (BCE, real ``real_label`` / fake 0, inputs with Gaussian noise
     of std ``noise``): (loss, mean D(real), mean D(fake))."""
     bce = nn.BCEWithLogitsLoss()
     optimiser.zero_grad(set_to_none=True)
     with torch.no_grad():
         fake = generator(z)
-    out_real, out_fake = discriminator(_noisy(real, noise)), discriminator(_noisy(fake, noise))
+    out_real, out_fake = discriminator(_noisy(real, noise, rng)), discriminator(_noisy(fake, noise, rng))
     loss = bce(out_real, torch.full_like(out_real, real_label)) + bce(out_fake, torch.zeros_like(out_fake))
     loss.backward()
     optimiser.step()
@@ -139,11 +143,11 @@ def discriminator_step(generator: MaskGenerator, discriminator: MaskDiscriminato
 
 
 def generator_step(generator: MaskGenerator, discriminator: MaskDiscriminator, optimiser: torch.optim.Optimizer,
-                   z: torch.Tensor, noise: float = 0.0) -> float:
+                   z: torch.Tensor, noise: float = 0.0, rng: torch.Generator | None = None) -> float:
     """One generator update (non-saturating BCE against the real label 1)."""
     bce = nn.BCEWithLogitsLoss()
     optimiser.zero_grad(set_to_none=True)
-    out = discriminator(_noisy(generator(z), noise))
+    out = discriminator(_noisy(generator(z), noise, rng))
     loss = bce(out, torch.ones_like(out))
     loss.backward()
     optimiser.step()
@@ -189,9 +193,9 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, settings: MaskGanSet
             real = augment_dihedral(data[idx], rng).to(device)
             z = torch.randn(len(real), settings.latent, generator=rng).to(device)
             loss_d, d_real, d_fake = discriminator_step(generator, discriminator, opt_d, real, z, settings.real_label,
-                                                        noise)
+                                                        noise, rng)
             z = torch.randn(len(real), settings.latent, generator=rng).to(device)
-            loss_g = generator_step(generator, discriminator, opt_g, z, noise)
+            loss_g = generator_step(generator, discriminator, opt_g, z, noise, rng)
             sums += (loss_d, loss_g, d_real, d_fake)
         row = dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), map(float, sums / steps)))
         row["seconds"] = time.perf_counter() - t0
