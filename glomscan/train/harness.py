@@ -99,15 +99,18 @@ class TrainingRun:
     ``stateful`` names the objects whose ``state_dict`` the resume state keeps (models,
     optimisers, schedulers, gradient scalers), under those names. ``architecture`` (plain
     values), when given, must match the resume state's: a run does not continue another
-    network's weights.
+    network's weights. ``optional`` names stateful objects that keep their fresh state when the
+    resume state has none for them (older resume states; an fp16 gradient scaler resumed from a
+    run whose scaler was disabled and saved an empty state).
     """
 
     def __init__(self, out_path: Path, stateful: Mapping[str, Any], architecture: dict | None = None,
-                 metrics_suffix: str = ".metrics.csv"):
+                 metrics_suffix: str = ".metrics.csv", optional: tuple[str, ...] = ()):
         self.out_path = Path(out_path)
         self.last_path = self.out_path.with_suffix(".last.pt")
         self.metrics_path = self.out_path.with_suffix(metrics_suffix)
         self.stateful = dict(stateful)
+        self.optional = frozenset(optional)
         self.architecture = architecture
         self.start_epoch = 0
         """The first epoch (from 0) this run trains: the one after the resume state's."""
@@ -130,6 +133,9 @@ class TrainingRun:
             raise ValueError(f"{self.last_path} is a run with {saved}, not {self.architecture}: "
                              f"use the same settings ({differing}) to resume, or another --out")
         for name, obj in self.stateful.items():
+            if name in self.optional and not state.get(name):
+                log.info("%s has no %s state: %s starts fresh", self.last_path, name, name)
+                continue
             obj.load_state_dict(state[name])
         self.start_epoch = int(state["epoch"]) + 1
         rows = pd.read_csv(self.metrics_path).to_dict("records") if self.metrics_path.is_file() else []

@@ -320,7 +320,7 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
     architecture = {"size": size, "base_channels": settings.base_channels, "n_aot_blocks": settings.n_aot_blocks}
     run = TrainingRun(out_path, {"generator": models.generator, "global_discriminator": models.global_discriminator,
                                  "local_discriminator": models.local_discriminator, "g_optimiser": g_optimiser,
-                                 "d_optimiser": d_optimiser, "scaler": scaler}, architecture)
+                                 "d_optimiser": d_optimiser, "scaler": scaler}, architecture, optional=("scaler",))
     run.resume()
     if run.start_epoch >= settings.epochs:
         log.info("%s: already trained for %d epochs (ask for more with --epochs)", out_path, run.start_epoch)

@@ -226,7 +226,8 @@ def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSetti
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=settings.epochs, eta_min=settings.min_lr)
     scaler = device.grad_scaler()
     loss_fn = PartialLabelLoss()
-    run = TrainingRun(out_path, {"model": model, "optimiser": optimiser, "scheduler": scheduler})
+    run = TrainingRun(out_path, {"model": model, "optimiser": optimiser, "scheduler": scheduler, "scaler": scaler},
+                      optional=("scaler",))
     best_score = run.resume().get("best_score", -1.0)
     start_epoch = run.start_epoch
     if start_epoch:

@@ -113,3 +113,30 @@ def test_device_choice_for_named_cuda_devices_and_fp32_only_trainers(monkeypatch
     d = choose_training_device(device="cpu", cpu_bf16=False)
     assert (d.device, d.precision, d.channels_last) == ("cpu", "fp32", False)
     assert choose_training_device("bf16", device="cpu", cpu_bf16=False).precision == "bf16"  # asked for
+
+
+def test_gradient_scaler_state_is_kept_and_optional(tmp_path):
+    """The fp16 loss scale comes back on resume; a resume state without one (an older run, or a
+    disabled scaler's empty state) leaves the scaler fresh instead of failing."""
+    model = torch.nn.Linear(2, 1)
+
+    def scaler():
+        return torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0 ** 16)
+
+    saved = scaler()
+    saved.scale(torch.ones(()))  # the scale exists after the first scaled loss
+    saved.update(new_scale=1024.0)
+    TrainingRun(tmp_path / "a.pt", {"model": model, "scaler": saved}, optional=("scaler",)).end_epoch(0, {"loss": 1.0})
+    resumed = scaler()
+    TrainingRun(tmp_path / "a.pt", {"model": model, "scaler": resumed}, optional=("scaler",)).resume()
+    assert resumed.get_scale() == 1024.0
+
+    for name, state in {"old": None, "disabled": torch.amp.GradScaler("cpu", enabled=False)}.items():
+        objects = {"model": model} if state is None else {"model": model, "scaler": state}
+        TrainingRun(tmp_path / f"{name}.pt", objects).end_epoch(0, {"loss": 1.0})
+        fresh = scaler()
+        run = TrainingRun(tmp_path / f"{name}.pt", {"model": model, "scaler": fresh}, optional=("scaler",))
+        run.resume()
+        assert run.start_epoch == 1 and fresh.get_scale() == 2.0 ** 16
+        with pytest.raises((KeyError, RuntimeError)):  # not optional: a missing state is an error
+            TrainingRun(tmp_path / f"{name}.pt", {"model": model, "scaler": scaler()}).resume()

@@ -199,6 +199,7 @@ def test_training_checkpoint_resume_and_analyze(dataset, tmp_path):
     assert 0.0 <= best["dice_mean"] <= 1.0
     metrics = pd.read_csv(tmp_path / "m.metrics.csv")
     assert list(metrics.epoch) == [1] and {"train_loss", "val_dice_mean", "lr"} <= set(metrics.columns)
+    assert "scaler" in torch.load(tmp_path / "m.last.pt", weights_only=True)  # fp16 loss scale kept on CUDA
     # resume: a longer run continues from the last epoch instead of starting over
     train_segmentation(out, tmp_path / "m.pt", SegmentSettings(**{**config.__dict__, "epochs": 2}), quiet=True)
     assert list(pd.read_csv(tmp_path / "m.metrics.csv").epoch) == [1, 2]
