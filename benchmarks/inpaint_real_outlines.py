@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--canvas", type=int, default=256, help="crop canvas side (the paper: 256)")
     ap.add_argument("--size", type=int, default=None, help="training side (default: the canvas)")
     ap.add_argument("--base-channels", type=int, default=64)
+    ap.add_argument("--upsampling", choices=["resize", "transposed"], default="resize",
+                    help="decoder x2 upsampling (transposed: the generators trained before)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
@@ -107,7 +109,8 @@ def main() -> None:
     generator = args.work / "generator.pt"
     if args.phase in ("train", "all"):
         settings = InpaintSettings(epochs=args.epochs, batch_size=args.batch_size, size=args.size,
-                                   base_channels=args.base_channels, precision=args.precision,
+                                   base_channels=args.base_channels, upsampling=args.upsampling,
+                                   precision=args.precision,
                                    feature_model=args.feature_model, vgg_weights=args.vgg_weights, seed=0,
                                    style_weight=args.style_weight, perceptual_weight=args.perceptual_weight,
                                    ssim_weight=args.ssim_weight)

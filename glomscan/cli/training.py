@@ -164,6 +164,8 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
 @click.option("--size", type=int, default=None, help="Train at this crop side (resized; CPU-friendly, e.g. 128).")
 @click.option("--base-channels", type=int, default=default(InpaintSettings, "base_channels"), show_default=True,
               help="Width of the first convolution layer (network size).")
+@click.option("--upsampling", type=click.Choice(["resize", "transposed"]), default=default(InpaintSettings, "upsampling"),
+              show_default=True, help="Decoder x2 upsampling: bilinear + conv, or transposed conv (the older generators).")
 @click.option("--lambda-local-l1", type=float, default=default(InpaintSettings, "lambda_local_l1"), show_default=True, help="Weight of the local L1 loss.")
 @click.option("--vgg-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local torchvision VGG19 state dict for the perceptual/style losses (without it they are off).")
@@ -181,13 +183,14 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
 @seed_option()
 @verbosity
 @fail_on(ValueError, FileNotFoundError)
-def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channels, lambda_local_l1, vgg_weights,
+def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channels, upsampling, lambda_local_l1, vgg_weights,
                   feature_model, style_weight, ssim_weight, precision, augment, max_steps_per_epoch, device, seed):
     """Train the inpainting GAN (AOT generator, global + local LSGAN discriminators); resumes
     from OUT.last.pt if present."""
     from ..train.inpaint import train_inpainting
 
     settings = InpaintSettings(epochs=epochs, batch_size=batch_size, lr=lr, size=size, base_channels=base_channels,
+                               upsampling=upsampling,
                                lambda_local_l1=lambda_local_l1, vgg_weights=vgg_weights,
                                feature_model=feature_model, style_weight=style_weight, ssim_weight=ssim_weight,
                                precision=precision,

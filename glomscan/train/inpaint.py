@@ -84,7 +84,8 @@ def save_generator(path: Path, generator: InpaintGenerator, info: dict) -> None:
     if "size" not in info:
         raise ValueError("save_generator: info must give the training crop 'size'")
     payload = {"format": CHECKPOINT_FORMAT, "version": 1,
-               "architecture": {"base_channels": generator.base_channels, "n_aot_blocks": generator.n_aot_blocks},
+               "architecture": {"base_channels": generator.base_channels, "n_aot_blocks": generator.n_aot_blocks,
+                                "upsampling": generator.upsampling},
                "state_dict": {k: v.detach().float().cpu() for k, v in generator.state_dict().items()},
                "info": dict(info)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +136,8 @@ def load_inpainter(path: Path, device: str = "cpu") -> Inpainter:
         raise ValueError(f"{path}: not a readable generator file ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a glomscan inpainting generator (made by 'glomscan train inpaint')")
-    generator = InpaintGenerator(**payload["architecture"])
+    # files written before the upsampling choice existed have transposed convolutions
+    generator = InpaintGenerator(**{"upsampling": "transposed", **payload["architecture"]})
     generator.load_state_dict(payload["state_dict"])
     return Inpainter(generator, payload["info"]["size"], device, payload["info"])
 
@@ -307,7 +309,8 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
     weights = InpaintLossWeights(l1_local=settings.lambda_local_l1, perceptual=settings.perceptual_weight,
                                  style=settings.style_weight, ssim=settings.ssim_weight)
     loss_fn = GeneratorLoss(weights, vgg).to(device.device)
-    models = InpaintModels(InpaintGenerator(settings.base_channels, settings.n_aot_blocks).to(device.device),
+    models = InpaintModels(InpaintGenerator(settings.base_channels, settings.n_aot_blocks,
+                                            upsampling=settings.upsampling).to(device.device),
                            PatchDiscriminator(settings.base_channels).to(device.device),
                            PatchDiscriminator(settings.base_channels).to(device.device))
     g_optimiser = torch.optim.Adam(models.generator.parameters(), lr=settings.lr, betas=tuple(settings.betas))
@@ -317,7 +320,8 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
     scaler = device.grad_scaler()
 
     samples_dir = out_path.with_suffix(".samples")
-    architecture = {"size": size, "base_channels": settings.base_channels, "n_aot_blocks": settings.n_aot_blocks}
+    architecture = {"size": size, "base_channels": settings.base_channels, "n_aot_blocks": settings.n_aot_blocks,
+                    "upsampling": settings.upsampling}
     run = TrainingRun(out_path, {"generator": models.generator, "global_discriminator": models.global_discriminator,
                                  "local_discriminator": models.local_discriminator, "g_optimiser": g_optimiser,
                                  "d_optimiser": d_optimiser, "scaler": scaler}, architecture, optional=("scaler",))

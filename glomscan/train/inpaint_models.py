@@ -91,8 +91,20 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.
                          nn.LeakyReLU(0.2, inplace=True))
 
 
-def _deconv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True))
+UPSAMPLING = ("resize", "transposed")
+"""How the generator's decoder doubles the resolution: "resize" (bilinear x2, then a 3 x 3
+convolution, as AOT-GAN's own decoder) or "transposed" (4 x 4 stride-2 transposed convolution,
+the generators trained before; prone to checkerboard patterns)."""
+
+
+def _upsample_bn(cin: int, cout: int, upsampling: str) -> nn.Sequential:
+    if upsampling == "transposed":
+        up = [nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
+    elif upsampling == "resize":
+        up = [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(cin, cout, 3, 1, 1)]
+    else:
+        raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
+    return nn.Sequential(*up, nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True))
 
 
 class InpaintGenerator(nn.Module):
@@ -105,24 +117,27 @@ class InpaintGenerator(nn.Module):
       enc3  4x4 stride-2 conv 2c -> 4c, BN, LeakyReLU              H/4
       n_aot_blocks AOT blocks on 4c (rates 1, 2, 4, 8)
       SAGAN self-attention on 4c (64 x 64 at H = 256)
-      dec3  4x4 stride-2 transposed conv [4c ++ enc3] -> 2c, BN, LeakyReLU     H/2
-      dec2  4x4 stride-2 transposed conv [2c ++ enc2] -> c, BN, LeakyReLU      H
+      dec3  x2 upsampling [4c ++ enc3] -> 2c, BN, LeakyReLU                     H/2
+      dec2  x2 upsampling [2c ++ enc2] -> c, BN, LeakyReLU                      H
       out   7x7 conv [c ++ enc1] -> 3, tanh
-    Skips are channel concatenations of the encoder features of the same resolution.
+    Skips are channel concatenations of the encoder features of the same resolution. The x2
+    upsampling is ``upsampling`` (:data:`UPSAMPLING`): bilinear + 3x3 conv, or a 4x4 stride-2
+    transposed conv.
     """
 
-    def __init__(self, base_channels: int = 64, n_aot_blocks: int = 8, rates: tuple[int, ...] = AOT_RATES):
+    def __init__(self, base_channels: int = 64, n_aot_blocks: int = 8, rates: tuple[int, ...] = AOT_RATES,
+                 upsampling: str = "resize"):
         super().__init__()
         c = base_channels
-        self.base_channels, self.n_aot_blocks = base_channels, n_aot_blocks
+        self.base_channels, self.n_aot_blocks, self.upsampling = base_channels, n_aot_blocks, upsampling
         self.max_rate = max(rates)
         self.enc1 = _conv_bn(4, c, 7, 1, 3)
         self.enc2 = _conv_bn(c, 2 * c, 4, 2, 1)
         self.enc3 = _conv_bn(2 * c, 4 * c, 4, 2, 1)
         self.middle = nn.Sequential(*[AOTBlock(4 * c, rates) for _ in range(n_aot_blocks)])
         self.attention = SelfAttention(4 * c)
-        self.dec3 = _deconv_bn(8 * c, 2 * c)
-        self.dec2 = _deconv_bn(4 * c, c)
+        self.dec3 = _upsample_bn(8 * c, 2 * c, upsampling)
+        self.dec2 = _upsample_bn(4 * c, c, upsampling)
         self.out = nn.Conv2d(2 * c, 3, 7, 1, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,5 +181,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["AOTBlock", "InpaintGenerator", "PatchDiscriminator", "SelfAttention", "count_parameters",
+__all__ = ["UPSAMPLING", "AOTBlock", "InpaintGenerator", "PatchDiscriminator", "SelfAttention", "count_parameters",
            "gate_normalisation", "generator_input", "local_view"]

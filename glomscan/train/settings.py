@@ -74,6 +74,9 @@ class InpaintSettings:
     base_channels: int = 64
     """Generator c (c, 2c, 4c) and discriminator c (c, 2c, 4c, 8c, 1); 64 as the paper."""
     n_aot_blocks: int = 8
+    upsampling: str = "resize"
+    """The decoder's x2 upsampling: "resize" (bilinear + 3x3 conv, as AOT-GAN) or "transposed"
+    (4x4 stride-2 transposed conv, prone to checkerboard patterns)."""
     lambda_local_l1: float = 1.0
     perceptual_weight: float = 0.1
     style_weight: float = 150.0

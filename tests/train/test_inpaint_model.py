@@ -27,17 +27,19 @@ def bn(c):
     return 2 * c
 
 
-def test_generator_shape_and_parameter_count_at_256():
+@pytest.mark.parametrize("upsampling", ["resize", "transposed"])
+def test_generator_shape_and_parameter_count_at_256(upsampling):
     c, blocks = 64, 8
     big = 4 * c
     aot = 4 * conv(big, big // 4, 3) + conv(big, big, 3) + conv(big, big, 3)
     attention = 2 * conv(big, big // 8, 1) + conv(big, big, 1) + 1
+    up_kernel = 16 if upsampling == "transposed" else 9  # 4x4 transposed conv, or bilinear x2 + 3x3 conv
     expected = (conv(4, c, 7) + bn(c) + conv(c, 2 * c, 4) + bn(2 * c) + conv(2 * c, big, 4) + bn(big)
                 + blocks * aot + attention
-                + (8 * c) * (2 * c) * 16 + 2 * c + bn(2 * c)  # transposed conv [4c ++ 4c] -> 2c
-                + (4 * c) * c * 16 + c + bn(c)  # transposed conv [2c ++ 2c] -> c
+                + (8 * c) * (2 * c) * up_kernel + 2 * c + bn(2 * c)  # [4c ++ 4c] -> 2c
+                + (4 * c) * c * up_kernel + c + bn(c)  # [2c ++ 2c] -> c
                 + conv(2 * c, 3, 7))
-    g = InpaintGenerator(base_channels=c, n_aot_blocks=blocks).eval()
+    g = InpaintGenerator(base_channels=c, n_aot_blocks=blocks, upsampling=upsampling).eval()
     assert count_parameters(g) == expected
     seen = {}
     g.attention.register_forward_hook(lambda m, i, o: seen.update(attention=tuple(i[0].shape)))

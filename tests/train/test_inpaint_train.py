@@ -83,6 +83,22 @@ def test_metrics_identical_and_errors():
 
 # --- generator file and inpainter ------------------------------------------------------------------
 
+def test_generator_files_from_before_the_upsampling_choice_load_as_transposed(tmp_path):
+    torch.manual_seed(0)
+    old = InpaintGenerator(base_channels=4, n_aot_blocks=1, upsampling="transposed").eval()
+    save_generator(tmp_path / "old.pt", old, {"size": 64})
+    payload = torch.load(tmp_path / "old.pt", weights_only=True)
+    assert payload["architecture"]["upsampling"] == "transposed"
+    del payload["architecture"]["upsampling"]  # as files written before the choice existed
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = load_inpainter(tmp_path / "old.pt").generator
+    assert loaded.upsampling == "transposed" and isinstance(loaded.dec2[0], torch.nn.ConvTranspose2d)
+    save_generator(tmp_path / "new.pt", InpaintGenerator(base_channels=4, n_aot_blocks=1), {"size": 64})
+    assert load_inpainter(tmp_path / "new.pt").generator.upsampling == "resize"
+    with pytest.raises(ValueError, match="upsampling"):
+        InpaintGenerator(base_channels=4, upsampling="nearest")
+
+
 def test_save_and_load_generator_round_trip(tmp_path):
     torch.manual_seed(0)
     g = InpaintGenerator(base_channels=4, n_aot_blocks=2).eval()
