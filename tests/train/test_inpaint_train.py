@@ -199,8 +199,8 @@ def test_train_resume_and_evaluate_inpaint_cli(tmp_path):
     assert "epoch 1: held-out MAE" in result.output
     csv = pd.read_csv(out.with_suffix(".metrics.csv"))
     assert list(csv.epoch) == [1]
-    for column in ("d_loss", "adv_global", "adv_local", "l1_global", "l1_local", "perceptual", "style", "total",
-                   "test_mae", "test_psnr", "test_ssim"):
+    for column in ("d_loss", "adv_global", "adv_local", "l1_global", "l1_local", "perceptual", "style", "ssim",
+                   "total", "test_mae", "test_psnr", "test_ssim"):
         assert column in csv
     assert csv.perceptual.isna().all() and csv.vgg.str.startswith("disabled").all()  # recorded, not faked
     assert np.isfinite(csv[["l1_global", "total", "test_mae", "test_psnr", "test_ssim"]].to_numpy()).all()
@@ -223,6 +223,16 @@ def test_train_resume_and_evaluate_inpaint_cli(tmp_path):
 
     result = runner.invoke(main, common + ["--epochs", "2", "--base-channels", "8"])
     assert result.exit_code != 0 and "--base-channels" in result.output
+    result = runner.invoke(main, common + ["--epochs", "3", "--upsampling", "transposed"])
+    assert result.exit_code != 0 and "--upsampling" in result.output  # another decoder: not this run's weights
+
+    other = tmp_path / "ssim" / "gen.pt"
+    result = runner.invoke(main, [*common[:5], str(other), *common[6:], "--epochs", "1", "--ssim-weight", "0.5",
+                                  "--upsampling", "transposed"])
+    assert result.exit_code == 0, result.output
+    info = load_inpainter(other).info
+    assert info["settings"]["ssim_weight"] == 0.5 and info["settings"]["upsampling"] == "transposed"
+    assert load_inpainter(other).generator.upsampling == "transposed"
 
     prefix = tmp_path / "eval" / "inpaint"
     result = runner.invoke(main, ["evaluate", "inpaint", "--generator", str(out), "--crops", str(crops),
