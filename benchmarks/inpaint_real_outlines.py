@@ -47,6 +47,22 @@ def build(work: Path, args) -> Path:
     return crops_dir
 
 
+def last_epochs_beating_fills(metrics_csv: Path, result: pd.DataFrame, last: int = 10) -> str:
+    """How many of the last ``last`` epochs' held-out means (the training CSV, same crops and
+    metrics) beat every fill on all three metrics, with their ranges: the GAN's epoch-to-epoch
+    spread around the evaluated final epoch."""
+    if not metrics_csv.is_file():
+        return ""
+    rows = pd.read_csv(metrics_csv).tail(last)
+    fills = result[result.method.isin(list(FILLS))]
+    beats = ((rows.test_mae < fills.mae.min()) & (rows.test_psnr > fills.psnr.max())
+             & (rows.test_ssim > fills.ssim.max()))
+    return (f"Epochs {int(rows.epoch.min())}-{int(rows.epoch.max())}: {int(beats.sum())} of {len(rows)} beat both "
+            f"fills on all three metrics (held-out MAE {rows.test_mae.min():.4f}-{rows.test_mae.max():.4f}, "
+            f"PSNR {rows.test_psnr.min():.2f}-{rows.test_psnr.max():.2f} dB, "
+            f"SSIM {rows.test_ssim.min():.3f}-{rows.test_ssim.max():.3f}).")
+
+
 def evaluate(work: Path, crops_dir: Path, generator: Path, report: Path | None) -> pd.DataFrame:
     test = read_crops(crops_dir, "test")
     table, summary = evaluate_crops_dir(generator, crops_dir, "test")
@@ -66,12 +82,16 @@ def evaluate(work: Path, crops_dir: Path, generator: Path, report: Path | None) 
             for n in FILLS for k in ("mae", "psnr", "ssim")}
     print(result.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"{len(ids)} held-out crops; per-crop wins of the generator: {wins}")
+    stability = last_epochs_beating_fills(generator.with_suffix(".metrics.csv"), result)
+    if stability:
+        print(stability)
     result.to_csv(work / "evaluation.csv", index=False)
     if report:
         lines = [f"| held-out {len(ids)} crops, inside the outline | MAE | PSNR (dB) | SSIM |", "|---|---|---|---|"]
         lines += [f"| {r.method} | {r.mae:.4f} | {r.psnr:.2f} | {r.ssim:.3f} |" for r in result.itertuples()]
         lines += ["", f"Per-crop wins of the generator (of {len(ids)}): "
                   + ", ".join(f"{k.replace('_wins_vs_', ' vs ')} {v}" for k, v in wins.items()),
+                  *(["", stability] if stability else []),
                   "", f"Measured on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
                   f"generator info: vgg = {info['vgg']!r}, train crops {info['train_crops']}."]
         report.parent.mkdir(parents=True, exist_ok=True)
