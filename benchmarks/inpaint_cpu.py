@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=22)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--base-channels", type=int, default=32)
+    ap.add_argument("--upsampling", choices=["resize", "transposed"], default="transposed",
+                    help="decoder x2 upsampling (transposed: as the measured run in docs/augmentation.md)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--crop-size", type=int, default=256)
     parser.add_argument("--mask-radius", type=float, default=0.3)
@@ -95,7 +97,7 @@ def main() -> None:
     crops_dir, gen = work / "crops", work / "generator.pt"
     n = build_crops(crops_dir, args.crop_size, args.mask_radius)
     settings = InpaintSettings(epochs=args.epochs, batch_size=args.batch_size, size=args.size,
-                               base_channels=args.base_channels, seed=0)
+                               base_channels=args.base_channels, upsampling=args.upsampling, seed=0)
     t0 = time.perf_counter()
     train_inpainting(crops_dir, gen, settings, quiet=True)
     minutes = (time.perf_counter() - t0) / 60
