@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=22)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--base-channels", type=int, default=32)
-    ap.add_argument("--upsampling", choices=["resize", "transposed"], default="transposed",
+    parser.add_argument("--upsampling", choices=["resize", "transposed"], default="transposed",
                     help="decoder x2 upsampling (transposed: as the measured run in docs/augmentation.md)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--crop-size", type=int, default=256)
