@@ -255,7 +255,8 @@ class GeneratorLoss(nn.Module):
         else:
             nan = torch.tensor(float("nan"), device=rec.device)
             terms["perceptual"], terms["style"] = nan, nan
-        terms["ssim"] = 1 - masked_ssim(rec, ori, mask)  # logged also when its weight is 0
+        with torch.set_grad_enabled(bool(w.ssim) and torch.is_grad_enabled()):  # only logged at weight 0
+            terms["ssim"] = 1 - masked_ssim(rec, ori, mask)
         if w.ssim:
             total = total + w.ssim * terms["ssim"]
         terms["total"] = total
