@@ -42,6 +42,7 @@ from glomscan.train.crops import read_crops, split_crops  # noqa: E402
 from glomscan.train.data import write_png  # noqa: E402
 from glomscan.train.inpaint_baselines import biharmonic_fill, fill_metrics, ring_mean_fill  # noqa: E402
 from glomscan.train.inpaint import PAPER_METRICS, InpaintSettings, evaluate_crops_dir, train_inpainting  # noqa: E402
+from glomscan.train.settings import GENERATOR_UPSAMPLING  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pas_glomeruli"
 
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=22)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--base-channels", type=int, default=32)
-    parser.add_argument("--upsampling", choices=["resize", "transposed"], default="transposed",
+    parser.add_argument("--upsampling", choices=GENERATOR_UPSAMPLING, default="transposed",
                     help="decoder x2 upsampling (transposed: as the measured run in docs/augmentation.md)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--crop-size", type=int, default=256)

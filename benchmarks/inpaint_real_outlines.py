@@ -32,6 +32,7 @@ from glomscan.train.crops import crop_ids, read_crops
 from glomscan.train.inpaint import PAPER_METRICS, InpaintSettings, evaluate_crops_dir, train_inpainting
 from glomscan.train.inpaint_baselines import FILLS, fill_metrics
 from glomscan.train.outline_crops import OutlineCropSettings, make_outline_crops
+from glomscan.train.settings import GENERATOR_UPSAMPLING
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -106,7 +107,7 @@ def main() -> None:
     ap.add_argument("--canvas", type=int, default=256, help="crop canvas side (the paper: 256)")
     ap.add_argument("--size", type=int, default=None, help="training side (default: the canvas)")
     ap.add_argument("--base-channels", type=int, default=64)
-    ap.add_argument("--upsampling", choices=["resize", "transposed"], default="resize",
+    ap.add_argument("--upsampling", choices=GENERATOR_UPSAMPLING, default="resize",
                     help="decoder x2 upsampling (transposed: the generators trained before)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=100)

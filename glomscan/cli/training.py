@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..train.settings import InpaintSettings, MaskGanSettings, PrepareSettings, SegmentSettings
+from ..train.settings import (GENERATOR_UPSAMPLING, InpaintSettings, MaskGanSettings, PrepareSettings,
+                              SegmentSettings)
 from .common import default, fail_on, is_quiet, seed_option, verbosity
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -164,7 +165,7 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
 @click.option("--size", type=int, default=None, help="Train at this crop side (resized; CPU-friendly, e.g. 128).")
 @click.option("--base-channels", type=int, default=default(InpaintSettings, "base_channels"), show_default=True,
               help="Width of the first convolution layer (network size).")
-@click.option("--upsampling", type=click.Choice(["resize", "transposed"]), default=default(InpaintSettings, "upsampling"),
+@click.option("--upsampling", type=click.Choice(GENERATOR_UPSAMPLING), default=default(InpaintSettings, "upsampling"),
               show_default=True, help="Decoder x2 upsampling: bilinear + conv, or transposed conv (the older generators).")
 @click.option("--lambda-local-l1", type=float, default=default(InpaintSettings, "lambda_local_l1"), show_default=True, help="Weight of the local L1 loss.")
 @click.option("--vgg-weights", type=click.Path(exists=True, dir_okay=False), default=None,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .settings import GENERATOR_UPSAMPLING
+
 AOT_RATES = (1, 2, 4, 8)
 
 
@@ -91,19 +93,13 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.
                          nn.LeakyReLU(0.2, inplace=True))
 
 
-UPSAMPLING = ("resize", "transposed")
-"""How the generator's decoder doubles the resolution: "resize" (bilinear x2, then a 3 x 3
-convolution, as AOT-GAN's own decoder) or "transposed" (4 x 4 stride-2 transposed convolution,
-the generators trained before; prone to checkerboard patterns)."""
-
-
 def _upsample_bn(cin: int, cout: int, upsampling: str) -> nn.Sequential:
     if upsampling == "transposed":
         up = [nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
     elif upsampling == "resize":
         up = [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(cin, cout, 3, 1, 1)]
     else:
-        raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
+        raise ValueError(f"upsampling must be one of {GENERATOR_UPSAMPLING}, got {upsampling!r}")
     return nn.Sequential(*up, nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True))
 
 
@@ -121,7 +117,7 @@ class InpaintGenerator(nn.Module):
       dec2  x2 upsampling [2c ++ enc2] -> c, BN, LeakyReLU                      H
       out   7x7 conv [c ++ enc1] -> 3, tanh
     Skips are channel concatenations of the encoder features of the same resolution. The x2
-    upsampling is ``upsampling`` (:data:`UPSAMPLING`): bilinear + 3x3 conv, or a 4x4 stride-2
+    upsampling is ``upsampling`` (:data:`~glomscan.train.settings.GENERATOR_UPSAMPLING`): bilinear + 3x3 conv, or a 4x4 stride-2
     transposed conv.
     """
 
@@ -181,5 +177,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["UPSAMPLING", "AOTBlock", "InpaintGenerator", "PatchDiscriminator", "SelfAttention", "count_parameters",
+__all__ = ["AOTBlock", "InpaintGenerator", "PatchDiscriminator", "SelfAttention", "count_parameters",
            "gate_normalisation", "generator_input", "local_view"]

@@ -21,6 +21,12 @@ which supervises only glomerulus-vs-background; 0: background, e.g. the false de
 file corrected in the review page; note that plain "glomerulus" means normal)."""
 
 
+GENERATOR_UPSAMPLING = ("resize", "transposed")
+"""How the inpainting generator's decoder doubles the resolution: "resize" (bilinear x2, then a
+3 x 3 convolution, as AOT-GAN's own decoder) or "transposed" (4 x 4 stride-2 transposed
+convolution, the generators trained before; prone to checkerboard patterns)."""
+
+
 @dataclass(frozen=True)
 class SegmentSettings:
     epochs: int = 200
@@ -75,8 +81,7 @@ class InpaintSettings:
     """Generator c (c, 2c, 4c) and discriminator c (c, 2c, 4c, 8c, 1); 64 as the paper."""
     n_aot_blocks: int = 8
     upsampling: str = "resize"
-    """The decoder's x2 upsampling: "resize" (bilinear + 3x3 conv, as AOT-GAN) or "transposed"
-    (4x4 stride-2 transposed conv, prone to checkerboard patterns)."""
+    """The decoder's x2 upsampling, one of :data:`GENERATOR_UPSAMPLING`."""
     lambda_local_l1: float = 1.0
     perceptual_weight: float = 0.1
     style_weight: float = 150.0
