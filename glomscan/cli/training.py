@@ -176,6 +176,9 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
               help="Weight of the style loss (the paper's 150 is set for VGG19's activations).")
 @click.option("--ssim-weight", type=float, default=default(InpaintSettings, "ssim_weight"), show_default=True,
               help="Weight of 1 - SSIM inside the mask (not in the paper; 0 = off).")
+@click.option("--ema-decay", type=float, default=default(InpaintSettings, "ema_decay"), show_default=True,
+              help="Save and evaluate a moving average of the generator's weights with this per-step decay "
+                   "(e.g. 0.98; not in the paper; 0 = off).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=default(InpaintSettings, "precision"), show_default=True,
               help="CPU training precision (auto: bf16 where the CPU has bf16 instructions); CUDA uses fp16 AMP.")
 @click.option("--augment/--no-augment", default=default(InpaintSettings, "augment"), show_default=True, help="Random flips and 90° rotations.")
@@ -185,7 +188,8 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
 @verbosity
 @fail_on(ValueError, FileNotFoundError)
 def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channels, upsampling, lambda_local_l1, vgg_weights,
-                  feature_model, style_weight, ssim_weight, precision, augment, max_steps_per_epoch, device, seed):
+                  feature_model, style_weight, ssim_weight, ema_decay, precision, augment, max_steps_per_epoch, device,
+                  seed):
     """Train the inpainting GAN (AOT generator, global + local LSGAN discriminators); resumes
     from OUT.last.pt if present."""
     from ..train.inpaint import train_inpainting
@@ -194,6 +198,7 @@ def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channe
                                upsampling=upsampling,
                                lambda_local_l1=lambda_local_l1, vgg_weights=vgg_weights,
                                feature_model=feature_model, style_weight=style_weight, ssim_weight=ssim_weight,
+                               ema_decay=ema_decay,
                                precision=precision,
                                augment=augment,
                                max_steps_per_epoch=max_steps_per_epoch, device=device, seed=seed)

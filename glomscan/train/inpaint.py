@@ -5,6 +5,8 @@
   ``<out>.last.pt``; writes ``<out>`` (the generator, every epoch), ``<out>.metrics.csv`` (one
   row per epoch: every loss term and MAE/PSNR/SSIM inside the mask on the held-out crops) and
   ``<out>.samples/epoch_NNN.png`` (rows: masked input | generated, composited | original).
+  With ``ema_decay`` the saved and evaluated generator is the moving average of the trained
+  one (:func:`generator_average`); the CSV then also has the trained one's ``raw_test_*``.
 - :func:`save_generator` / :func:`load_inpainter` / :class:`Inpainter`: the generator file and
   the callable that ``synthesize`` uses.
 - :func:`inpainting_metrics`: MAE, PSNR, SSIM inside the generated region (scikit-image).
@@ -232,6 +234,16 @@ def _augment(x: torch.Tensor, m: torch.Tensor, rng: np.random.Generator) -> tupl
     return torch.stack(xs), torch.stack(ms)
 
 
+def generator_average(generator: InpaintGenerator, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``generator``'s weights and buffers (BatchNorm running
+    statistics): ``update_parameters(generator)`` after each step; the first update copies."""
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"the generator average's decay (--ema-decay) must be in (0, 1), or 0 for none; got {decay}")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 @dataclass
 class InpaintModels:
     generator: InpaintGenerator
@@ -318,13 +330,16 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
                                    + list(models.local_discriminator.parameters()), lr=settings.lr,
                                    betas=tuple(settings.betas))
     scaler = device.grad_scaler()
+    average = generator_average(models.generator, settings.ema_decay) if settings.ema_decay else None
 
     samples_dir = out_path.with_suffix(".samples")
     architecture = {"size": size, "base_channels": settings.base_channels, "n_aot_blocks": settings.n_aot_blocks,
                     "upsampling": settings.upsampling}
     run = TrainingRun(out_path, {"generator": models.generator, "global_discriminator": models.global_discriminator,
                                  "local_discriminator": models.local_discriminator, "g_optimiser": g_optimiser,
-                                 "d_optimiser": d_optimiser, "scaler": scaler}, architecture, optional=("scaler",))
+                                 "d_optimiser": d_optimiser, "scaler": scaler,
+                                 **({"generator_average": average} if average else {})}, architecture,
+                      optional=("scaler", "generator_average"))
     run.resume()
     if run.start_epoch >= settings.epochs:
         log.info("%s: already trained for %d epochs (ask for more with --epochs)", out_path, run.start_epoch)
@@ -355,13 +370,19 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
                     x, m = _augment(x, m, rng)
                 losses = train_step(models, loss_fn, g_optimiser, d_optimiser, scaler, x.to(device.device),
                                     m.to(device.device), device)
+                if average is not None:
+                    average.update_parameters(models.generator)
                 for k in LOSS_COLUMNS:
                     sums[k] += losses[k]
                 progress.update()
         row = {"steps": steps_per_epoch, "size": size, **{k: sums[k] / steps_per_epoch for k in LOSS_COLUMNS},
                "vgg": loss_fn.vgg_status}
-        inpainter = Inpainter(models.generator, size, device.device)
+        saved_generator = average.module if average is not None else models.generator
+        inpainter = Inpainter(saved_generator, size, device.device)
         if test_crops:
+            if average is not None:
+                raw, _ = evaluate_inpainter(Inpainter(models.generator, size, device.device), test_crops, test_ids)
+                row.update({f"raw_test_{k}": v for k, v in summarise(raw).items()})
             table, generated = evaluate_inpainter(inpainter, test_crops, test_ids)
             row.update({f"test_{k}": v for k, v in summarise(table).items()}, test_crops=len(test_crops))
             k = min(settings.samples, len(test_crops))
@@ -378,7 +399,7 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
         info = {**architecture, "epoch": epoch + 1, "vgg": loss_fn.vgg_status, "crops": str(crops_dir),
                 "train_crops": n, "test_crops": len(test_crops), "settings": _plain(asdict(settings)),
                 "test_metrics": {k: row[f"test_{k}"] for k in ("mae", "psnr", "ssim")}}
-        save_generator(out_path, models.generator, info)
+        save_generator(out_path, saved_generator, info)
         row = run.end_epoch(epoch, row, vgg=loss_fn.vgg_status)
         log.info("epoch %d: G total %.4f (L1 %.4f), D %.4f; held-out MAE %.4f PSNR %.2f dB SSIM %.3f (%.0f s)",
                  epoch + 1, row["total"], row["l1_global"], row["d_loss"], row["test_mae"], row["test_psnr"],

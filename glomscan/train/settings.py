@@ -89,6 +89,11 @@ class InpaintSettings:
     matrices depends on the feature network, so another network may need another weight."""
     ssim_weight: float = 0.0
     """Weight of 1 - SSIM inside the mask (not in the paper; 0 leaves it out)."""
+    ema_decay: float = 0.0
+    """0: the generator is saved and evaluated as trained. In (0, 1): an exponential moving
+    average of its weights and BatchNorm statistics, updated after every step with this decay,
+    is saved and evaluated instead (not in the paper; steadies a GAN's epoch-to-epoch swings).
+    A run resumed with it from a state without an average starts the average there."""
     vgg_weights: str | None = None
     """Local torchvision VGG19 state dict (the paper's feature network)."""
     feature_model: str | None = None

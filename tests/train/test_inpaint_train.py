@@ -267,3 +267,59 @@ def test_a_crash_between_the_csv_and_the_resume_state_leaves_one_row_per_epoch(t
     csv = pd.read_csv(out.with_suffix(".metrics.csv"))
     assert list(csv.epoch) == [1, 2, 3] and last["epoch"] == 3
     assert csv.total.iloc[0] == first["total"]  # the finished epoch's row is kept as it was
+
+
+# --- the generator's moving average -------------------------------------------------------------------
+
+def test_generator_average_blends_weights_and_batchnorm_statistics():
+    from glomscan.train.inpaint import generator_average
+
+    first, second = InpaintGenerator(4, 1), InpaintGenerator(4, 1)
+    with torch.no_grad():
+        for module in (first, second):
+            for name, tensor in module.state_dict().items():
+                if tensor.is_floating_point():
+                    tensor.normal_()
+    average = generator_average(first, 0.75)
+    average.update_parameters(first)  # the first update copies
+    average.update_parameters(second)
+    expected, got = first.state_dict(), average.module.state_dict()
+    for name, tensor in second.state_dict().items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(got[name], 0.75 * expected[name] + 0.25 * tensor)
+    assert any("running_mean" in name for name in got)
+    for decay in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="ema-decay"):
+            generator_average(first, decay)
+
+
+def test_a_run_with_a_generator_average_saves_it_and_resumes_it_exactly(tmp_path):
+    crops = make_crops(tmp_path / "crops", n=4, n_test=1)
+    settings = InpaintSettings(epochs=2, batch_size=2, size=64, base_channels=4, n_aot_blocks=1, ema_decay=0.5)
+    whole = tmp_path / "whole" / "g.pt"
+    train_inpainting(crops, whole, settings, quiet=True)
+    state = torch.load(whole.with_suffix(".last.pt"), weights_only=True)
+    saved = load_inpainter(whole).generator.state_dict()
+    averaged = {k.removeprefix("module."): v for k, v in state["generator_average"].items() if k != "n_averaged"}
+    assert int(state["generator_average"]["n_averaged"]) == 4  # two steps per epoch
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor.float(), averaged[name].float(), rtol=0, atol=0)
+    assert any(not torch.equal(saved[k], state["generator"][k].float()) for k in saved)  # not the trained one
+    csv = pd.read_csv(whole.with_suffix(".metrics.csv"))
+    assert {"raw_test_mae", "raw_test_psnr", "raw_test_ssim"} <= set(csv.columns)
+    assert (csv.raw_test_mae != csv.test_mae).all()
+
+    # stopped after epoch 1 and resumed: the same average as the uninterrupted run
+    split = tmp_path / "split" / "g.pt"
+    train_inpainting(crops, split, InpaintSettings(**{**settings.__dict__, "epochs": 1}), quiet=True)
+    train_inpainting(crops, split, settings, quiet=True)
+    for name, tensor in load_inpainter(split).generator.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
+
+    # a run without an average continued with one: the average starts at the resumed weights
+    plain = tmp_path / "plain" / "g.pt"
+    train_inpainting(crops, plain, InpaintSettings(**{**settings.__dict__, "epochs": 1, "ema_decay": 0.0}), quiet=True)
+    train_inpainting(crops, plain, settings, quiet=True)
+    csv = pd.read_csv(plain.with_suffix(".metrics.csv"))
+    assert csv.raw_test_mae.isna().tolist() == [True, False]
+    assert int(torch.load(plain.with_suffix(".last.pt"), weights_only=True)["generator_average"]["n_averaged"]) == 2
