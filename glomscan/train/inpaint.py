@@ -338,7 +338,7 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
     run = TrainingRun(out_path, {"generator": models.generator, "global_discriminator": models.global_discriminator,
                                  "local_discriminator": models.local_discriminator, "g_optimiser": g_optimiser,
                                  "d_optimiser": d_optimiser, "scaler": scaler,
-                                 **({"generator_average": average} if average else {})}, architecture,
+                                 **({"generator_average": average} if average is not None else {})}, architecture,
                       optional=("scaler", "generator_average"))
     run.resume()
     if run.start_epoch >= settings.epochs:
