@@ -340,7 +340,10 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
                                  "d_optimiser": d_optimiser, "scaler": scaler,
                                  **({"generator_average": average} if average is not None else {})}, architecture,
                       optional=("scaler", "generator_average"))
-    run.resume()
+    resumed = run.resume()
+    if average is None and "generator_average" in resumed:
+        log.warning("%s was trained with a generator average (--ema-decay); without it this run saves and "
+                    "evaluates the trained generator from here on", run.last_path)
     if run.start_epoch >= settings.epochs:
         log.info("%s: already trained for %d epochs (ask for more with --epochs)", out_path, run.start_epoch)
         return run.rows[-1] if run.rows else {}

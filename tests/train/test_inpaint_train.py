@@ -323,3 +323,13 @@ def test_a_run_with_a_generator_average_saves_it_and_resumes_it_exactly(tmp_path
     csv = pd.read_csv(plain.with_suffix(".metrics.csv"))
     assert csv.raw_test_mae.isna().tolist() == [True, False]
     assert int(torch.load(plain.with_suffix(".last.pt"), weights_only=True)["generator_average"]["n_averaged"]) == 2
+
+
+def test_resuming_an_averaged_run_without_the_average_says_so(tmp_path, caplog):
+    crops = make_crops(tmp_path / "crops", n=3, n_test=1)
+    settings = InpaintSettings(epochs=1, batch_size=2, size=64, base_channels=4, n_aot_blocks=1, ema_decay=0.5)
+    out = tmp_path / "g.pt"
+    train_inpainting(crops, out, settings, quiet=True)
+    with caplog.at_level("WARNING", logger="glomscan.train.inpaint"):
+        train_inpainting(crops, out, InpaintSettings(**{**settings.__dict__, "epochs": 2, "ema_decay": 0.0}), quiet=True)
+    assert "--ema-decay" in caplog.text and "trained generator" in caplog.text
