@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--base-channels", type=int, default=32)
     parser.add_argument("--upsampling", choices=GENERATOR_UPSAMPLING, default="transposed",
-                    help="decoder x2 upsampling (transposed: as the measured run in docs/augmentation.md)")
+                        help="decoder x2 upsampling (transposed: as the measured run in docs/augmentation.md)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--crop-size", type=int, default=256)
     parser.add_argument("--mask-radius", type=float, default=0.3)
