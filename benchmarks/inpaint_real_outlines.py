@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--ssim-weight", type=float, default=0.0, help="weight of 1 - SSIM inside the mask (not in the paper)")
     ap.add_argument("--ema-decay", type=float, default=0.0,
                     help="save and evaluate a moving average of the generator with this per-step decay (0: off)")
+    ap.add_argument("--lr-decay-after-epoch", type=int, default=None,
+                    help="keep the learning rate up to this epoch, then a half cosine to 0 at the last (default: constant)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--report", type=Path, default=None, help="markdown table of the evaluation")
     args = ap.parse_args()
@@ -146,7 +148,8 @@ def main() -> None:
                                    precision=args.precision,
                                    feature_model=args.feature_model, vgg_weights=args.vgg_weights, seed=0,
                                    style_weight=args.style_weight, perceptual_weight=args.perceptual_weight,
-                                   ssim_weight=args.ssim_weight, ema_decay=args.ema_decay)
+                                   ssim_weight=args.ssim_weight, ema_decay=args.ema_decay,
+                                   lr_decay_after_epoch=args.lr_decay_after_epoch)
         t0 = time.perf_counter()
         train_inpainting(crops_dir, generator, settings, quiet=True)
         print(f"training: {(time.perf_counter() - t0) / 60:.1f} min this call")

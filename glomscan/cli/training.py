@@ -161,7 +161,10 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
 @_epochs_option(default(InpaintSettings, "epochs"))
 @_batch_size_option(default(InpaintSettings, "batch_size"))
 @click.option("--lr", type=float, default=default(InpaintSettings, "lr"), show_default=True,
-              help="Adam learning rate of the generator and both discriminators (constant).")
+              help="Adam learning rate of the generator and both discriminators.")
+@click.option("--lr-decay-after-epoch", type=int, default=default(InpaintSettings, "lr_decay_after_epoch"),
+              help="Keep --lr up to this epoch, then let it fall along a half cosine to 0 at the last epoch "
+                   "(not in the paper; default: constant).")
 @click.option("--size", type=int, default=None, help="Train at this crop side (resized; CPU-friendly, e.g. 128).")
 @click.option("--base-channels", type=int, default=default(InpaintSettings, "base_channels"), show_default=True,
               help="Width of the first convolution layer (network size).")
@@ -187,14 +190,15 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
 @seed_option()
 @verbosity
 @fail_on(ValueError, FileNotFoundError)
-def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, size, base_channels, upsampling, lambda_local_l1, vgg_weights,
+def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, lr_decay_after_epoch, size, base_channels, upsampling, lambda_local_l1, vgg_weights,
                   feature_model, style_weight, ssim_weight, ema_decay, precision, augment, max_steps_per_epoch, device,
                   seed):
     """Train the inpainting GAN (AOT generator, global + local LSGAN discriminators); resumes
     from OUT.last.pt if present."""
     from ..train.inpaint import train_inpainting
 
-    settings = InpaintSettings(epochs=epochs, batch_size=batch_size, lr=lr, size=size, base_channels=base_channels,
+    settings = InpaintSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_after_epoch=lr_decay_after_epoch,
+                               size=size, base_channels=base_channels,
                                upsampling=upsampling,
                                lambda_local_l1=lambda_local_l1, vgg_weights=vgg_weights,
                                feature_model=feature_model, style_weight=style_weight, ssim_weight=ssim_weight,

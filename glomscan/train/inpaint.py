@@ -1,6 +1,7 @@
 """Training and using the inpainting generator (issue #5, steps 4 and 7).
 
-- :func:`train_inpainting`: Adam (lr 1e-4, betas 0.5/0.999), batch 16, LSGAN with a global and
+- :func:`train_inpainting`: Adam (lr 1e-4, betas 0.5/0.999; optionally decaying, see
+  :func:`learning_rate_factor`), batch 16, LSGAN with a global and
   a local discriminator, losses of :mod:`.inpaint_losses`; AMP on CUDA only; resumable from
   ``<out>.last.pt``; writes ``<out>`` (the generator, every epoch), ``<out>.metrics.csv`` (one
   row per epoch: every loss term and MAE/PSNR/SSIM inside the mask on the held-out crops) and
@@ -244,6 +245,18 @@ def generator_average(generator: InpaintGenerator, decay: float) -> torch.optim.
     return AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+def learning_rate_factor(epoch: int, step: int, steps_per_epoch: int, epochs: int,
+                         decay_after_epoch: int | None) -> float:
+    """The factor on ``lr`` for ``step`` (0-based) of ``epoch`` (0-based): 1 without a decay and
+    up to epoch ``decay_after_epoch``, then a half cosine falling to 0 at the end of ``epochs``
+    (the factor of a step is taken at its start, so the first decaying step still has 1)."""
+    if decay_after_epoch is None or epoch < decay_after_epoch:
+        return 1.0
+    decay_steps = (epochs - decay_after_epoch) * steps_per_epoch
+    done = (epoch - decay_after_epoch) * steps_per_epoch + step
+    return 0.5 * (1.0 + math.cos(math.pi * min(done / decay_steps, 1.0)))
+
+
 @dataclass
 class InpaintModels:
     generator: InpaintGenerator
@@ -302,6 +315,9 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
         raise ValueError(f"training size must be a multiple of 4 and at least 64, got {size}")
     if settings.epochs < 1 or settings.batch_size < 1:
         raise ValueError("epochs and batch size must be at least 1")
+    if settings.lr_decay_after_epoch is not None and not 0 <= settings.lr_decay_after_epoch < settings.epochs:
+        raise ValueError(f"the learning rate's decay must start after an epoch in [0, {settings.epochs - 1}] "
+                         f"(--lr-decay-after-epoch), got {settings.lr_decay_after_epoch}")
     if not test_crops:
         log.warning("%s: no held-out crops (split 'test'): the CSV will have no MAE/PSNR/SSIM", crops_dir)
 
@@ -371,6 +387,10 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
                 x, m = images[index], masks[index]
                 if settings.augment:
                     x, m = _augment(x, m, rng)
+                lr = settings.lr * learning_rate_factor(epoch, step, steps_per_epoch, settings.epochs,
+                                                        settings.lr_decay_after_epoch)
+                for group in g_optimiser.param_groups + d_optimiser.param_groups:
+                    group["lr"] = lr
                 losses = train_step(models, loss_fn, g_optimiser, d_optimiser, scaler, x.to(device.device),
                                     m.to(device.device), device)
                 if average is not None:
@@ -379,7 +399,7 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
                     sums[k] += losses[k]
                 progress.update()
         row = {"steps": steps_per_epoch, "size": size, **{k: sums[k] / steps_per_epoch for k in LOSS_COLUMNS},
-               "vgg": loss_fn.vgg_status}
+               "lr": lr, "vgg": loss_fn.vgg_status}
         saved_generator = average.module if average is not None else models.generator
         inpainter = Inpainter(saved_generator, size, device.device)
         if test_crops:

@@ -74,6 +74,11 @@ class InpaintSettings:
     batch_size: int = 16
     lr: float = 1e-4
     betas: tuple[float, float] = (0.5, 0.999)
+    lr_decay_after_epoch: int | None = None
+    """None: the learning rate stays ``lr`` (the paper). N: after epoch N, the learning rate of
+    the generator and both discriminators falls step by step along a half cosine from ``lr`` to
+    0 at the end of the last epoch (not in the paper; lets the late epochs refine instead of
+    drift). A function of the epoch and step alone, so a resumed run follows the same schedule."""
     size: int | None = None
     """Train at this crop side (crops are resized; None: the crops' own size, 256 in the paper).
     Multiple of 4, at least 64 (the AOT blocks' dilation-8 reflection padding needs H/4 > 8)."""

@@ -15,7 +15,7 @@ from skimage.metrics import structural_similarity
 from glomscan.cli import main
 from glomscan.train.data import write_png
 from glomscan.train.inpaint import (InpaintSettings, Inpainter, composite, images_to_tensor,
-                                    inpainting_metrics, load_inpainter, masks_to_tensor, sample_grid, save_generator,
+                                    inpainting_metrics, learning_rate_factor, load_inpainter, masks_to_tensor, sample_grid, save_generator,
                                     train_inpainting)
 from glomscan.train.inpaint_losses import GeneratorLoss, InpaintLossWeights, VGGFeatures
 from glomscan.train.inpaint_models import InpaintGenerator, PatchDiscriminator, generator_input, local_view
@@ -184,6 +184,9 @@ def test_training_rejects_bad_settings(tmp_path):
         train_inpainting(crops, tmp_path / "g.pt", InpaintSettings(size=32, base_channels=4))
     with pytest.raises(FileNotFoundError):
         train_inpainting(tmp_path / "nothing", tmp_path / "g.pt", InpaintSettings())
+    for after in (-1, 3):
+        with pytest.raises(ValueError, match="--lr-decay-after-epoch"):
+            train_inpainting(crops, tmp_path / "g.pt", InpaintSettings(epochs=3, lr_decay_after_epoch=after))
 
 
 # --- commands -----------------------------------------------------------------------------------------
@@ -333,3 +336,57 @@ def test_resuming_an_averaged_run_without_the_average_says_so(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="glomscan.train.inpaint"):
         train_inpainting(crops, out, InpaintSettings(**{**settings.__dict__, "epochs": 2, "ema_decay": 0.0}), quiet=True)
     assert "--ema-decay" in caplog.text and "trained generator" in caplog.text
+
+
+# --- learning rate -------------------------------------------------------------------------------------
+
+def test_the_learning_rate_stays_then_falls_along_a_half_cosine_to_zero():
+    steps, epochs, after = 4, 10, 6
+    assert all(learning_rate_factor(e, s, steps, epochs, None) == 1.0 for e in range(epochs) for s in range(steps))
+    factors = [learning_rate_factor(e, s, steps, epochs, after) for e in range(epochs) for s in range(steps)]
+    assert factors[:after * steps + 1] == [1.0] * (after * steps + 1)
+    decaying = factors[after * steps:]
+    assert all(a > b for a, b in zip(decaying, decaying[1:]))  # strictly falling
+    assert decaying[len(decaying) // 2] == pytest.approx(0.5)  # half way: half the rate
+    assert 0 < decaying[-1] < 0.01  # the last step's rate is close to 0
+    # symmetric about the middle, as a half cosine is
+    assert [a + b for a, b in zip(decaying[1:], decaying[::-1])] == pytest.approx([1.0] * (len(decaying) - 1))
+
+
+def test_a_decaying_run_logs_its_rates_and_resumes_on_the_same_schedule(tmp_path, monkeypatch):
+    from glomscan.train.harness import TrainingRun
+
+    crops = make_crops(tmp_path / "crops", n=4, n_test=1)
+    settings = InpaintSettings(epochs=3, batch_size=2, size=64, base_channels=4, n_aot_blocks=1, lr=1e-3,
+                               lr_decay_after_epoch=1)
+    whole = tmp_path / "whole" / "g.pt"
+    train_inpainting(crops, whole, settings, quiet=True)
+    csv = pd.read_csv(whole.with_suffix(".metrics.csv"))
+    # the rate of each epoch's last step (two steps per epoch)
+    expected = [1e-3 * learning_rate_factor(e, 1, 2, 3, 1) for e in range(3)]
+    assert csv.lr.tolist() == pytest.approx(expected)
+    assert expected[0] == 1e-3 and expected[0] > expected[1] > expected[2] > 0
+    state = torch.load(whole.with_suffix(".last.pt"), weights_only=True)
+    assert state["g_optimiser"]["param_groups"][0]["lr"] == pytest.approx(expected[-1])
+    assert state["d_optimiser"]["param_groups"][0]["lr"] == pytest.approx(expected[-1])
+
+    # killed after epoch 2 (its rate already decaying) and resumed: the same weights as the
+    # uninterrupted run (the schedule is a function of the epoch, not of the run's history)
+    end_epoch = TrainingRun.end_epoch
+
+    def killed_after_epoch_2(self, epoch, metrics, **state):
+        row = end_epoch(self, epoch, metrics, **state)
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return row
+
+    split = tmp_path / "split" / "g.pt"
+    monkeypatch.setattr(TrainingRun, "end_epoch", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_inpainting(crops, split, settings, quiet=True)
+    monkeypatch.undo()
+    train_inpainting(crops, split, settings, quiet=True)
+    assert pd.read_csv(split.with_suffix(".metrics.csv")).lr.tolist() == pytest.approx(expected)
+    resumed, uninterrupted = load_inpainter(split).generator.state_dict(), load_inpainter(whole).generator.state_dict()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0)
