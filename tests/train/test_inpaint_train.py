@@ -230,11 +230,16 @@ def test_train_resume_and_evaluate_inpaint_cli(tmp_path):
     assert result.exit_code != 0 and "--upsampling" in result.output  # another decoder: not this run's weights
 
     other = tmp_path / "ssim" / "gen.pt"
-    result = runner.invoke(main, [*common[:5], str(other), *common[6:], "--epochs", "1", "--ssim-weight", "0.5",
-                                  "--upsampling", "transposed"])
+    result = runner.invoke(main, [*common[:5], str(other), *common[6:], "--epochs", "2", "--ssim-weight", "0.5",
+                                  "--upsampling", "transposed", "--lr-decay-after-epoch", "1"])
     assert result.exit_code == 0, result.output
     info = load_inpainter(other).info
     assert info["settings"]["ssim_weight"] == 0.5 and info["settings"]["upsampling"] == "transposed"
+    assert info["settings"]["lr_decay_after_epoch"] == 1
+    assert pd.read_csv(other.with_suffix(".metrics.csv")).lr.tolist() == [1e-4, 1e-4]  # one step per epoch
+    result = runner.invoke(main, [*common[:5], str(other), *common[6:], "--epochs", "3", "--upsampling",
+                                  "transposed", "--lr-decay-after-epoch", "3"])
+    assert result.exit_code != 0 and "--lr-decay-after-epoch" in result.output
     assert load_inpainter(other).generator.upsampling == "transposed"
 
     prefix = tmp_path / "eval" / "inpaint"
