@@ -78,6 +78,9 @@ def evaluate(work: Path, crops_dir: Path, generator: Path, report: Path | None) 
     info = torch.load(generator, map_location="cpu", weights_only=True)["info"]
     decay = info["settings"].get("ema_decay", 0.0)
     name = f"generator average (decay {decay})" if decay else "generator"
+    decay_after = info["settings"].get("lr_decay_after_epoch")
+    if decay_after is not None:
+        name += f", lr falling to 0 after epoch {decay_after}"
     rows = [{"method": f"{name} (epoch {info['epoch']}, {info['size']} px, c = {info['settings']['base_channels']})",
              **dict(zip(summary.metric, summary.value))}]
     per_crop = {"generator": table}
