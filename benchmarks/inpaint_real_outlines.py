@@ -25,6 +25,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -72,6 +73,18 @@ def last_epochs_beating_fills(metrics_csv: Path, result: pd.DataFrame, last: int
     return text
 
 
+def bootstrap_differences(generator: pd.DataFrame, fill: pd.DataFrame, draws: int = 10_000) -> dict[str, tuple]:
+    """Per metric: the mean over crops of generator minus fill and its 95 % interval from
+    resampling the crops (``draws`` bootstrap draws, seed 0)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for k in ("mae", "psnr", "ssim"):
+        d = generator[k].to_numpy() - fill[k].to_numpy()
+        means = d[rng.integers(0, len(d), (draws, len(d)))].mean(axis=1)
+        out[k] = (float(d.mean()), *(float(v) for v in np.percentile(means, [2.5, 97.5])))
+    return out
+
+
 def evaluate(work: Path, crops_dir: Path, generator: Path, report: Path | None) -> pd.DataFrame:
     test = read_crops(crops_dir, "test")
     table, summary = evaluate_crops_dir(generator, crops_dir, "test")
@@ -94,8 +107,12 @@ def evaluate(work: Path, crops_dir: Path, generator: Path, report: Path | None) 
     wins = {f"{k}_wins_vs_{n}": int(sum((per_crop["generator"][k].values < per_crop[n][k].values) if k == "mae"
                                         else (per_crop["generator"][k].values > per_crop[n][k].values)))
             for n in FILLS for k in ("mae", "psnr", "ssim")}
+    ring = bootstrap_differences(per_crop["generator"], per_crop["ring mean"])
+    intervals = ("Generator minus ring mean over the crops, mean (95 % bootstrap interval): "
+                 + ", ".join(f"{k.upper()} {m:+.4f} ({lo:+.4f} to {hi:+.4f})" for k, (m, lo, hi) in ring.items()))
     print(result.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"{len(ids)} held-out crops; per-crop wins of the generator: {wins}")
+    print(intervals)
     stability = last_epochs_beating_fills(generator.with_suffix(".metrics.csv"), result)
     if stability:
         print(stability)
@@ -104,7 +121,7 @@ def evaluate(work: Path, crops_dir: Path, generator: Path, report: Path | None) 
         lines = [f"| held-out {len(ids)} crops, inside the outline | MAE | PSNR (dB) | SSIM |", "|---|---|---|---|"]
         lines += [f"| {r.method} | {r.mae:.4f} | {r.psnr:.2f} | {r.ssim:.3f} |" for r in result.itertuples()]
         lines += ["", f"Per-crop wins of the generator (of {len(ids)}): "
-                  + ", ".join(f"{k.replace('_wins_vs_', ' vs ')} {v}" for k, v in wins.items()),
+                  + ", ".join(f"{k.replace('_wins_vs_', ' vs ')} {v}" for k, v in wins.items()), "", intervals,
                   *(["", stability] if stability else []),
                   "", f"Measured on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
                   f"generator info: vgg = {info['vgg']!r}, train crops {info['train_crops']}."]
