@@ -190,9 +190,9 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
 @seed_option()
 @verbosity
 @fail_on(ValueError, FileNotFoundError)
-def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, lr_decay_after_epoch, size, base_channels, upsampling, lambda_local_l1, vgg_weights,
-                  feature_model, style_weight, ssim_weight, ema_decay, precision, augment, max_steps_per_epoch, device,
-                  seed):
+def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, lr_decay_after_epoch, size, base_channels, upsampling,
+                  lambda_local_l1, vgg_weights, feature_model, style_weight, ssim_weight, ema_decay, precision, augment,
+                  max_steps_per_epoch, device, seed):
     """Train the inpainting GAN (AOT generator, global + local LSGAN discriminators); resumes
     from OUT.last.pt if present."""
     from ..train.inpaint import train_inpainting
