@@ -15,8 +15,8 @@ from skimage.metrics import structural_similarity
 from glomscan.cli import main
 from glomscan.train.data import write_png
 from glomscan.train.inpaint import (InpaintSettings, Inpainter, composite, images_to_tensor,
-                                    inpainting_metrics, learning_rate_factor, load_inpainter, masks_to_tensor, sample_grid, save_generator,
-                                    train_inpainting)
+                                    inpainting_metrics, learning_rate_factor, load_inpainter, masks_to_tensor,
+                                    sample_grid, save_generator, train_inpainting)
 from glomscan.train.inpaint_losses import GeneratorLoss, InpaintLossWeights, VGGFeatures
 from glomscan.train.inpaint_models import InpaintGenerator, PatchDiscriminator, generator_input, local_view
 
@@ -237,10 +237,10 @@ def test_train_resume_and_evaluate_inpaint_cli(tmp_path):
     assert info["settings"]["ssim_weight"] == 0.5 and info["settings"]["upsampling"] == "transposed"
     assert info["settings"]["lr_decay_after_epoch"] == 1
     assert pd.read_csv(other.with_suffix(".metrics.csv")).lr.tolist() == [1e-4, 1e-4]  # one step per epoch
+    assert load_inpainter(other).generator.upsampling == "transposed"
     result = runner.invoke(main, [*common[:5], str(other), *common[6:], "--epochs", "3", "--upsampling",
                                   "transposed", "--lr-decay-after-epoch", "3"])
     assert result.exit_code != 0 and "--lr-decay-after-epoch" in result.output
-    assert load_inpainter(other).generator.upsampling == "transposed"
 
     prefix = tmp_path / "eval" / "inpaint"
     result = runner.invoke(main, ["evaluate", "inpaint", "--generator", str(out), "--crops", str(crops),
