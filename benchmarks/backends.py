@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from glomscan.engines import EngineOptions, create_engine
-from glomscan.engines.openvino import openvino_status, real_tissue_tiles
-from glomscan.engines.parity import mask_dice
+from glomscan.engines.openvino import openvino_status
+from glomscan.engines.parity import mask_dice, real_tissue_tiles
 from glomscan.engines.tensorrt import tensorrt_status
 from glomscan.model import ModelCard, build_model, load_model, save_checkpoint
 from glomscan.shipped import default_model_path

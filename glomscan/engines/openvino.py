@@ -15,7 +15,7 @@ import numpy as np
 from ..atomic import atomic_write_text
 from ..model import LoadedModel
 from .base import Engine, normalise
-from .parity import MIN_PARITY_DICE, mask_dice, random_tiles
+from .parity import MIN_PARITY_DICE, mask_dice, parity_check_tiles
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +36,6 @@ def openvino_status() -> tuple[bool, str]:
 
 def cpu_has_bf16(core) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
-def real_tissue_tiles(tile: int, analysis_mpp: float) -> np.ndarray | None:
-    """The shipped sample's PAS tiles as analyze reads them (the one resolution rule, tiles
-    mirrored past the image edge); None when the sample is not installed."""
-    from ..config import AnalysisSettings
-    from ..shipped import SAMPLE_DIR
-    from ..slides import Slide, TileReader, analysis_resolution
-
-    tiles = []
-    for path in sorted(SAMPLE_DIR.glob("*.tif")) if SAMPLE_DIR.is_dir() else []:
-        slide = Slide(path)
-        resolution = analysis_resolution(slide, analysis_mpp, AnalysisSettings().downsample)
-        image, _ = slide.image_at(resolution.downsample)
-        tiles.append(TileReader(image, tile).read(0, 0))
-    return np.stack(tiles) if tiles else None
 
 
 class OpenVinoEngine(Engine):
@@ -99,10 +83,9 @@ class OpenVinoEngine(Engine):
             dice = float(known["mask_dice"])
         else:
             if tiles is None:
-                tiles = real_tissue_tiles(self.card.tile, self.card.analysis_mpp)
-            source = "real tissue tiles (the shipped sample)"
-            if tiles is None:
-                tiles, source = random_tiles(self.card.tile), "random tiles (no sample installed)"
+                tiles, source = parity_check_tiles(self.card.tile, self.card.analysis_mpp)
+            else:
+                source = "the tiles given"
             fast = self.predict(tiles)
             self._compile("f32")
             dice = mask_dice(fast, self.predict(tiles))

@@ -26,6 +26,31 @@ def random_tiles(tile: int, n: int = 2) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(n, tile, tile, 3), dtype=np.uint8)
 
 
+def real_tissue_tiles(tile: int, analysis_mpp: float) -> np.ndarray | None:
+    """The shipped sample's PAS tiles as analyze reads them (the one resolution rule, tiles
+    mirrored past the image edge); None when the sample is not installed."""
+    from ..config import AnalysisSettings
+    from ..shipped import SAMPLE_DIR
+    from ..slides import Slide, TileReader, analysis_resolution
+
+    tiles = []
+    for path in sorted(SAMPLE_DIR.glob("*.tif")) if SAMPLE_DIR.is_dir() else []:
+        slide = Slide(path)
+        resolution = analysis_resolution(slide, analysis_mpp, AnalysisSettings().downsample)
+        image, _ = slide.image_at(resolution.downsample)
+        tiles.append(TileReader(image, tile).read(0, 0))
+    return np.stack(tiles) if tiles else None
+
+
+def parity_check_tiles(tile: int, analysis_mpp: float) -> tuple[np.ndarray, str]:
+    """(tiles, what they are) for a parity check: real tissue when the sample is installed,
+    else random tiles."""
+    tiles = real_tissue_tiles(tile, analysis_mpp)
+    if tiles is None:
+        return random_tiles(tile), "random tiles (no sample installed)"
+    return tiles, "real tissue tiles (the shipped sample)"
+
+
 def parity_check(engine: Engine, reference: Engine, tiles: np.ndarray, min_dice: float = MIN_PARITY_DICE) -> float:
     """Mask Dice of ``engine`` against ``reference`` on ``tiles``; a warning when below ``min_dice``."""
     dice = mask_dice(engine.predict(tiles), reference.predict(tiles))

@@ -25,7 +25,7 @@ from ..model import LoadedModel
 from ..atomic import atomic_write_bytes, atomic_write_text
 from .base import Engine
 from .onnx import INPUT_NAME, OUTPUT_NAME, _slug, cached_onnx
-from .parity import parity_check, random_tiles
+from .parity import parity_check, parity_check_tiles
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,8 @@ class TensorRTEngine(Engine):
         import tensorrt as trt
         import torch
 
+        from .torch_engine import CudaTransfer
+
         self.card = model.card
         self.max_batch = max_batch
         self._torch = torch
@@ -198,9 +200,7 @@ class TensorRTEngine(Engine):
             raise RuntimeError(f"TensorRT could not deserialize {engine_path}")
         self._context = self._engine.create_execution_context()
         self._stream = torch.cuda.Stream()
-        self._mean = torch.tensor(self.card.mean, device="cuda").view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(self.card.std, device="cuda").view(1, 3, 1, 1) * 255.0
-        self._pinned: torch.Tensor | None = None
+        self._transfer = CudaTransfer(self.card, "cuda")  # the torch engine's pinned copies and normalisation
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         outputs = [self._predict_chunk(tiles[i:i + self.max_batch]) for i in range(0, len(tiles), self.max_batch)]
@@ -208,23 +208,16 @@ class TensorRTEngine(Engine):
 
     def _predict_chunk(self, tiles: np.ndarray) -> np.ndarray:
         torch = self._torch
-        n, h, w, _ = tiles.shape
-        if self._pinned is None or self._pinned.shape[1:] != tiles.shape[1:] or self._pinned.shape[0] < n:
-            self._pinned = torch.empty((max(n, self.max_batch), h, w, 3), dtype=torch.uint8).pin_memory()
-        host = self._pinned[:n]
-        host.numpy()[...] = tiles
         with torch.cuda.stream(self._stream):
-            device_u8 = host.to("cuda", non_blocking=True)
-            image = ((device_u8.permute(0, 3, 1, 2).float() - self._mean) / self._std).contiguous()
-            out = torch.empty((n, len(self.card.classes), h, w), dtype=torch.float32, device="cuda")
+            image = self._transfer.to_device(tiles).contiguous()  # the engine's input is NCHW
+            b, _, h, w = image.shape
+            out = torch.empty((b, len(self.card.classes), h, w), dtype=torch.float32, device="cuda")
             self._context.set_input_shape(INPUT_NAME, tuple(image.shape))
             self._context.set_tensor_address(INPUT_NAME, image.data_ptr())
             self._context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed")
-            result = out.to("cpu", non_blocking=False)
-        self._stream.synchronize()
-        return result.numpy()
+            return self._transfer.to_host(out, len(tiles))  # waits for this stream
 
     @property
     def description(self) -> str:
@@ -261,7 +254,8 @@ def prepare_tensorrt(model: LoadedModel, engine_dir: Path, precision: str = "fp1
     engine = TensorRTEngine(model, engine_path, max_batch)
     from .torch_engine import TorchEngine
 
-    sidecar.parity_mask_dice = parity_check(engine, TorchEngine(model, "cuda", precision="fp32"),
-                                            random_tiles(tile) if parity_tiles is None else parity_tiles)
+    if parity_tiles is None:
+        parity_tiles, _ = parity_check_tiles(tile, model.card.analysis_mpp)
+    sidecar.parity_mask_dice = parity_check(engine, TorchEngine(model, "cuda", precision="fp32"), parity_tiles)
     atomic_write_text(sidecar_path, sidecar.to_json())
     return engine, f"built engine {engine_path.name} in {sidecar.build_seconds:.0f} s"

@@ -27,8 +27,8 @@ from glomscan.engines.tensorrt import (
     tensorrt_status,
 )
 from glomscan.engines.base import normalise
-from glomscan.engines.parity import mask_dice, parity_check
-from glomscan.engines.torch_engine import TorchEngine, normalisation_tensors, normalise_tensor
+from glomscan.engines.parity import mask_dice, parity_check, parity_check_tiles
+from glomscan.engines.torch_engine import CudaTransfer, TorchEngine, normalisation_tensors, normalise_tensor
 from glomscan.model import ModelCard, build_model, load_checkpoint, save_checkpoint
 
 from conftest import copy_slide
@@ -208,6 +208,39 @@ def test_gpu_normalisation_matches_the_cpu_one():
     np.testing.assert_allclose(x.numpy(), normalise(tiles, card), rtol=1e-5, atol=1e-5)
 
 
+def test_gpu_transfer_pads_to_the_largest_batch_and_hands_back_copies():
+    """The pinned-buffer steps of the CUDA fast path (torch and TensorRT), run on the CPU: a
+    smaller batch is padded to the largest seen (one shape for the GPU) and only its own rows
+    come back; a result stays as it was while the next batch goes through."""
+    card = ModelCard(name="n", tile=32)
+    transfer = CudaTransfer(card, "cpu")
+    rng = np.random.default_rng(4)
+    first, last = (rng.integers(0, 256, (k, 32, 32, 3), dtype=np.uint8) for k in (3, 2))
+    x = transfer.to_device(first)
+    assert x.shape == (3, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(x.numpy(), normalise(first, card), rtol=1e-5, atol=1e-5)
+    kept = transfer.to_host(x[:, :2] * 1.0, 3)
+    x = transfer.to_device(last)
+    assert x.shape == (3, 3, 32, 32)  # padded to the first batch's 3
+    np.testing.assert_allclose(x[:2].numpy(), normalise(last, card), rtol=1e-5, atol=1e-5)
+    out = transfer.to_host(x[:, :2] * 1.0, 2)
+    assert out.shape == (2, 2, 32, 32)
+    np.testing.assert_allclose(out, normalise(last, card)[:, :2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kept, normalise(first, card)[:, :2], rtol=1e-5, atol=1e-5)  # not overwritten
+    assert transfer.to_device(rng.integers(0, 256, (4, 64, 32, 3), dtype=np.uint8)).shape == (4, 3, 64, 32)
+
+
+def test_parity_check_tiles_are_real_tissue_else_random(monkeypatch, tmp_path):
+    """OpenVINO's and TensorRT's parity checks run on the shipped sample's real tissue; random
+    tiles only where the sample is not installed, and the check says which."""
+    tiles, source = parity_check_tiles(512, 1.0)
+    assert tiles.shape == (3, 512, 512, 3) and tiles.dtype == np.uint8 and "real tissue" in source
+    assert tiles.std() > 10  # tissue, not blank padding
+    monkeypatch.setattr("glomscan.shipped.SAMPLE_DIR", tmp_path / "not-installed")
+    tiles, source = parity_check_tiles(64, 1.0)
+    assert tiles.shape == (2, 64, 64, 3) and "random" in source
+
+
 def test_torch_engine_precision_is_checked_and_cpu_runs_fp32(tiny_checkpoint):
     model = load_checkpoint(tiny_checkpoint)
     with pytest.raises(ValueError, match="precision"):
@@ -238,7 +271,7 @@ def test_torch_cuda_fast_path_matches_fp32(tiny_checkpoint, precision):
     tiles = np.random.default_rng(0).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
     fast = TorchEngine(model, "cuda", precision)
     assert mask_dice(fast.predict(tiles), TorchEngine(load_checkpoint(tiny_checkpoint), "cuda", "fp32").predict(tiles)) >= 0.99
-    assert fast.predict(tiles[:2]).shape == (2, len(model.card.classes), 256, 256)  # staging buffer resized
+    assert fast.predict(tiles[:2]).shape == (2, len(model.card.classes), 256, 256)  # padded to 3, sliced
 
 
 def test_engine_cache_defaults_to_the_users_cache_folder(monkeypatch, tmp_path):

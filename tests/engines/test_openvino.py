@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from glomscan.cli import main
 from glomscan.engines import EngineOptions, create_engine
 from glomscan.engines.onnx import OnnxRuntimeEngine, cached_onnx
-from glomscan.engines.openvino import OpenVinoEngine, cpu_has_bf16, openvino_status, real_tissue_tiles
+from glomscan.engines.openvino import OpenVinoEngine, cpu_has_bf16, openvino_status
 from glomscan.model import load_checkpoint
 
 OK, WHY = openvino_status()
@@ -67,12 +67,6 @@ def test_bf16_that_fails_the_parity_check_falls_back_to_f32(tiny, tmp_path, monk
         engine = OpenVinoEngine(tiny, cached_onnx(tiny, tmp_path), tmp_path, parity_tiles=tiles())
     assert engine.precision == "f32" and "parity" in engine.reason
     assert "differ from f32" in caplog.text
-
-
-def test_parity_tiles_are_the_shipped_real_tissue():
-    real = real_tissue_tiles(512, 1.0)
-    assert real is not None and real.shape == (3, 512, 512, 3) and real.dtype == np.uint8
-    assert real.std() > 10  # tissue, not blank padding
 
 
 def test_analyze_reports_openvino_and_why(tiny_checkpoint, small_slide, tmp_path):
