@@ -1,7 +1,8 @@
 """Speed on a GPU, in one run on one synthetic pyramidal TIFF (JPEG, 0.5 µm/px):
 
 1. model-only vs end-to-end tiles/s for torch CUDA fp32 and fp16 (pipeline efficiency on the
-   GPU), and the fp16 masks' Dice against fp32;
+   GPU), and the fp16 and bf16 masks' Dice against fp32 on the shipped sample's real tissue
+   tiles (and fp16's on the benchmark slide's first batch);
 2. the CPU side alone (a null engine that returns one real prediction again and again) in
    tiles/s against the number of tile-reader threads;
 3. slides per hour for the needle-biopsy layout of benchmarks/vs_monai.py (three cores).
@@ -26,7 +27,7 @@ import torch
 from glomscan.batch import run_batch
 from glomscan.config import AnalysisSettings
 from glomscan.engines.base import Engine, EngineChoice
-from glomscan.engines.parity import mask_dice
+from glomscan.engines.parity import mask_dice, parity_check_tiles
 from glomscan.engines.torch_engine import TorchEngine
 from glomscan.model import load_model
 from glomscan.shipped import default_model_path
@@ -105,7 +106,8 @@ def main() -> None:
               f"batch {batch}", flush=True)
 
         model = load_model(model_path)
-        outputs = {}
+        real, real_source = parity_check_tiles(tile, model.card.analysis_mpp)
+        outputs, real_outputs = {}, {}
         for precision in precisions:
             engine = TorchEngine(model, args.device, precision)
             for i in range(0, min(n, 2 * batch), batch):  # warm-up: cuDNN autotuning, allocator
@@ -116,6 +118,7 @@ def main() -> None:
                 if i == 0:
                     outputs[precision] = out
             model_only = time.perf_counter() - t0
+            real_outputs[precision] = engine.predict(real)
             end_to_end, inferred = analyse(slides, tmp / f"out-{precision}", model, engine, settings)
             assert inferred == n
             results[precision] = {"model_only_tiles_per_s": round(n / model_only, 2),
@@ -127,6 +130,11 @@ def main() -> None:
         if "fp16" in outputs:
             results["fp16_vs_fp32_mask_dice"] = round(mask_dice(outputs["fp16"], outputs["fp32"]), 5)
             print(f"fp16 vs fp32 mask Dice (first batch): {results['fp16_vs_fp32_mask_dice']}", flush=True)
+            real_outputs["bf16"] = TorchEngine(model, args.device, "bf16").predict(real)
+            for precision in ("fp16", "bf16"):
+                dice = round(mask_dice(real_outputs[precision], real_outputs["fp32"]), 5)
+                results[f"{precision}_vs_fp32_mask_dice_real_tissue"] = dice
+                print(f"{precision} vs fp32 mask Dice on {len(real)} {real_source}: {dice}", flush=True)
 
         replay = ReplayEngine(model.card, outputs[precisions[-1]][0])
         results["cpu_side_tiles_per_s"] = {}
