@@ -211,7 +211,7 @@ class TensorRTEngine(Engine):
         with torch.cuda.stream(self._stream):
             image = self._transfer.to_device(tiles).contiguous()  # the engine's input is NCHW
             b, _, h, w = image.shape
-            out = torch.empty((b, len(self.card.classes), h, w), dtype=torch.float32, device="cuda")
+            out = torch.empty((b, len(self.card.classes), h, w), dtype=torch.float32, device=image.device)
             self._context.set_input_shape(INPUT_NAME, tuple(image.shape))
             self._context.set_tensor_address(INPUT_NAME, image.data_ptr())
             self._context.set_tensor_address(OUTPUT_NAME, out.data_ptr())

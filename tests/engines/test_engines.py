@@ -199,6 +199,62 @@ def test_tensorrt_engine_builds_caches_and_matches_torch(tiny_checkpoint, tmp_pa
         prepare_tensorrt(model, tmp_path, "fp16", tile=256, max_batch=2, rebuild=False)
 
 
+def test_tensorrt_engine_buffers_with_a_stand_in_runtime(tiny_checkpoint, tmp_path, monkeypatch):
+    """TensorRTEngine's own code on the CPU: a stand-in for the tensorrt module whose execution
+    context reads the input at the address it is given, as TensorRT does, and writes the first
+    normalised channel into every class. Checks what TensorRT would see (NCHW contiguous input,
+    a batch padded to the largest seen, within max_batch) and what comes back (the caller's
+    rows, chunked by max_batch, in order)."""
+    import contextlib
+    import ctypes
+    import sys
+    import types
+
+    from glomscan.engines import tensorrt as trt_module
+    from glomscan.engines import torch_engine
+
+    class Context:
+        def __init__(self):
+            self.shapes, self.addresses = [], {}
+
+        def set_input_shape(self, name, shape):
+            self.shapes.append(tuple(shape))
+
+        def set_tensor_address(self, name, address):
+            self.addresses[name] = address
+
+        def execute_async_v3(self, stream):
+            b, c, h, w = self.shapes[-1]
+            k = len(card.classes)
+            image = self.at(trt_module.INPUT_NAME, b * c * h * w).reshape(b, c, h, w)
+            self.at(trt_module.OUTPUT_NAME, b * k * h * w).reshape(b, k, h, w)[:] = image[:, :1]
+            return True
+
+        def at(self, name, count):  # float32 memory at the address given for ``name``
+            return np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.addresses[name]))
+
+    context = Context()
+    engine_stub = types.SimpleNamespace(create_execution_context=lambda: context)
+    runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda serialized: engine_stub)
+    fake = types.SimpleNamespace(Logger=type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None}),
+                                 Runtime=lambda logger: runtime)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch_engine, "CudaTransfer", lambda card, device: CudaTransfer(card, "cpu"))
+    model = load_checkpoint(tiny_checkpoint)
+    card = model.card
+    (tmp_path / "x.engine").write_bytes(b"engine")
+    engine = trt_module.TensorRTEngine(model, tmp_path / "x.engine", max_batch=3)
+    tiles = np.random.default_rng(5).integers(0, 256, (5, 32, 48, 3), dtype=np.uint8)
+    out = engine.predict(tiles)  # chunks of 3 and 2, the second padded to 3
+    assert context.shapes == [(3, 3, 32, 48), (3, 3, 32, 48)]
+    expected = np.repeat(normalise(tiles, card)[:, :1], len(card.classes), axis=1)
+    assert out.shape == (5, len(card.classes), 32, 48)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(engine.predict(tiles[:1]), expected[:1], rtol=1e-5, atol=1e-5)
+
+
 def test_gpu_normalisation_matches_the_cpu_one():
     """The CUDA fast path normalises uint8 tiles on the device: same values, channels_last."""
     card = ModelCard(name="n", tile=64)
