@@ -177,7 +177,7 @@ def run_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, engine: Engin
             raise_if_interrupted()
             done(process_slide(job, out_dir, model, engine, choice, settings, quiet))
 
-    return run_with_executor(slides_dir, out_dir, model.sha256, settings, execute, f"backend {choice.backend}",
+    return run_with_executor(slides_dir, out_dir, model.analysis_sha256, settings, execute, f"backend {choice.backend}",
                              force=force, recursive=recursive, quiet=quiet)
 
 

@@ -139,17 +139,23 @@ _WORKER_CACHE: dict[tuple, tuple[LoadedModel, Engine, EngineChoice]] = {}
 _WORKER_LOCK = threading.Lock()
 
 
-def _worker_engine(model_path: str, model_sha256: str, make_engine) -> tuple[LoadedModel, Engine, EngineChoice]:
-    """The model and engine of this worker process, loaded once (keyed by path + checksum)."""
+def _worker_engine(model_path: str, model_sha256: str, make_engine, verifier_path: str | None = None
+                   ) -> tuple[LoadedModel, Engine, EngineChoice]:
+    """The model (with its verifier, when one is named) and engine of this worker process,
+    loaded once (keyed by paths + checksum)."""
     from .model import load_model
 
-    key = (model_path, model_sha256, repr(make_engine))
+    key = (model_path, model_sha256, repr(make_engine), verifier_path)
     with _WORKER_LOCK:
         if key not in _WORKER_CACHE:
             model = load_model(Path(model_path))
             if model.sha256 != model_sha256:
                 raise RuntimeError(f"model file {model_path} on this worker is not the client's "
                                    f"(sha256 {model.sha256[:12]} != {model_sha256[:12]}); share the same file")
+            if verifier_path is not None:
+                from .verify import load_verifier
+
+                model.verifier = load_verifier(Path(verifier_path))
             engine, choice = make_engine(model)
             threads = os.environ.get("OMP_NUM_THREADS")
             if threads and threads.isdigit() and "torch" in sys.modules:  # torch only where the engine uses it
@@ -161,9 +167,9 @@ def _worker_engine(model_path: str, model_sha256: str, make_engine) -> tuple[Loa
 
 
 def analyze_on_worker(job: SlideJob, out_dir: str, model_path: str, model_sha256: str, make_engine,
-                      settings: AnalysisSettings) -> SlideReport:
-    """The Dask task: one slide, with this worker's cached model and engine."""
-    model, engine, choice = _worker_engine(model_path, model_sha256, make_engine)
+                      settings: AnalysisSettings, verifier_path: str | None = None) -> SlideReport:
+    """The Dask task: one slide, with this worker's cached model, verifier and engine."""
+    model, engine, choice = _worker_engine(model_path, model_sha256, make_engine, verifier_path)
     if getattr(make_engine, "batch_size_auto", False):
         settings = replace(settings, batch_size=engine.preferred_batch_size)
     return process_slide(job, Path(out_dir), model, engine, choice, settings, quiet=True)
@@ -186,7 +192,7 @@ def run_cluster_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, make_
         with dask_client(cluster, workers) as (client, resource):
             _run_jobs(client, jobs, done, out_dir, model, make_engine, settings, resource)
 
-    return run_with_executor(slides_dir, out_dir, model.sha256, settings, execute, f"Dask cluster {cluster}",
+    return run_with_executor(slides_dir, out_dir, model.analysis_sha256, settings, execute, f"Dask cluster {cluster}",
                              force=force, recursive=recursive, quiet=quiet)
 
 
@@ -267,8 +273,9 @@ def _run_jobs(client, jobs: list[SlideJob], done: Callable[[SlideReport], None],
     no_workers_since = None
 
     def submit(job: SlideJob) -> None:
+        verifier_path = str(model.verifier.path) if model.verifier is not None else None
         future = client.submit(analyze_on_worker, job, str(out_dir), str(model.path), model.sha256, make_engine,
-                               settings, key=f"glomscan-slide-{job.name}-{uuid.uuid4().hex[:8]}",
+                               settings, verifier_path, key=f"glomscan-slide-{job.name}-{uuid.uuid4().hex[:8]}",
                                resources={resource: 1}, pure=False)
         running[future] = job
 

@@ -57,6 +57,9 @@ class AnalysisSettings:
     max_pending_rows: int = 8192
     """Bound on the rows a single unfinished component may hold open while streaming."""
     tissue: TissueSettings = field(default_factory=TissueSettings)
+    verify_candidates: bool = True
+    """Run the model's candidate verifier (second stage) when it has one; ``--no-verifier``
+    turns it off."""
     viewer: bool = True
     """Write the zoomable review page per slide (``viewer.html`` and its Deep Zoom tiles);
     not part of the result, so not in the fingerprint."""

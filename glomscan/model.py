@@ -27,6 +27,8 @@ from .atomic import atomic_torch_save
 if TYPE_CHECKING:  # torch only where a checkpoint is read or written
     from torch import nn
 
+    from .verify import Verifier
+
 CHECKPOINT_FORMAT = "glomscan-checkpoint"
 CHECKPOINT_VERSION = 1
 ONNX_CARD_KEY = "glomscan.card"
@@ -112,6 +114,8 @@ class LoadedModel:
     path: Path | None
     onnx_path: Path | None = None
     """Set for an ONNX model file: the graph the ONNX Runtime and OpenVINO backends run."""
+    verifier: "Verifier | None" = None
+    """The candidate verifier paired with it (``glomscan.verify``), if any."""
 
     def torch_module(self) -> "nn.Module":
         """The torch network; for an ONNX model file rebuilt from the checkpoint inside it (on
@@ -123,6 +127,12 @@ class LoadedModel:
     @property
     def model_id(self) -> str:
         return f"{self.card.name}@{self.sha256[:12]}"
+
+    @property
+    def analysis_sha256(self) -> str:
+        """Identity of what analyses a slide (resume fingerprints): the segmentation model's
+        sha256, and the verifier's when one is paired with it."""
+        return self.sha256 if self.verifier is None else f"{self.sha256}+verifier:{self.verifier.sha256}"
 
 
 def save_checkpoint(path: Path, module: "nn.Module", card: ModelCard, half: bool = False) -> str:

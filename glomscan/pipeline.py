@@ -17,7 +17,7 @@ from .config import AnalysisSettings, cpu_share
 from .engines.base import Engine, EngineChoice
 from .merge import BlendingCanvas
 from .model import LoadedModel
-from .postprocess import InstanceStream
+from .postprocess import InstanceStream, glomerulus_class
 from .atomic import atomic_write_text
 from .interrupts import raise_if_interrupted
 from .progress import Progress
@@ -40,11 +40,14 @@ MIN_IMAGE_SIDE_PX = 64
 """Images whose longer side is shorter than this at the analysis resolution (64 µm at 1 µm/px)
 cannot hold a glomerulus and are refused with that reason."""
 OUTPUT_FILES = ("mask.tif", "glomeruli.csv", "glomeruli.geojson", "overview.png", "report.json")
+REJECTED_FILE = "rejected.geojson"
+"""Candidates the verifier rejected (QuPath "Not glomerulus"), written when it ran; the review
+page shows them for a pathologist to restore."""
 OVERVIEW_MAX_SIDE = 2048
 
 
 RESULT_FIELDS = ("n_glomeruli", "n_normal", "n_sclerosed", "percent_global_glomerulosclerosis", "ci95_low",
-                 "ci95_high", "dropped_small_components", "inference_s")
+                 "ci95_high", "dropped_small_components", "n_candidates", "n_rejected", "inference_s")
 
 
 @dataclass
@@ -76,12 +79,20 @@ class SlideReport:
     tiles_total: int | None = None
     tiles_tissue: int | None = None
     dropped_small_components: int | None = None
+    n_candidates: int | None = None
+    """Glomerulus candidates of the segmentation model (accepted + rejected)."""
+    n_rejected: int | None = None
+    """Candidates the verifier judged not glomeruli (None: it did not run)."""
     backend: str = ""
     backend_reason: str = ""
     model_id: str = ""
     model_sha256: str = ""
     model_intended_use: str = ""
     model_licence: str = ""
+    verifier_id: str = ""
+    """The candidate verifier (second stage); empty when it did not run."""
+    verifier_sha256: str = ""
+    verifier_licence: str = ""
     runtime_s: float | None = None
     inference_s: float | None = None
     fingerprint: dict = field(default_factory=dict)
@@ -226,6 +237,20 @@ class SlideMerge:
             self.stream.push(band)
 
 
+def verify_candidates(candidates: list, image, verifier, labels_file: StreamedLabelFile) -> tuple[list, list]:
+    """The verifier's decision on every candidate (``verify.verify_glomeruli``), with the label
+    mask repainted where it changed a class or rejected a candidate."""
+    from .verify import verify_glomeruli
+
+    accepted, rejected = verify_glomeruli(candidates, image, verifier)
+    for g in accepted + rejected:
+        painted = glomerulus_class(g.mean_probabilities) + 1  # what the stream painted
+        wanted = 0 if g.rejected else g.label
+        if wanted != painted:
+            labels_file.relabel(g.bbox, g.contour, wanted)
+    return accepted, rejected
+
+
 def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engine: Engine,
                   choice: EngineChoice, settings: AnalysisSettings, fingerprint: dict,
                   quiet: bool = False, report: SlideReport | None = None) -> SlideReport:
@@ -238,6 +263,10 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     report.backend, report.backend_reason, report.fingerprint = choice.backend, choice.reason, fingerprint
     report.model_id, report.model_sha256 = model.model_id, model.sha256
     report.model_intended_use, report.model_licence = model.card.intended_use, model.card.licence
+    verifier = model.verifier if settings.verify_candidates else None
+    if verifier is not None:
+        report.verifier_id, report.verifier_sha256 = verifier.model_id, verifier.sha256
+        report.verifier_licence = verifier.card.licence
     slide = Slide(path, mpp_override=settings.mpp_override)
     level0 = slide.levels[0]
     report.width, report.height, report.n_levels = level0.width, level0.height, len(slide.levels)
@@ -304,10 +333,16 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
             viewer_tiles = writer.submit(write_viewer_tiles, out_dir, image)
         overview_pixels = writer.submit(lambda: image_to_array(slide.image_at(downsample * overview_ds)[0]))
         instances = merge.finish()
+        rejected: list = []
+        if verifier is not None:
+            instances, rejected = verify_candidates(instances, image, verifier, labels_file)
         mask_written = writer.submit(write_mask_tiff, labels_file.image(), out_dir / "mask.tif", analysis_mpp)
         table = glomeruli_table(instances, downsample, analysis_mpp)
         write_glomeruli_csv(table, out_dir / "glomeruli.csv")
         write_geojson(glomeruli_geojson(instances, table, downsample), out_dir / "glomeruli.geojson")
+        if verifier is not None:
+            write_geojson(glomeruli_geojson(rejected, glomeruli_table(rejected, downsample, analysis_mpp), downsample),
+                          out_dir / REJECTED_FILE)
         write_overview(overview_pixels.result(), overview_ds, instances, out_dir / "overview.png")
         mask_written.result()
         if viewer_tiles is not None:
@@ -322,6 +357,8 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     report.n_sclerosed = sum(g.class_name == "sclerosed" for g in instances)
     report.n_glomeruli = len(instances)
     report.dropped_small_components = merge.stream.dropped_small
+    report.n_candidates = len(instances) + len(rejected)
+    report.n_rejected = len(rejected) if verifier is not None else None
     (report.percent_global_glomerulosclerosis, report.ci95_low,
      report.ci95_high) = sclerosis_summary(report.n_normal, report.n_sclerosed)
     report.status, report.reason = "ok", ""

@@ -43,13 +43,39 @@ class Glomerulus:
     """(x0, y0, x1, y1), exclusive end."""
     contour: list[tuple[float, float]] = field(repr=False)
     """Closed outer boundary polygon (x, y), pixel-edge coordinates."""
+    verifier_probabilities: tuple[float, float, float] | None = None
+    """The candidate verifier's (not glomerulus, normal, sclerosed), when it ran."""
+    rejected: bool = False
+    """The verifier judged it not a glomerulus: counted nowhere, shown as rejected for review."""
 
 
-def glomerulus_class(mean_probabilities: tuple[float, ...] | np.ndarray) -> int:
-    """The one decision rule for a glomerulus's class: the index of the class with the larger
-    mean probability over the glomerulus's pixels (0 normal, 1 sclerosed; a tie is normal).
+REJECTED = -1
+"""``glomerulus_class`` of a candidate the verifier judged not a glomerulus."""
+
+
+def glomerulus_class(mean_probabilities: tuple[float, ...] | np.ndarray,
+                     verifier_probabilities: tuple[float, ...] | np.ndarray | None = None,
+                     min_glomerulus_probability: float = 0.5, verifier_grading_weight: float = 1.0) -> int:
+    """The one decision rule for a glomerulus's class: 0 normal, 1 sclerosed, or ``REJECTED``.
+
+    Without a verifier: the index of the class with the larger mean probability over the
+    glomerulus's pixels (a tie is normal). With the verifier's (not glomerulus, normal,
+    sclerosed) probabilities: rejected when p_normal + p_sclerosed < ``min_glomerulus_probability``;
+    otherwise sclerosed when the weighted mean of the two models' sclerosed shares (the
+    verifier's p_sclerosed / (p_normal + p_sclerosed) with ``verifier_grading_weight``, the
+    segmentation's mean sclerosed / (normal + sclerosed) with the rest) exceeds one half.
     ``analyze``, ``evaluate`` and training validation all classify through this function."""
-    return int(np.argmax(np.asarray(mean_probabilities, dtype=np.float64)))
+    means = np.asarray(mean_probabilities, dtype=np.float64)
+    if verifier_probabilities is None:
+        return int(np.argmax(means))
+    v = np.asarray(verifier_probabilities, dtype=np.float64)
+    p_glomerulus = v[1] + v[2]
+    if p_glomerulus < min_glomerulus_probability:
+        return REJECTED
+    verifier_share = v[2] / p_glomerulus if p_glomerulus > 0 else 0.0
+    segmentation_share = means[1] / means.sum() if means.sum() > 0 else 0.0
+    share = verifier_grading_weight * verifier_share + (1 - verifier_grading_weight) * segmentation_share
+    return int(share > 0.5)
 
 
 def glomeruli_in_image(probabilities: np.ndarray, class_names: tuple[str, ...], min_area_px: float,

@@ -42,7 +42,9 @@ GLOMERULI_COLUMNS = [
     "id", "class", "class_probability", "p_normal", "p_sclerosed", "area_px", "area_um2",
     "centroid_x", "centroid_y", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
     "equivalent_diameter_px", "equivalent_diameter_um",
+    "verifier_p_not_glomerulus", "verifier_p_normal", "verifier_p_sclerosed",
 ]
+"""The verifier's probabilities are empty when it did not run."""
 
 
 def glomeruli_table(instances: list[Glomerulus], scale: float, analysis_mpp: float | None) -> pd.DataFrame:
@@ -69,6 +71,8 @@ def glomeruli_table(instances: list[Glomerulus], scale: float, analysis_mpp: flo
             "bbox_y1": int(math.ceil(g.bbox[3] * scale)),
             "equivalent_diameter_px": round(2 * math.sqrt(area0 / math.pi), 1),
             "equivalent_diameter_um": round(2 * math.sqrt(area_um2 / math.pi), 1) if area_um2 is not None else None,
+            **dict(zip(("verifier_p_not_glomerulus", "verifier_p_normal", "verifier_p_sclerosed"),
+                       (round(p, 4) for p in g.verifier_probabilities) if g.verifier_probabilities else (None,) * 3)),
         })
     return pd.DataFrame(rows, columns=GLOMERULI_COLUMNS)
 
@@ -78,26 +82,42 @@ def write_glomeruli_csv(table: pd.DataFrame, path: Path) -> None:
 
 
 # -- QuPath GeoJSON ---------------------------------------------------------------------------
+REJECTED_CLASS_NAME = "Not glomerulus"
+REJECTED_COLOUR = (140, 140, 140)
+"""QuPath classification of the candidates the verifier rejected (``rejected.geojson``); the
+review page's false detections carry the same name."""
+
+
 def glomeruli_geojson(instances: list[Glomerulus], table: pd.DataFrame, scale: float) -> dict:
     """FeatureCollection of QuPath detections: one polygon per glomerulus in level-0 pixels,
-    classification name + colour, and the CSV's measurements."""
+    classification name + colour, and the CSV's measurements. Candidates the verifier rejected
+    (``rejected.geojson``) are classified "Not glomerulus", named "rejected candidate <id>" and
+    carry ``glomscan.candidate_class``: the class a reviewer restores them to."""
     features = []
     measurement_columns = [c for c in GLOMERULI_COLUMNS if c not in ("id", "class")]
     for g, (_, row) in zip(instances, table.iterrows()):
         ring = [[round(x * scale, 2), round(y * scale, 2)] for x, y in g.contour]
         measurements = {c: float(row[c]) for c in measurement_columns if pd.notna(row[c])}
+        if g.rejected:
+            name, classification = f"rejected candidate {g.id}", {"name": REJECTED_CLASS_NAME,
+                                                                    "color": list(REJECTED_COLOUR)}
+        else:
+            name, classification = f"glomerulus {g.id}", {"name": QUPATH_CLASS_NAMES[g.class_name],
+                                                          "color": list(CLASS_COLOURS[g.class_name])}
+        properties = {
+            "objectType": "detection",
+            "name": name,
+            "classification": classification,
+            "isLocked": False,
+            "measurements": {"glomscan id": g.id, **measurements},
+        }
+        if g.rejected:
+            properties["glomscan"] = {"candidate_class": g.class_name, "rejected_by": "verifier"}
         features.append({
             "type": "Feature",
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"glomscan/{g.id}/{ring[:1]}")),
             "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {
-                "objectType": "detection",
-                "name": f"glomerulus {g.id}",
-                "classification": {"name": QUPATH_CLASS_NAMES[g.class_name],
-                                   "color": list(CLASS_COLOURS[g.class_name])},
-                "isLocked": False,
-                "measurements": {"glomscan id": g.id, **measurements},
-            },
+            "properties": properties,
         })
     return {"type": "FeatureCollection", "features": features}
 
@@ -134,6 +154,31 @@ class StreamedLabelFile:
         first, last = int(nz[0]), int(nz[-1]) + 1
         offset = len(self._header) + (y0 + first) * self.width
         os.pwrite(self._fd, np.ascontiguousarray(rows[first:last]).tobytes(), offset)
+
+    def relabel(self, bbox: tuple[int, int, int, int], contour: list[tuple[float, float]], value: int) -> None:
+        """Paint the glomerulus with box ``bbox`` and outline ``contour`` (analysis pixels,
+        pixel-edge coordinates) as ``value`` (0 erases it): the 8-connected component of labelled
+        pixels in the box that the outline covers most. For the verifier's changes, after every
+        row was written."""
+        x0, y0, x1, y1 = bbox
+        w, h = x1 - x0, y1 - y0
+        if w <= 0 or h <= 0 or len(contour) < 3:
+            return
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            offsets = [len(self._header) + y * self.width + x0 for y in range(y0, y1)]
+            block = np.stack([np.frombuffer(os.pread(fd, w, o), np.uint8) for o in offsets]).copy()
+            points = np.asarray(contour, np.float64)
+            inside = polygon_mask(points[:, 1] - 0.5 - y0, points[:, 0] - 0.5 - x0, (h, w))
+            components, _ = ndimage.label(block > 0, structure=np.ones((3, 3), bool))
+            covered = components[inside & (components > 0)]
+            if covered.size == 0:
+                return
+            block[components == np.bincount(covered).argmax()] = value
+            for o, row in zip(offsets, block):
+                os.pwrite(fd, row.tobytes(), o)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -11,8 +11,8 @@ import click
 
 from ..config import BACKENDS, BLEND_WINDOWS, GPU_PRECISIONS, AnalysisSettings
 from ..engines import EngineOptions
-from .common import default, is_quiet, load_model_or_exit, model_option, seed_option, verbosity, \
-    warn_if_not_for_real_tissue
+from .common import attach_verifier_or_exit, default, is_quiet, load_model_or_exit, model_option, seed_option, \
+    verbosity, verifier_options, warn_if_not_for_real_tissue
 
 log = logging.getLogger("glomscan")
 
@@ -22,6 +22,7 @@ log = logging.getLogger("glomscan")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("glomscan-out"),
               show_default=True, help="Output folder (one sub-folder per slide, plus summary.csv).")
 @model_option()
+@verifier_options
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto",
               show_default=True,
               help="Inference backend. auto: the first that works here of tensorrt, onnxruntime-CUDA, torch-CUDA, "
@@ -66,7 +67,7 @@ log = logging.getLogger("glomscan")
 @click.option("--recursive", is_flag=True, help="Also look for slides in sub-folders.")
 @click.option("--force", is_flag=True, help="Redo slides whose outputs are complete and up to date.")
 @verbosity
-def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap, target_mpp, downsample,
+def analyze(slides_dir, out_dir, model_path, verifier_path, no_verifier, backend, batch_size, tile, overlap, target_mpp, downsample,
             mpp_override, min_area_um2, readers, merge_workers, cluster, workers, blend, engine_dir, precision, viewer,
             recursive, force):
     """Analyse every slide in SLIDES_DIR: masks, glomerulus tables, sclerosis reports, and the
@@ -83,7 +84,7 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
                                "(tile reader threads are --readers)")
     if cluster not in (None, "local") and "://" not in cluster:
         raise click.UsageError(f"--cluster {cluster!r}: use 'local' or a scheduler address such as tcp://host:8786")
-    model = load_model_or_exit(model_path)
+    model = attach_verifier_or_exit(load_model_or_exit(model_path), model_path, verifier_path, no_verifier)
     # settings the model card owns are resolved here, once, and checked before any slide
     tile = tile or model.card.tile
     overlap = tile // 2 if overlap is None else overlap
@@ -93,7 +94,8 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
     settings = AnalysisSettings(target_mpp=target_mpp, downsample=downsample, mpp_override=mpp_override,
                                 tile=tile, overlap=overlap, batch_size=max(batch_size, 1), workers=readers,
                                 merge_workers=merge_workers,
-                                min_glomerulus_area_um2=min_area_um2, blend=blend, viewer=viewer)
+                                min_glomerulus_area_um2=min_area_um2, blend=blend, viewer=viewer,
+                                verify_candidates=not no_verifier)
     try:
         settings.validate()
     except ValueError as exc:
@@ -121,8 +123,9 @@ def analyze(slides_dir, out_dir, model_path, backend, batch_size, tile, overlap,
                 raise click.UsageError(str(exc)) from exc
             if batch_size == 0:
                 settings = dataclasses.replace(settings, batch_size=engine.preferred_batch_size)
-            log.info("model %s (%s); backend %s: %s; batch size %d", model.model_id, model.card.trained_on,
-                     choice.backend, choice.reason, settings.batch_size)
+            log.info("model %s (%s); backend %s: %s; batch size %d; verifier %s", model.model_id,
+                     model.card.trained_on, choice.backend, choice.reason, settings.batch_size,
+                     model.verifier.model_id if model.verifier is not None else "none")
             try:
                 outcome = run_batch(slides_dir, out_dir, model, engine, choice, settings, force=force,
                                     recursive=recursive, quiet=quiet)

@@ -79,6 +79,37 @@ def load_model_or_exit(model_path: Path | None):
         raise click.UsageError(str(exc)) from exc
 
 
+def verifier_options(f):
+    """``--verifier PATH`` and ``--no-verifier`` (the candidate verifier, second stage)."""
+    f = click.option("--no-verifier", is_flag=True,
+                     help="Do not run the candidate verifier: every candidate of the segmentation model counts.")(f)
+    return click.option("--verifier", "verifier_path", type=click.Path(path_type=Path), default=None,
+                        help="Candidate verifier file (.onnx, from 'glomscan train verifier') checking and grading "
+                             "every candidate. Default: the verifier shipped with the package, with the shipped "
+                             "model only (a verifier is trained on one segmentation model's candidates).")(f)
+
+
+def attach_verifier_or_exit(model, model_path: Path | None, verifier_path: Path | None, no_verifier: bool):
+    """Pair ``model`` with its verifier: the one named, else the shipped one when the shipped
+    model is used, else none; a usage error (exit 2) naming the problem when it cannot be used."""
+    from ..shipped import default_verifier_path
+    from ..verify import VerifierError, load_verifier
+
+    if no_verifier:
+        if verifier_path is not None:
+            raise click.UsageError("--verifier and --no-verifier contradict each other")
+        model.verifier = None
+        return model
+    if verifier_path is None and model_path is None:
+        verifier_path = default_verifier_path()
+    if verifier_path is not None:
+        try:
+            model.verifier = load_verifier(verifier_path)
+        except VerifierError as exc:
+            raise click.UsageError(str(exc)) from exc
+    return model
+
+
 def warn_if_not_for_real_tissue(model) -> None:
     """Printed even with --quiet: results of such a model must not be read as findings."""
     if not model.card.for_real_tissue:

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ..train.settings import (GENERATOR_UPSAMPLING, InpaintSettings, MaskGanSettings, PrepareSettings,
-                              SegmentSettings)
-from .common import default, fail_on, is_quiet, seed_option, verbosity
+                              SegmentSettings, VerifierSettings)
+from .common import default, fail_on, is_quiet, load_model_or_exit, model_option, seed_option, verbosity
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 NEW_FILE = click.Path(dir_okay=False, path_type=Path)
@@ -101,6 +101,58 @@ def synth_slides(out_dir, count, seed):
 def train():
     """Train models: the segmentation U-Net, the inpainting GAN, the mask DCGAN. Each resumes
     from OUT.last.pt when it exists."""
+
+
+@train.command("verifier", short_help="Train the candidate verifier (second stage) on a prepared set.")
+@click.option("--data", "dataset_dir", type=EXISTING_DIR, required=True, help="Set made by 'glomscan prepare'.")
+@model_option("Segmentation model whose candidates are mined as hard negatives (default: the shipped model).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder: verifier.onnx (the verifier file), verifier.pt (best state), verifier.last.pt (resume), "
+                   "verifier.metrics.csv, and the cached samples (mined.csv, samples.csv, contexts.npy).")
+@_epochs_option(default(VerifierSettings, "epochs"))
+@_batch_size_option(default(VerifierSettings, "batch_size"))
+@click.option("--lr", type=float, default=default(VerifierSettings, "lr"), show_default=True,
+              help="Peak learning rate (one-cycle schedule).")
+@click.option("--mining-threshold", type=float, default=default(VerifierSettings, "mining_threshold"),
+              show_default=True, help="Mine segmentation components of max class probability >= this that match "
+                                      "no outline (0: no mining, random tissue negatives only).")
+@click.option("--hard-negative-weight", type=float, default=default(VerifierSettings, "hard_negative_weight"),
+              show_default=True, help="Loss weight of the mined negatives and the boxes around them.")
+@click.option("--stain-jitter", type=float, default=default(VerifierSettings, "stain_jitter"), show_default=True,
+              help="Per-sample optical-density gain, shift and saturation jitter.")
+@click.option("--hold-out-groups", default="", help="Comma-separated tile groups left out (cross-validation).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]), default="auto",
+              show_default=True, help="Inference backend of the segmentation model while mining.")
+@click.option("--name", default="glomscan-verifier", show_default=True, help="Name in the verifier's card.")
+@click.option("--trained-on", default="", help="Card: what it was trained on.")
+@click.option("--licence", default="", help="Card: terms the weights inherit from the training data.")
+@click.option("--intended-use", default="research use only; not a medical device", show_default=True,
+              help="Card: intended use.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
+@_device_option()
+@seed_option()
+@verbosity
+@fail_on(ValueError)
+def train_verifier(dataset_dir, model_path, out_dir, epochs, batch_size, lr, mining_threshold, hard_negative_weight,
+                   stain_jitter, hold_out_groups, backend, name, trained_on, licence, intended_use, precision, device,
+                   seed):
+    """Train the candidate verifier: a ResNet-18 on crops framed on each candidate, three classes
+    (not a glomerulus, normal, globally sclerosed), from the outlined glomeruli of a prepared set,
+    random tissue boxes and the segmentation model's mined false candidates (hard negatives).
+    Resumes from OUT/verifier.last.pt."""
+    from ..train.verifier import make_verifier
+    from ..verify import VerifierCard
+
+    settings = VerifierSettings(epochs=epochs, batch_size=batch_size, lr=lr, mining_threshold=mining_threshold,
+                                hard_negative_weight=hard_negative_weight, stain_jitter=stain_jitter, seed=seed,
+                                precision=precision, device=device)
+    segmentation = load_model_or_exit(model_path) if mining_threshold > 0 else None
+    card = VerifierCard(name=name, trained_on=trained_on, licence=licence, intended_use=intended_use)
+    groups = tuple(g.strip() for g in hold_out_groups.split(",") if g.strip())
+    path, best = make_verifier(dataset_dir, out_dir, segmentation, settings, card, backend, groups, quiet=is_quiet())
+    click.echo(f"best epoch {best.get('epoch')}: " + ", ".join(f"{k} {v:.3f}" for k, v in best.items()
+                                                              if isinstance(v, float)))
+    click.echo(f"-> {path}")
 
 
 @train.command("segment", short_help="Train the segmentation U-Net.")

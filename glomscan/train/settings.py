@@ -235,3 +235,40 @@ class SynthesisSettings:
     min_saturation: float = TissueSettings.min_saturation
     examples: int = 8
     """Placements shown in examples.png."""
+
+
+@dataclass(frozen=True)
+class VerifierSettings:
+    """``train verifier``: the candidate verifier's samples (``train/verifier.py``) and training."""
+
+    epochs: int = 16
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    input_px: int = 128
+    """Side of the crop the network sees."""
+    context_px: int = 160
+    """Side of each sample's stored context (the widest framing plus room for the shift)."""
+    margin_range: tuple[float, float] = (0.05, 0.30)
+    """Training framings: the box plus this fraction of its longer side on every side."""
+    shift_fraction: float = 0.08
+    """Training framings are shifted by up to this fraction of the view's half side."""
+    stain_jitter: float = 0.2
+    jpeg_fraction: float = 0.5
+    """Share of samples cut from a JPEG (quality 60-95, 4:2:0) copy of their patch."""
+    mining_threshold: float = 0.15
+    """Hard negatives: segmentation components of max class probability >= this matching no
+    outline (0: mine nothing)."""
+    min_area_px: float = 1500.0
+    """Smallest mined component (analysis pixels; analyze's 1500 µm² at 1 µm/px)."""
+    mined_jitter: int = 6
+    """Boxes sampled around each mined negative."""
+    hard_negative_weight: float = 2.0
+    composites_mined_per_tile: int = 10
+    """Composites per background tile the model is run on for mining (besides the tiles)."""
+    random_negatives_per_patch: int = 2
+    random_negatives_per_tile: int = 12
+    random_box_sides_px: tuple[float, float] = (90.0, 260.0)
+    seed: int = 0
+    precision: str = "auto"
+    device: str | None = None
