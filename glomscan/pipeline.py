@@ -22,6 +22,7 @@ from .atomic import atomic_write_text
 from .interrupts import raise_if_interrupted
 from .progress import Progress
 from .report import (
+    REJECTED_FILE,
     StreamedLabelFile,
     glomeruli_geojson,
     glomeruli_table,
@@ -40,9 +41,6 @@ MIN_IMAGE_SIDE_PX = 64
 """Images whose longer side is shorter than this at the analysis resolution (64 µm at 1 µm/px)
 cannot hold a glomerulus and are refused with that reason."""
 OUTPUT_FILES = ("mask.tif", "glomeruli.csv", "glomeruli.geojson", "overview.png", "report.json")
-REJECTED_FILE = "rejected.geojson"
-"""Candidates the verifier rejected (QuPath "Not glomerulus"), written when it ran; the review
-page shows them for a pathologist to restore."""
 OVERVIEW_MAX_SIDE = 2048
 
 

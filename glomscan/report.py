@@ -86,6 +86,8 @@ REJECTED_CLASS_NAME = "Not glomerulus"
 REJECTED_COLOUR = (140, 140, 140)
 """QuPath classification of the candidates the verifier rejected (``rejected.geojson``); the
 review page's false detections carry the same name."""
+REJECTED_FILE = "rejected.geojson"
+"""Per slide, when the verifier ran: the candidates it rejected, for the review page and QuPath."""
 
 
 def glomeruli_geojson(instances: list[Glomerulus], table: pd.DataFrame, scale: float) -> dict:

@@ -13,6 +13,11 @@ detection or a missed glomerulus (point or outline), see the counts and percent 
 glomerulosclerosis with its 95 % Wilson interval follow, and download the corrections as
 ``<slide stem>.geojson``: a QuPath-compatible FeatureCollection that ``glomscan prepare
 --annotations`` and ``glomscan evaluate results --truth`` read (``glomscan.train.data``).
+
+Candidates the verifier rejected (``rejected.geojson``, when analyze wrote one) are on the page
+too, marked ``rejected_by: "verifier"``: drawn and listed as rejected and not counted until the
+pathologist restores one (then it counts in its class, and is exported as "restored"); one left
+rejected is no reviewer's change and is exported as "Not glomerulus" ("rejected by verifier").
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 import pyvips
 
 from .atomic import OUTPUT_ERRNOS, atomic_write_text
-from .report import CLASS_COLOURS, QUPATH_CLASS_NAMES, Z_95
+from .report import CLASS_COLOURS, QUPATH_CLASS_NAMES, REJECTED_CLASS_NAME, REJECTED_COLOUR, REJECTED_FILE, Z_95
 from .slides import Slide
 
 log = logging.getLogger(__name__)
@@ -41,10 +46,9 @@ ASSETS = ("openseadragon.min.js", "LICENSE-openseadragon.txt", "VENDORED.md", "v
 TILE_SIZE = 254
 TILE_OVERLAP = 1
 JPEG_QUALITY = 80
-CORRECTION_CLASS_NAMES = {**QUPATH_CLASS_NAMES, "rejected": "Not glomerulus"}
+CORRECTION_CLASS_NAMES = {**QUPATH_CLASS_NAMES, "rejected": REJECTED_CLASS_NAME}
 """Classification names of the corrections file: the analysis' own two, and false detections
 (kept in the file so the review can be traced; ``prepare`` reads them as background)."""
-REJECTED_COLOUR = (140, 140, 140)
 
 
 @dataclass(frozen=True)
@@ -54,15 +58,22 @@ class ViewerInfo:
     tiles: int
 
 
-def glomeruli_for_page(geojson: dict) -> list[dict]:
+def glomeruli_for_page(geojson: dict, rejected_by: str | None = None) -> list[dict]:
     """The page's glomeruli from ``glomeruli.geojson``: id, class, probabilities, measurements
-    and the outline (level-0 pixels)."""
+    and the outline (level-0 pixels). With ``rejected_by`` (``"verifier"``), the candidates of
+    ``rejected.geojson``: their class is the one they get when restored
+    (``glomscan.candidate_class``) and each says who rejected them (``rejected_by``; ``None``
+    for accepted glomeruli)."""
     by_name = {v: k for k, v in QUPATH_CLASS_NAMES.items()}
     out = []
     for feature in geojson.get("features", []):
         props = feature.get("properties", {})
         m = dict(props.get("measurements", {}))
-        cls = by_name.get((props.get("classification") or {}).get("name", ""), "normal")
+        if rejected_by is None:
+            cls = by_name.get((props.get("classification") or {}).get("name", ""), "normal")
+        else:
+            cls = (props.get("glomscan") or {}).get("candidate_class", "normal")
+            cls = cls if cls in QUPATH_CLASS_NAMES else "normal"
         geometry = feature.get("geometry") or {}
         if geometry.get("type") != "Polygon":
             continue
@@ -70,16 +81,32 @@ def glomeruli_for_page(geojson: dict) -> list[dict]:
             "id": int(m.pop("glomscan id", len(out) + 1)),
             "feature_id": feature.get("id"),
             "class": cls,
+            "rejected_by": rejected_by,
             "ring": [[round(x, 1), round(y, 1)] for x, y in geometry["coordinates"][0]],
             "measurements": m,
         })
     return out
 
 
+def page_glomeruli(folder: Path) -> list[dict]:
+    """The accepted glomeruli of ``folder/glomeruli.geojson``, then the candidates the verifier
+    rejected (``folder/rejected.geojson``, when there is one); ids are unique across both."""
+    folder = Path(folder)
+    glomeruli = glomeruli_for_page(json.loads((folder / "glomeruli.geojson").read_text()))
+    if (folder / REJECTED_FILE).is_file():
+        rejected = glomeruli_for_page(json.loads((folder / REJECTED_FILE).read_text()), rejected_by="verifier")
+        taken = {g["id"] for g in glomeruli}
+        clashing = [g["id"] for g in rejected if g["id"] in taken]
+        if clashing:
+            log.warning("%s: rejected candidates %s share an id with a glomerulus; not shown", folder.name, clashing)
+        glomeruli += [g for g in rejected if g["id"] not in taken]
+    return glomeruli
+
+
 def page_data(folder: Path, report, width: int, height: int) -> dict:
-    """Everything the page shows, as JSON: the slide, the tile pyramid, the glomeruli, the
-    counts and %GS with its interval as analysed (report.json's numbers)."""
-    geojson = json.loads((folder / "glomeruli.geojson").read_text())
+    """Everything the page shows, as JSON: the slide, the tile pyramid, the glomeruli and the
+    candidates the verifier rejected (``rejected_by``), the counts and %GS with its interval as
+    analysed (report.json's numbers: rejected candidates are not in them)."""
     return {
         "slide": report.slide,
         "stem": Path(report.path).stem,
@@ -88,6 +115,7 @@ def page_data(folder: Path, report, width: int, height: int) -> dict:
         "downsample": report.analysis_downsample,
         "mpp": report.mpp, "analysis_mpp": report.analysis_mpp,
         "model_id": report.model_id, "model_sha256": report.model_sha256,
+        "verifier_id": getattr(report, "verifier_id", "") or "",
         "tiles": {"url": f"{VIEWER_DIR}/tiles_files/", "format": "jpg", "overlap": TILE_OVERLAP, "size": TILE_SIZE},
         "analysed": {"n_normal": report.n_normal, "n_sclerosed": report.n_sclerosed,
                      "percent": report.percent_global_glomerulosclerosis,
@@ -95,7 +123,7 @@ def page_data(folder: Path, report, width: int, height: int) -> dict:
         "z": Z_95,
         "class_names": CORRECTION_CLASS_NAMES,
         "colours": {**{k: list(v) for k, v in CLASS_COLOURS.items()}, "rejected": list(REJECTED_COLOUR)},
-        "glomeruli": glomeruli_for_page(geojson),
+        "glomeruli": page_glomeruli(folder),
     }
 
 

@@ -4,6 +4,8 @@ itself in a real browser: tests/test_viewer_browser.py)."""
 
 import json
 import re
+import shutil
+import time
 from html.parser import HTMLParser
 
 import numpy as np
@@ -13,11 +15,14 @@ import pyvips
 from click.testing import CliRunner
 
 from glomscan import batch as batch_module
-from glomscan.batch import run_batch
+from glomscan import viewer
+from glomscan.batch import load_report, run_batch
 from glomscan.cli import main
 from glomscan.config import AnalysisSettings
+from glomscan.pipeline import sclerosis_summary
+from glomscan.report import QUPATH_CLASS_NAMES
 from glomscan.train.data import DEFAULT_CLASS_MAP, read_png, read_qupath_geojson, read_qupath_points
-from glomscan.viewer import VIEWER_DIR, VIEWER_PAGE
+from glomscan.viewer import CORRECTION_CLASS_NAMES, REJECTED_COLOUR, VIEWER_DIR, VIEWER_PAGE
 
 from conftest import ORACLE_CHOICE, TEST_GLOMERULI, OracleEngine, copy_slide, oracle_model
 
@@ -70,6 +75,71 @@ def test_viewer_page_pyramid_and_vendored_viewer(out):
     assert all("class_probability" in g["measurements"] for g in data["glomeruli"])
     assert data["analysed"]["percent"] == report["percent_global_glomerulosclerosis"]
     assert data["downsample"] == report["analysis_downsample"] == 2.0
+
+
+VERIFIER_P = {"verifier_p_not_glomerulus": 0.83, "verifier_p_normal": 0.12, "verifier_p_sclerosed": 0.05}
+
+
+def reject_by_verifier(src, dst, gid: int) -> tuple[int, str]:
+    """A copy of the analysed slide folder ``src`` as if the verifier had rejected glomerulus
+    ``gid``: its feature moved from glomeruli.geojson to rejected.geojson (as analyze writes it:
+    "Not glomerulus", glomscan.candidate_class, the id after the accepted ones, verifier
+    probabilities), report.json's counts without it, the page written again. Returns the
+    candidate's id and class."""
+    shutil.copytree(src, dst)
+    geo = json.loads((dst / "glomeruli.geojson").read_text())
+    n = len(geo["features"])
+    feature = next(f for f in geo["features"] if f["properties"]["measurements"]["glomscan id"] == gid)
+    geo["features"].remove(feature)
+    props = feature["properties"]
+    cls = {v: k for k, v in QUPATH_CLASS_NAMES.items()}[props["classification"]["name"]]
+    new_id = n + 1
+    props["name"] = f"rejected candidate {new_id}"
+    props["classification"] = {"name": CORRECTION_CLASS_NAMES["rejected"], "color": list(REJECTED_COLOUR)}
+    props["glomscan"] = {"candidate_class": cls, "rejected_by": "verifier"}
+    props["measurements"].update({"glomscan id": new_id, **VERIFIER_P})
+    (dst / "glomeruli.geojson").write_text(json.dumps(geo))
+    (dst / "rejected.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    report = load_report(dst)
+    setattr(report, f"n_{cls}", getattr(report, f"n_{cls}") - 1)
+    report.n_glomeruli -= 1
+    report.n_candidates, report.n_rejected = n, 1
+    (report.percent_global_glomerulosclerosis, report.ci95_low,
+     report.ci95_high) = sclerosis_summary(report.n_normal, report.n_sclerosed)
+    (dst / "report.json").write_text(report.to_json())
+    size = page_data(src / VIEWER_PAGE)
+    viewer.write_viewer_page(dst, report, size["width"], size["height"], time.perf_counter())
+    return new_id, cls
+
+
+def test_page_data_lists_the_candidates_the_verifier_rejected_uncounted(out, tmp_path):
+    before = page_data(out / "case01" / VIEWER_PAGE)
+    assert all(g["rejected_by"] is None for g in before["glomeruli"])  # no rejected.geojson: none
+    gid = next(g["id"] for g in before["glomeruli"] if g["class"] == "normal")
+    folder = tmp_path / "case01"
+    new_id, cls = reject_by_verifier(out / "case01", folder, gid)
+    assert cls == "normal"
+    data = page_data(folder / VIEWER_PAGE)
+    assert data == viewer.page_data(folder, load_report(folder), data["width"], data["height"])
+    listed = {g["id"]: g for g in data["glomeruli"]}
+    # every candidate once: the accepted ones as they were, the rejected one after them
+    assert len(data["glomeruli"]) == len(before["glomeruli"]) and gid not in listed
+    assert [g["id"] for g in data["glomeruli"]][-1] == new_id
+    candidate = listed[new_id]
+    assert candidate["rejected_by"] == "verifier" and candidate["class"] == "normal"
+    assert [g["rejected_by"] for g in data["glomeruli"]].count("verifier") == 1
+    assert candidate["ring"] == next(g["ring"] for g in before["glomeruli"] if g["id"] == gid)
+    assert candidate["measurements"]["verifier_p_not_glomerulus"] == 0.83
+    assert "glomscan id" not in candidate["measurements"]
+    # the analysed counts are report.json's: the rejected candidate is not in them
+    report = json.loads((folder / "report.json").read_text())
+    assert data["analysed"]["n_normal"] == report["n_normal"] == before["analysed"]["n_normal"] - 1
+    assert data["analysed"]["n_sclerosed"] == before["analysed"]["n_sclerosed"]
+    assert data["analysed"]["percent"] == report["percent_global_glomerulosclerosis"] != before["analysed"]["percent"]
+    # an empty rejected.geojson: nothing more
+    (folder / "rejected.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    empty = viewer.page_data(folder, load_report(folder), data["width"], data["height"])
+    assert [g["id"] for g in empty["glomeruli"]] == [g["id"] for g in data["glomeruli"]][:-1]
 
 
 class Links(HTMLParser):

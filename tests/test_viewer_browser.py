@@ -19,11 +19,12 @@ from glomscan.cli import main
 from glomscan.config import AnalysisSettings
 from glomscan.pipeline import sclerosis_summary
 from glomscan.synthetic import NORMAL, SCLEROSED
+from glomscan.report import QUPATH_CLASS_NAMES
 from glomscan.train.data import DEFAULT_CLASS_MAP, read_qupath_geojson
-from glomscan.viewer import VIEWER_PAGE
+from glomscan.viewer import CORRECTION_CLASS_NAMES, REJECTED_COLOUR, VIEWER_PAGE
 
 from conftest import ORACLE_CHOICE, TEST_GLOMERULI, OracleEngine, copy_slide, oracle_model
-from test_viewer import centre, page_data, prepared_label_at
+from test_viewer import VERIFIER_P, centre, page_data, prepared_label_at, reject_by_verifier
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
 CHROMIUM = os.environ.get("GLOMSCAN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -48,17 +49,23 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, out):
-    """A fresh page (fresh storage) with the slide's viewer, every tile of the first view loaded."""
+def open_viewer(browser, folder):
+    """A fresh page (fresh storage) with the viewer of a slide folder, every tile of the first
+    view loaded; its context (close it)."""
     context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto((out / "case01" / VIEWER_PAGE).as_uri())
+    page.goto((folder / VIEWER_PAGE).as_uri())
     page.wait_for_function("document.body.dataset.ready === '1' && window.glomscanViewer.world.getItemCount() === 1"
                            " && window.glomscanViewer.world.getItemAt(0).getFullyLoaded()", timeout=30_000)
     page.errors = errors
+    return context, page
+
+
+@pytest.fixture
+def page(browser, out):
+    context, page = open_viewer(browser, out / "case01")
     yield page
     context.close()
 
@@ -177,3 +184,126 @@ def test_corrections_export_round_trips_through_prepare_and_evaluate(page, out, 
     row = pd.read_csv(tmp_path / "eval.csv").iloc[0]
     assert (row.n_true, row.matched) == (len(TEST_GLOMERULI) + 1, len(TEST_GLOMERULI) - 1)
     assert row.sclerosis_pct_true == pytest.approx(100 * (n_scl + 2) / (n_normal + n_scl + 1))
+
+
+@pytest.fixture(scope="module")
+def verified(out, tmp_path_factory):
+    """The slide as if the verifier had rejected its first normal glomerulus: (folder, the
+    candidate's page entry)."""
+    data = page_data(out / "case01" / VIEWER_PAGE)
+    gid = next(g["id"] for g in data["glomeruli"] if g["class"] == "normal")
+    folder = tmp_path_factory.mktemp("viewer-verified") / "case01"
+    new_id, _ = reject_by_verifier(out / "case01", folder, gid)
+    return folder, next(g for g in page_data(folder / VIEWER_PAGE)["glomeruli"] if g["id"] == new_id)
+
+
+@pytest.fixture
+def verified_page(browser, verified):
+    context, page = open_viewer(browser, verified[0])
+    yield page
+    context.close()
+
+
+def export(page, folder):
+    """The page's corrections file, downloaded into ``folder``: (path, features by glomscan id)."""
+    with page.expect_download() as download:
+        page.locator("#export").click()
+    path = folder / download.value.suggested_filename
+    download.value.save_as(path)
+    fc = json.loads(path.read_text())
+    return path, {f["properties"]["glomscan"].get("id"): f for f in fc["features"]}
+
+
+def stored_changes(page):
+    return page.evaluate("""() => { const d = JSON.parse(document.getElementById('glomscan-data').textContent);
+        return JSON.parse(localStorage.getItem('glomscan-review:' + d.path + ':' + d.model_sha256) || '[]'); }""")
+
+
+def test_a_candidate_the_verifier_rejected_is_shown_uncounted_and_exported_as_such(verified_page, verified, tmp_path):
+    page, (folder, cand) = verified_page, verified
+    data = page_data(folder / VIEWER_PAGE)
+    n_normal, n_scl = data["analysed"]["n_normal"], data["analysed"]["n_sclerosed"]
+    key = f"g{cand['id']}"
+    # drawn (in the rejected grey, dashed) and listed as rejected by the verifier, not counted
+    assert int(page.evaluate("document.body.dataset.outlines")) == len(TEST_GLOMERULI)
+    outline = page.locator(f'svg.overlay polygon[data-key="{key}"]')
+    assert set(outline.get_attribute("class").split()) >= {"glomerulus", "rejected", "verifier"}
+    assert outline.get_attribute("stroke") == "rgb({},{},{})".format(*REJECTED_COLOUR)
+    item = page.locator(f'#list li[data-key="{key}"]')
+    assert "rejected" in item.get_attribute("class").split()
+    assert item.locator(".label").inner_text() == f"#{cand['id']} rejected by verifier (would be normal)"
+    assert page.evaluate("document.body.dataset.reviewedCounts") == f"{n_normal},{n_scl}"
+    assert page.locator("#reviewed-n").inner_text() == str(n_normal + n_scl)
+    assert page.locator("#reviewed-percent").inner_text() == f"{sclerosis_summary(n_normal, n_scl)[0]:g} %"
+    # no reviewer's change: not in the changes line, nothing stored
+    changes = page.locator("#changes").inner_text()
+    assert changes.startswith("0 class change(s), 0 false detection(s), 0 restored, 0 added"), changes
+    assert "1 of 1 candidate(s) rejected by the verifier" in changes
+    item.click()
+    details = page.locator("#details").inner_text()
+    assert f"Candidate #{cand['id']}" in details and "would be normal" in details
+    assert "verifier: not a glomerulus p" in details and f"{VERIFIER_P['verifier_p_not_glomerulus']:.3f}" in details
+    assert f"{VERIFIER_P['verifier_p_normal']:.3f} / {VERIFIER_P['verifier_p_sclerosed']:.3f}" in details
+    assert page.locator("#reject").inner_text() == "is a glomerulus"
+    assert stored_changes(page) == []
+    # the export: "Not glomerulus", rejected by the verifier, which prepare reads as background
+    path, features = export(page, tmp_path)
+    f = features[cand["id"]]
+    assert f["properties"]["classification"]["name"] == CORRECTION_CLASS_NAMES["rejected"] == "Not glomerulus"
+    g = f["properties"]["glomscan"]
+    assert (g["review"], g["reviewed_class"], g["candidate_class"], g["rejected_by"]) == (
+        "rejected by verifier", None, "normal", "verifier")
+    assert sorted(x["properties"]["glomscan"]["review"] for x in features.values()) == sorted(
+        ["rejected by verifier"] + ["unchanged"] * (len(TEST_GLOMERULI) - 1))
+    assert f["geometry"]["coordinates"] == [cand["ring"]]
+    polygons, skipped = read_qupath_geojson(path, DEFAULT_CLASS_MAP)
+    assert skipped == {} and DEFAULT_CLASS_MAP["not glomerulus"] == 0 and len(polygons) == len(TEST_GLOMERULI) - 1
+    assert page.errors == []
+
+
+def test_restoring_a_candidate_the_verifier_rejected_counts_it_and_exports_it_restored(verified_page, verified,
+                                                                                        tmp_path):
+    page, (folder, cand) = verified_page, verified
+    data = page_data(folder / VIEWER_PAGE)
+    n_normal, n_scl = data["analysed"]["n_normal"], data["analysed"]["n_sclerosed"]
+    key = f"g{cand['id']}"
+    page.locator(f'#list li[data-key="{key}"]').click()
+    page.keyboard.press("x")  # restore: "is a glomerulus"
+    pct, lo, hi = sclerosis_summary(n_normal + 1, n_scl)
+    assert page.evaluate("document.body.dataset.reviewedCounts") == f"{n_normal + 1},{n_scl}"
+    assert page.locator("#reviewed-percent").inner_text() == f"{pct:g} %" != f"{sclerosis_summary(n_normal, n_scl)[0]:g} %"
+    assert page.locator("#reviewed-ci").inner_text() == f"{lo:g}–{hi:g} %"
+    assert page.locator("#changes").inner_text().startswith("0 class change(s), 0 false detection(s), 1 restored, 0 added")
+    assert "restored" in page.locator(f'#list li[data-key="{key}"] .label').inner_text()
+    assert "rejected" not in page.locator(f'svg.overlay polygon[data-key="{key}"]').get_attribute("class").split()
+    assert page.locator("#reject").inner_text() == "not a glomerulus"
+    assert [(s["key"], s["rejected"], s["cls"]) for s in stored_changes(page)] == [(key, False, "normal")]
+    path, features = export(page, tmp_path)
+    f = features[cand["id"]]
+    assert f["properties"]["classification"]["name"] == QUPATH_CLASS_NAMES["normal"]
+    assert (f["properties"]["glomscan"]["review"], f["properties"]["glomscan"]["reviewed_class"]) == ("restored", "normal")
+    polygons, skipped = read_qupath_geojson(path, DEFAULT_CLASS_MAP)
+    assert skipped == {} and len(polygons) == len(TEST_GLOMERULI)
+    # the restoration survives a reload; undo returns it to rejected (no change again)
+    page.reload()
+    page.wait_for_function("document.body.dataset.ready === '1'")
+    assert page.evaluate("[document.body.dataset.restored, document.body.dataset.reviewedCounts]") == [
+        "1", f"{n_normal + 1},{n_scl}"]
+    page.locator(f'#list li[data-key="{key}"]').click()
+    page.keyboard.press("u")
+    assert page.evaluate("document.body.dataset.reviewedCounts") == f"{n_normal},{n_scl}"
+    assert stored_changes(page) == []
+    assert page.locator(f'#list li[data-key="{key}"] .label').inner_text().endswith("rejected by verifier (would be normal)")
+    # restored as sclerosed (key 2), rejected again (x): the toggle undoes the restoration
+    page.keyboard.press("2")
+    assert page.evaluate("document.body.dataset.reviewedCounts") == f"{n_normal},{n_scl + 1}"
+    assert page.locator("#reviewed-percent").inner_text() == f"{sclerosis_summary(n_normal, n_scl + 1)[0]:g} %"
+    _, features = export(page, tmp_path)
+    assert features[cand["id"]]["properties"]["glomscan"]["review"] == "restored"
+    assert features[cand["id"]]["properties"]["classification"]["name"] == QUPATH_CLASS_NAMES["sclerosed"]
+    page.keyboard.press("x")
+    assert page.evaluate("document.body.dataset.reviewedCounts") == f"{n_normal},{n_scl}"
+    assert page.locator("#changes").inner_text().startswith("0 class change(s), 0 false detection(s), 0 restored")
+    _, features = export(page, tmp_path)
+    assert features[cand["id"]]["properties"]["glomscan"]["review"] == "rejected by verifier"
+    assert page.errors == []

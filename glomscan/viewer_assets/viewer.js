@@ -1,7 +1,9 @@
 /* glomscan review page: the slide (Deep Zoom tiles) with its glomeruli, corrections and their
  * export as QuPath-compatible GeoJSON. Data: the page's <script id="glomscan-data">. Loads
  * nothing but image tiles (works from file://). Outline coordinates are level-0 pixels of the
- * input slide; the pyramid is at the analysis resolution (level 0 / data.downsample). */
+ * input slide; the pyramid is at the analysis resolution (level 0 / data.downsample).
+ * Candidates the verifier rejected (rejected_by "verifier") start rejected and uncounted; left
+ * so they are no reviewer's change, restored they count in their class ("restored"). */
 (function () {
   "use strict";
   var data = JSON.parse(document.getElementById("glomscan-data").textContent);
@@ -37,8 +39,9 @@
 
   // -- state -------------------------------------------------------------------------------
   var items = data.glomeruli.map(function (g) {
-    return {key: "g" + g.id, kind: "detected", id: g.id, analysed: g["class"], cls: g["class"], rejected: false,
-            ring: g.ring, m: g.measurements, featureId: g.feature_id};
+    var byVerifier = g.rejected_by === "verifier";  // a candidate the verifier rejected: analysed = its candidate class
+    return {key: "g" + g.id, kind: "detected", id: g.id, analysed: g["class"], cls: g["class"], rejected: byVerifier,
+            verifier: byVerifier, ring: g.ring, m: g.measurements, featureId: g.feature_id};
   });
   var addedCount = 0;
   var selected = null;
@@ -49,22 +52,29 @@
   function byKey(key) { for (var i = 0; i < items.length; i++) { if (items[i].key === key) { return items[i]; } } return null; }
   function counted(it) { return !it.rejected; }
   function counts() {
-    var c = {normal: 0, sclerosed: 0, changed: 0, rejected: 0, added: 0};
+    var c = {normal: 0, sclerosed: 0, changed: 0, rejected: 0, added: 0, restored: 0, byVerifier: 0};
     items.forEach(function (it) {
-      if (it.kind === "added") { c.added += 1; } else if (it.rejected) { c.rejected += 1; } else if (it.cls !== it.analysed) { c.changed += 1; }
+      var r = review(it);
+      if (r === "added") { c.added += 1; } else if (r === "false detection") { c.rejected += 1; }
+      else if (r === "class changed") { c.changed += 1; } else if (r === "restored") { c.restored += 1; }
+      else if (r === "rejected by verifier") { c.byVerifier += 1; }
       if (counted(it)) { c[it.cls] += 1; }
     });
     return c;
   }
+  // what the reviewer did to an item; "unchanged" and "rejected by verifier" (a candidate the
+  // verifier rejected, left so) are the analysis' own and no change (not stored, not in the changes line)
   function review(it) {
     if (it.kind === "added") { return "added"; }
+    if (it.verifier) { return it.rejected ? "rejected by verifier" : "restored"; }
     if (it.rejected) { return "false detection"; }
     return it.cls !== it.analysed ? "class changed" : "unchanged";
   }
+  function isChange(it) { var r = review(it); return r !== "unchanged" && r !== "rejected by verifier"; }
 
   function save() {
     try {
-      localStorage.setItem(STORE, JSON.stringify(items.filter(function (it) { return review(it) !== "unchanged"; })
+      localStorage.setItem(STORE, JSON.stringify(items.filter(isChange)
         .map(function (it) { return {key: it.key, kind: it.kind, cls: it.cls, rejected: it.rejected, ring: it.kind === "added" ? it.ring : undefined, point: it.point}; })));
     } catch (e) { /* storage unavailable: corrections live until the page is closed */ }
   }
@@ -141,17 +151,16 @@
   exportButton.addEventListener("click", exportCorrections);
   panel.appendChild(exportButton);
   panel.appendChild(el("div", {"class": "meta"}, "Saves " + data.stem + ".geojson: every glomerulus with its reviewed " +
-    "class, false detections as \"Not glomerulus\", added ones as points or outlines (level-0 pixels). " +
+    "class, false detections (and candidates the verifier rejected, unless restored) as \"Not glomerulus\", " +
+    "added ones as points or outlines (level-0 pixels). " +
     "Opens in QuPath (File > Import objects); put it in a folder for glomscan prepare --annotations " +
     "or glomscan evaluate results --truth. Keys: n/p next/previous, 1 normal, 2 sclerosed, x false " +
-    "detection, u undo, Esc select tool."));
+    "detection (on a candidate the verifier rejected: restore it / reject it again), u undo, Esc select tool."));
 
-  function order() {
+  function order() {  // sclerosed, normal, candidates the verifier rejected, added
     var detected = items.filter(function (it) { return it.kind === "detected"; });
-    detected.sort(function (a, b) {
-      var sa = a.analysed === "sclerosed" ? 0 : 1, sb = b.analysed === "sclerosed" ? 0 : 1;
-      return sa - sb || a.id - b.id;
-    });
+    function rank(it) { return it.verifier ? 2 : (it.analysed === "sclerosed" ? 0 : 1); }
+    detected.sort(function (a, b) { return rank(a) - rank(b) || a.id - b.id; });
     return detected.concat(items.filter(function (it) { return it.kind === "added"; }));
   }
 
@@ -175,7 +184,10 @@
       tr.appendChild(td);
       countTable.appendChild(tr);
     });
-    changes.textContent = c.changed + " class change(s), " + c.rejected + " false detection(s), " + c.added + " added";
+    var nVerifier = items.filter(function (it) { return it.verifier; }).length;
+    changes.textContent = c.changed + " class change(s), " + c.rejected + " false detection(s), " +
+      (nVerifier ? c.restored + " restored, " : "") + c.added + " added" +
+      (nVerifier ? "; " + c.byVerifier + " of " + nVerifier + " candidate(s) rejected by the verifier, not counted" : "");
     document.body.setAttribute("data-reviewed-percent", after.percent === null ? "" : String(after.percent));
     document.body.setAttribute("data-reviewed-ci", after.low === null ? "" : after.low + "," + after.high);
     document.body.setAttribute("data-reviewed-counts", c.normal + "," + c.sclerosed);
@@ -187,13 +199,18 @@
       var li = el("li", {"data-key": it.key});
       if (it === selected) { li.className = "selected"; }
       if (it.rejected) { li.className += " rejected"; }
+      if (it.verifier) { li.className += " verifier"; }
       var sw = el("span", {"class": "swatch"});
       sw.style.background = rgb(data.colours[it.rejected ? "rejected" : it.cls]);
       li.appendChild(sw);
-      var p = it.m.class_probability;
-      li.appendChild(el("span", {"class": "label"}, (it.kind === "added" ? it.id : "#" + it.id) + " " +
-        (it.rejected ? "not a glomerulus" : it.cls) + (p !== undefined ? " (p " + Number(p).toFixed(2) + ")" : "") +
-        (review(it) !== "unchanged" ? " · " + review(it) : "")));
+      var p = it.m.class_probability, label = (it.kind === "added" ? it.id : "#" + it.id) + " ";
+      if (review(it) === "rejected by verifier") {
+        label += "rejected by verifier (would be " + it.cls + ")";
+      } else {
+        label += (it.rejected ? "not a glomerulus" : it.cls) + (p !== undefined ? " (p " + Number(p).toFixed(2) + ")" : "") +
+          (isChange(it) ? " · " + review(it) : "");
+      }
+      li.appendChild(el("span", {"class": "label"}, label));
       li.addEventListener("click", function () { select(it, true); });
       list.appendChild(li);
     });
@@ -203,13 +220,18 @@
     details.innerHTML = "";
     if (!selected) { details.appendChild(el("div", {"class": "meta"}, "Nothing selected: click an outline, or step through the list with n and p.")); return; }
     var it = selected;
-    details.appendChild(el("h2", {}, it.kind === "added" ? "Added glomerulus (" + it.id + ")" : "Glomerulus #" + it.id));
+    details.appendChild(el("h2", {}, it.kind === "added" ? "Added glomerulus (" + it.id + ")" :
+      (it.verifier ? "Candidate #" + it.id + " (rejected by the verifier)" : "Glomerulus #" + it.id)));
     var dl = el("dl", {});
     function row(k, v) { dl.appendChild(el("dt", {}, k)); dl.appendChild(el("dd", {}, v)); }
     if (it.kind === "detected") {
-      row("analysed as", it.analysed);
+      row("analysed as", it.verifier ? "not a glomerulus (verifier); would be " + it.analysed : it.analysed);
       row("probability", fmt(it.m.class_probability, 3));
       row("p normal / sclerosed", fmt(it.m.p_normal, 3) + " / " + fmt(it.m.p_sclerosed, 3));
+      if (it.m.verifier_p_not_glomerulus !== undefined || it.m.verifier_p_normal !== undefined || it.m.verifier_p_sclerosed !== undefined) {
+        row("verifier: not a glomerulus p", fmt(it.m.verifier_p_not_glomerulus, 3));
+        row("verifier: p normal / sclerosed", fmt(it.m.verifier_p_normal, 3) + " / " + fmt(it.m.verifier_p_sclerosed, 3));
+      }
       row("area", it.m.area_um2 !== undefined ? fmt(it.m.area_um2, 0) + " µm²" : fmt(it.m.area_px) + " px");
       row("diameter", it.m.equivalent_diameter_um !== undefined ? fmt(it.m.equivalent_diameter_um, 1) + " µm" : fmt(it.m.equivalent_diameter_px, 1) + " px");
       row("centre (level 0)", fmt(it.m.centroid_x, 0) + ", " + fmt(it.m.centroid_y, 0));
@@ -241,7 +263,7 @@
   function changed() { save(); renderAll(); }
   function setClass(c) { if (selected) { selected.cls = c; selected.rejected = false; changed(); } }
   function toggleRejected() { if (selected && selected.kind === "detected") { selected.rejected = !selected.rejected; changed(); } }
-  function undo() { if (selected && selected.kind === "detected") { selected.cls = selected.analysed; selected.rejected = false; changed(); } }
+  function undo() { if (selected && selected.kind === "detected") { selected.cls = selected.analysed; selected.rejected = selected.verifier; changed(); } }
   function removeAdded() {
     if (selected && selected.kind === "added") { items.splice(items.indexOf(selected), 1); selected = null; changed(); }
   }
@@ -382,7 +404,8 @@
     node.setAttribute("fill-opacity", it.rejected ? "0" : "0.12");
     node.setAttribute("stroke", colour);
     node.setAttribute("data-key", it.key);
-    node.setAttribute("class", "glomerulus " + (it.rejected ? "rejected" : it.cls) + (it === selected ? " selected" : ""));
+    node.setAttribute("class", "glomerulus " + (it.rejected ? "rejected" : it.cls) + (it.verifier ? " verifier" : "") +
+      (it === selected ? " selected" : ""));
     return node;
   }
   function draw() {
@@ -404,14 +427,16 @@
     var cls = it.rejected ? "rejected" : it.cls;
     var props = {
       objectType: "annotation",
-      name: it.kind === "added" ? "added glomerulus " + it.id.replace("new ", "") : "glomerulus " + it.id,
+      name: it.kind === "added" ? "added glomerulus " + it.id.replace("new ", "") :
+        (it.verifier && it.rejected ? "rejected candidate " : "glomerulus ") + it.id,
       classification: {name: data.class_names[cls], color: data.colours[cls]},
       isLocked: false,
       glomscan: {review: review(it), reviewed_class: it.rejected ? null : it.cls}
     };
     if (it.kind === "detected") {
       props.glomscan.id = it.id;
-      props.glomscan.analysed_class = it.analysed;
+      props.glomscan.analysed_class = it.verifier ? null : it.analysed;  // the analysis did not count a rejected candidate
+      if (it.verifier) { props.glomscan.candidate_class = it.analysed; props.glomscan.rejected_by = "verifier"; }
       props.measurements = it.m;
     }
     var f = {type: "Feature", geometry: it.point ? {type: "Point", coordinates: it.point} : {type: "Polygon", coordinates: [it.ring]},

@@ -1,0 +1,194 @@
+"""The candidate verifier (second stage): its samples, its decision rule, and analyze with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import pyvips
+
+from glomscan.batch import run_batch
+from glomscan.config import AnalysisSettings
+from glomscan.engines.base import EngineChoice
+from glomscan.postprocess import REJECTED, glomerulus_class
+from glomscan.slides import image_to_array
+from glomscan.verify import Verifier, VerifierCard, candidate_crop, crop_square, read_candidate_crop
+
+from conftest import OracleEngine, oracle_model
+
+# -- the decision rule ------------------------------------------------------------------------
+
+
+def test_decision_rule_without_a_verifier_is_the_segmentation_argmax():
+    assert glomerulus_class((0.6, 0.4)) == 0
+    assert glomerulus_class((0.3, 0.7)) == 1
+
+
+def test_decision_rule_rejects_what_the_verifier_calls_not_a_glomerulus():
+    assert glomerulus_class((0.9, 0.1), (0.7, 0.2, 0.1)) == REJECTED
+    assert glomerulus_class((0.9, 0.1), (0.49, 0.3, 0.21)) == 0  # p(glomerulus) 0.51 >= 0.5
+    assert glomerulus_class((0.9, 0.1), (0.7, 0.2, 0.1), min_glomerulus_probability=0.2) == 0
+
+
+def test_decision_rule_grades_by_the_weighted_sclerosed_shares():
+    segmentation, verifier = (0.8, 0.2), (0.0, 0.3, 0.7)
+    assert glomerulus_class(segmentation, verifier, verifier_grading_weight=1.0) == 1
+    assert glomerulus_class(segmentation, verifier, verifier_grading_weight=0.0) == 0
+    # 0.5 * 0.7 + 0.5 * 0.2 = 0.45: normal; 0.75 * 0.7 + 0.25 * 0.2 = 0.575: sclerosed
+    assert glomerulus_class(segmentation, verifier, verifier_grading_weight=0.5) == 0
+    assert glomerulus_class(segmentation, verifier, verifier_grading_weight=0.75) == 1
+
+
+# -- crops --------------------------------------------------------------------------------------
+
+
+def test_crop_frames_the_box_with_its_margin_and_mirrors_past_the_edges():
+    assert crop_square((100, 100, 200, 150), 0.25) == (75, 50, 150)
+    image = np.zeros((300, 300, 3), np.uint8)
+    image[:, :150] = 200
+    crop = candidate_crop(image, (0, 100, 100, 200), 0.25, 64)
+    assert crop.shape == (64, 64, 3)
+    assert (crop[:, :8] == 200).all()  # mirrored at x = 0: tissue on both sides, no glass
+
+
+def test_the_lazy_slide_crop_equals_the_array_crop():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (400, 500, 3), dtype=np.uint8)
+    image = pyvips.Image.new_from_array(array, interpretation="srgb")
+    for bbox in [(10, 10, 60, 90), (450, 350, 500, 400), (200, 150, 260, 230)]:
+        assert np.array_equal(read_candidate_crop(image, bbox, 0.2, 48), candidate_crop(array, bbox, 0.2, 48))
+
+
+# -- mining --------------------------------------------------------------------------------------
+
+
+def test_mined_negatives_never_overlap_an_outlined_glomerulus():
+    from glomscan.train.verifier import box_is_clear, jittered_boxes, mine_candidates, random_tissue_boxes
+
+    labels = np.zeros((256, 256), np.uint8)
+    labels[40:100, 40:100] = 3  # an outlined glomerulus
+    probabilities = np.zeros((2, 256, 256), np.float32)
+    probabilities[0, 50:90, 50:90] = 0.9  # the model finds it: not a negative
+    probabilities[0, 150:220, 150:220] = 0.2  # tempted by something else: a hard negative
+    probabilities[1, 95:140, 95:140] = 0.3  # tempted next to the glomerulus: its box touches it, left out
+    probabilities[1, 10:20, 200:210] = 0.9  # too small
+    boxes, touching = mine_candidates(probabilities, labels, threshold=0.15, min_area_px=400)
+    assert boxes == [(150, 150, 220, 220)] and touching == 2
+    rng = np.random.default_rng(0)
+    image = np.full((256, 256, 3), 255, np.uint8)
+    image[:, :] = (180, 120, 170)  # all tissue
+    around = jittered_boxes(boxes[0], labels, 20, rng, tries=200)
+    randoms = random_tissue_boxes(image, labels, 30, (40, 120), rng, tries=300)
+    assert around and randoms
+    for box in boxes + around + randoms:
+        assert box_is_clear(labels, box)
+        x0, y0, x1, y1 = box
+        assert not (labels[max(0, y0):y1, max(0, x0):x1] > 0).any()
+
+
+def test_unknown_class_glomeruli_supervise_glomerulus_versus_not_only():
+    import torch
+
+    from glomscan.train.verifier import verifier_loss
+
+    targets = torch.tensor([3, 3])
+    weights = torch.ones(2)
+    # the same p(glomerulus), split differently between normal and sclerosed: the same loss
+    a = torch.log(torch.tensor([[0.2, 0.7, 0.1], [0.2, 0.7, 0.1]]))
+    b = torch.log(torch.tensor([[0.2, 0.1, 0.7], [0.2, 0.4, 0.4]]))
+    assert torch.isclose(verifier_loss(a, targets, weights), verifier_loss(b, targets, weights))
+    assert torch.isclose(verifier_loss(a, targets, weights), -torch.log(torch.tensor(0.8)))
+    known = verifier_loss(a, torch.tensor([2, 2]), weights)
+    assert torch.isclose(known, -torch.log(torch.tensor(0.1)))
+
+
+# -- analyze with a verifier -------------------------------------------------------------------
+
+
+class RejectLeftmost(Verifier):
+    """A stand-in verifier: the candidate crop with the darkest mean is judged not a glomerulus,
+    every other one sclerosed."""
+
+    def __init__(self):
+        super().__init__(Path("stand-in.onnx"), VerifierCard(name="stand-in", grading_weight=1.0), "f" * 64)
+        self.seen = 0
+
+    def probabilities(self, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        self.seen += len(crops)
+        out = np.tile(np.asarray([[0.0, 0.1, 0.9]], np.float32), (len(crops), 1))
+        out[int(np.argmin(crops.reshape(len(crops), -1).mean(axis=1)))] = (0.9, 0.05, 0.05)
+        return out
+
+
+def _analyse(slide_dir: Path, out: Path, verifier, viewer: bool = False):
+    model = oracle_model()
+    model.verifier = verifier
+    settings = AnalysisSettings(tile=512, overlap=256, viewer=viewer)
+    return run_batch(slide_dir, out, model, OracleEngine(), EngineChoice("oracle", "test"), settings, quiet=True)
+
+
+def test_a_rejected_candidate_is_counted_nowhere_but_kept_for_review(small_slide, tmp_path):
+    from glomscan.viewer import page_data
+    from glomscan.pipeline import SlideReport
+
+    from conftest import copy_slide
+
+    slides = tmp_path / "slides"
+    copy_slide(small_slide.path, slides)
+    _analyse(slides, tmp_path / "plain", None)
+    verifier = RejectLeftmost()
+    outcome = _analyse(slides, tmp_path / "verified", verifier, viewer=True)
+    assert not outcome.failed
+    plain = json.loads((tmp_path / "plain" / "case01" / "report.json").read_text())
+    folder = tmp_path / "verified" / "case01"
+    report = json.loads((folder / "report.json").read_text())
+    assert verifier.seen == plain["n_glomeruli"] == report["n_candidates"] >= 3
+    assert report["n_rejected"] == 1 and report["n_glomeruli"] == plain["n_glomeruli"] - 1
+    assert report["verifier_id"].startswith("stand-in@")
+    # every accepted one was called sclerosed by the stand-in: %GS follows the accepted only
+    assert report["n_sclerosed"] == report["n_glomeruli"] and report["percent_global_glomerulosclerosis"] == 100.0
+    table = pd.read_csv(folder / "glomeruli.csv")
+    assert list(table.id) == list(range(1, report["n_glomeruli"] + 1))
+    assert (table["class"] == "sclerosed").all() and table.verifier_p_sclerosed.notna().all()
+    features = json.loads((folder / "glomeruli.geojson").read_text())["features"]
+    assert len(features) == report["n_glomeruli"]
+    rejected = json.loads((folder / "rejected.geojson").read_text())["features"]
+    assert len(rejected) == 1
+    props = rejected[0]["properties"]
+    assert props["classification"]["name"] == "Not glomerulus"
+    assert props["glomscan"]["rejected_by"] == "verifier" and props["glomscan"]["candidate_class"] in ("normal", "sclerosed")
+    assert props["measurements"]["glomscan id"] == report["n_glomeruli"] + 1
+    assert props["measurements"]["verifier_p_not_glomerulus"] == pytest.approx(0.9)
+    # the mask: the rejected candidate erased, the accepted ones painted sclerosed
+    mask = image_to_array(pyvips.Image.tiffload(str(folder / "mask.tif"), page=0))[..., 0]
+    plain_mask = image_to_array(pyvips.Image.tiffload(str(tmp_path / "plain" / "case01" / "mask.tif"), page=0))[..., 0]
+    x0, y0, x1, y1 = (int(v) for v in (props["measurements"]["bbox_x0"], props["measurements"]["bbox_y0"],
+                                        props["measurements"]["bbox_x1"], props["measurements"]["bbox_y1"]))
+    ds = report["analysis_downsample"]
+    box = (slice(int(y0 / ds), int(np.ceil(y1 / ds))), slice(int(x0 / ds), int(np.ceil(x1 / ds))))
+    assert (plain_mask[box] > 0).any() and not (mask[box] > 0).any()
+    assert set(np.unique(mask)) <= {0, 2}
+    assert ((mask > 0) == (plain_mask > 0)).sum() > 0.99 * mask.size
+    # the review page lists it as rejected by the verifier (counted only when restored)
+    data = page_data(folder, SlideReport(**{k: v for k, v in report.items() if k in SlideReport.__dataclass_fields__}),
+                     report["width"], report["height"])
+    assert data["analysed"]["n_sclerosed"] == report["n_sclerosed"] and data["analysed"]["n_normal"] == 0
+    listed = {g["id"]: g for g in data["glomeruli"]}
+    assert listed[report["n_glomeruli"] + 1].get("rejected_by") == "verifier"
+
+
+def test_no_verifier_flag_and_the_verifier_are_part_of_the_resume_fingerprint(small_slide, tmp_path):
+    from conftest import copy_slide
+
+    slides = tmp_path / "slides"
+    copy_slide(small_slide.path, slides)
+    _analyse(slides, tmp_path / "out", None)
+    first = json.loads((tmp_path / "out" / "case01" / "report.json").read_text())
+    assert first["n_rejected"] is None and first["verifier_id"] == ""
+    assert not (tmp_path / "out" / "case01" / "rejected.geojson").exists()
+    _analyse(slides, tmp_path / "out", RejectLeftmost())  # a verifier now: the slide is redone
+    second = json.loads((tmp_path / "out" / "case01" / "report.json").read_text())
+    assert second["n_rejected"] == 1 and second["fingerprint"] != first["fingerprint"]
