@@ -1,4 +1,4 @@
-"""For the people who judge models and results: ``evaluate segment | results | real | inpaint``."""
+"""For the people who judge models and results: ``evaluate segment | results | real | graded-crops | inpaint``."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ from pathlib import Path
 
 import click
 
-from .common import fail_on, load_model_or_exit, model_option, verbosity
+from .common import attach_verifier_or_exit, fail_on, load_model_or_exit, model_option, verbosity, verifier_options
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
 @click.group(short_help="Score a model or a batch's results against pathologists' outlines.")
 def evaluate():
-    """Score segmentation models, analyze results and inpainting generators against the truth."""
+    """Score segmentation models, analyze results, grading on graded crops and inpainting
+    generators against the truth."""
 
 
 @evaluate.command("segment", short_help="Pixel and detection scores of a model on a prepared set.")
@@ -49,6 +50,7 @@ def evaluate_results(results_dir, truth_dir, out_prefix):
 
 @evaluate.command("real", short_help="Score a model through analyze on a real tile + crop set.")
 @model_option()
+@verifier_options
 @click.option("--data", "dataset_dir", type=EXISTING_DIR, required=True,
               help="A set made by 'glomscan prepare --tiles ... --crops ...'.")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
@@ -59,16 +61,51 @@ def evaluate_results(results_dir, truth_dir, out_prefix):
               show_default=True, help="analyze's outputs and the scores (metrics.json, glomeruli.csv, slides.csv).")
 @verbosity
 @fail_on(ValueError)
-def evaluate_real(model_path, dataset_dir, split, backend, out_dir):
+def evaluate_real(model_path, verifier_path, no_verifier, dataset_dir, split, backend, out_dir):
     """Score a model through analyze on a prepared tile + crop set: detection and glomerulus Dice
     on real tiles and composites, sclerosed sensitivity / specificity / balanced accuracy per
-    graded glomerulus, per-slide %GS error, normal and sclerosed pixel Dice."""
+    graded glomerulus, per-slide %GS error, normal and sclerosed pixel Dice.
+
+    On the real outlined tiles also: outlined glomeruli, detections, precision and recall
+    (IoU >= 0.5), false detections per mm² of tissue and how many of them are called sclerosed,
+    for the accepted glomeruli (tile_...) and for the segmentation model alone, the verifier's
+    rejected candidates counted back in (tile_segmentation_only_...)."""
     from ..train.evaluate import evaluate_prepared_set
 
-    metrics = evaluate_prepared_set(load_model_or_exit(model_path), dataset_dir, out_dir, backend, split)
+    model = attach_verifier_or_exit(load_model_or_exit(model_path), model_path, verifier_path, no_verifier)
+    _echo_metrics(evaluate_prepared_set(model, dataset_dir, out_dir, backend, split), out_dir)
+
+
+def _echo_metrics(metrics: dict, out_dir: Path) -> None:
     for key, value in metrics.items():
-        click.echo(f"  {key:<34} {value:.4f}" if isinstance(value, float) else f"  {key:<34} {value}")
+        click.echo(f"  {key:<46} {value:.4f}" if isinstance(value, float) else f"  {key:<46} {value}")
     click.echo(f"-> {out_dir / 'metrics.json'}, {out_dir / 'metrics.md'}")
+
+
+@evaluate.command("graded-crops", short_help="Grading through analyze on graded single-glomerulus crops.")
+@model_option()
+@verifier_options
+@click.option("--crops", "crops_dir", type=EXISTING_DIR, required=True,
+              help="Folder of single-glomerulus crops (PNG, ...) with labels.csv: image, globally_sclerosed (0/1).")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), required=True,
+              help="The crops' resolution in µm per pixel (analyze brings them to the model's).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]), default="auto",
+              show_default=True, help="Inference backend (see analyze --help).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("evaluation-graded-crops"), show_default=True,
+              help="analyze's outputs and the scores (crops.csv, metrics.json, metrics.md).")
+@verbosity
+@fail_on(ValueError)
+def evaluate_graded_crops(model_path, verifier_path, no_verifier, crops_dir, mpp, backend, out_dir):
+    """Grading on graded crops of single glomeruli (e.g. another lab's): analyze each crop whole;
+    its glomerulus is the detection containing the crop's centre, else the largest. Sclerosed
+    sensitivity and specificity over all crops (not found or rejected is a miss) and over the
+    crops whose glomerulus was found, balanced accuracy, outcome counts per true class; with the
+    verifier's decisions and for the segmentation model alone (segmentation_only_...)."""
+    from ..train.evaluate import evaluate_graded_crops as run
+
+    model = attach_verifier_or_exit(load_model_or_exit(model_path), model_path, verifier_path, no_verifier)
+    _echo_metrics(run(model, crops_dir, out_dir, mpp, backend), out_dir)
 
 
 @evaluate.command("inpaint", short_help="MAE, PSNR, SSIM of an inpainting generator on crops.")
