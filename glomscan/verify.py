@@ -240,3 +240,34 @@ def verify_glomeruli(instances: list, image, verifier: Verifier) -> tuple[list, 
     accepted = [replace(g, id=i) for i, g in enumerate(accepted, start=1)]
     rejected = [replace(g, id=len(accepted) + i) for i, g in enumerate(rejected, start=1)]
     return accepted, rejected
+
+
+def edit_verifier_card(path: Path, out_path: Path, edits: dict, validation: dict | None = None) -> VerifierCard:
+    """Rewrite a verifier file with its card edited (``edits`` replaces fields, None values are
+    ignored; ``validation``, e.g. metrics of ``evaluate real``, goes under the card's metrics).
+    The weights and their sha256 stay as they are."""
+    import os
+    import tempfile
+    from dataclasses import replace
+
+    import onnx
+
+    verifier = load_verifier(path)
+    card = replace(verifier.card, **{k: v for k, v in edits.items() if v is not None})
+    if validation is not None:
+        card = replace(card, metrics={**card.metrics, "validation": validation})
+    proto = onnx.load(str(path))
+    for entry in proto.metadata_props:
+        if entry.key == VERIFIER_CARD_KEY:
+            entry.value = card.to_json()
+    out_path = Path(out_path)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        onnx.save(proto, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return card

@@ -2,8 +2,12 @@
 # Reproduces the shipped model glomscan/models/default.onnx from the public AIDPATH data:
 #   prepare (tile set + graded glomerulus crops composited into tissue, split by slide / tile group)
 #   -> train segment (EfficientNet-B3 U-Net, random init, partial-label 0.5 BCE + Dice, bf16 on CPU)
-#   -> pack-model (fp16, model card) -> evaluate real (validation tiles and crops).
-# CPU recipe (default): about 1 h 45 min on a 2-core bf16-capable CPU.
+#   -> pack-model (fp16, model card) -> evaluate real (validation tiles and crops)
+#   -> train verifier (the second stage: ResNet-18 on crops framed on each candidate; the
+#      segmentation model's false candidates mined as hard negatives) -> evaluate real with both
+#      stages -> pack-verifier (card with its metrics) -> glomscan/models/verifier.onnx.
+# CPU recipe (default): about 1 h 45 min on a 2-core bf16-capable CPU for the segmentation model,
+# about 15 min more for the verifier (VERIFIER_ONLY=1 retrains only the verifier, on the shipped model).
 # GPU recipe of the shipped model (one H200: about 90 s per epoch, loader-bound with 14 workers):
 #   EPOCHS=8 STEPS=645 BATCH=24 CROP=384 WORKERS=14 PRECISION=bf16 bash scripts/train_default_model.sh
 #   (the shipped checkpoint is epoch 2, the best of the first 3 epochs of that schedule).
@@ -18,6 +22,8 @@ BATCH=${BATCH:-8}
 CROP=${CROP:-320}
 WORKERS=${WORKERS:-0}
 PRECISION=${PRECISION:-auto}
+VERIFIER_EPOCHS=${VERIFIER_EPOCHS:-16}
+VERIFIER_ONLY=${VERIFIER_ONLY:-0}
 export PYTHONHASHSEED=0
 for d in "$DATA/aidpath_tiles" "$DATA/aidpath_glomeruli"; do
     [ -d "$d" ] || { echo "missing $d (the public AIDPATH tiles and glomerulus crops)" >&2; exit 2; }
@@ -28,6 +34,9 @@ if [ ! -f "$WORK/dataset/manifest.csv" ]; then
     $GLOMSCAN prepare --tiles "$DATA/aidpath_tiles" --tiles-mpp 0.5 --crops "$DATA/aidpath_glomeruli" \
         --out "$WORK/dataset" --val-fraction 0.2 --seed 0
 fi
+LICENCE="CC BY-NC-SA 4.0 (non-commercial research); trained on AIDPATH (Bueno et al. 2020, CC BY 4.0) and Weishaupt et al. 2025 crops (CC BY-NC-SA 4.0)"
+INTENDED_USE="research use only (weights inherit CC BY-NC-SA 4.0 from the AIDPATH glomerulus crops); PAS-stained kidney tissue at 20x or finer; not a medical device"
+if [ "$VERIFIER_ONLY" != 1 ]; then
 # Resumes from $WORK/model.last.pt when interrupted.
 $GLOMSCAN train segment --data "$WORK/dataset" --out "$WORK/model.pt" --epochs "$EPOCHS" \
     --max-steps-per-epoch "$STEPS" --batch-size "$BATCH" --crop "$CROP" --lr 1e-3 --min-lr 1e-5 --stain-jitter 0.08 \
@@ -35,11 +44,22 @@ $GLOMSCAN train segment --data "$WORK/dataset" --out "$WORK/model.pt" --epochs "
     --precision "$PRECISION" --quiet
 $GLOMSCAN pack-model "$WORK/model.pt" "$WORK/default.pt" --for-real-tissue \
     --trained-on "AIDPATH PAS (public): 20 of 25 slides' graded glomerulus crops composited into 14 outlined 20x tiles; ${EPOCHS}x${STEPS} steps of ${BATCH}x${CROP} px at 1 um/px ($PRECISION), random init" \
-    --intended-use "research use only (weights inherit CC BY-NC-SA 4.0 from the AIDPATH glomerulus crops); PAS-stained kidney tissue at 20x or finer; not a medical device" \
-    --licence "CC BY-NC-SA 4.0 (non-commercial research); trained on AIDPATH (Bueno et al. 2020, CC BY 4.0) and Weishaupt et al. 2025 crops (CC BY-NC-SA 4.0)"
+    --intended-use "$INTENDED_USE" --licence "$LICENCE"
 # The packed (fp16) model is what ships: score it through analyze, record the scores in its card,
 # and ship it as an ONNX model file (runs without torch; the torch network is rebuilt from it).
 rm -rf "$WORK/validation"
 $GLOMSCAN evaluate real --model "$WORK/default.pt" --data "$WORK/dataset" --out "$WORK/validation"
 $GLOMSCAN pack-model "$WORK/default.pt" "$WORK/default.pt" --validation "$WORK/validation/metrics.json"
 $GLOMSCAN export-onnx --model "$WORK/default.pt" --out glomscan/models/default.onnx --model-file
+fi
+# The second stage, trained against the shipped segmentation model's candidates (resumes from
+# $WORK/verifier/verifier.last.pt), scored with it through analyze, its card completed, shipped.
+$GLOMSCAN train verifier --data "$WORK/dataset" --model glomscan/models/default.onnx --out "$WORK/verifier" \
+    --epochs "$VERIFIER_EPOCHS" --backend openvino --seed 0 --name glomscan-verifier-aidpath-pas \
+    --trained-on "AIDPATH PAS (public): the outlined glomeruli of the prepared set (graded crops composited into 14 tiles, and the tiles' own glomeruli of unknown class), random tissue boxes and the shipped segmentation model's mined false candidates; ${VERIFIER_EPOCHS} epochs, random init" \
+    --licence "$LICENCE" --intended-use "$INTENDED_USE" --quiet
+rm -rf "$WORK/validation-pair"
+$GLOMSCAN evaluate real --model glomscan/models/default.onnx --verifier "$WORK/verifier/verifier.onnx" \
+    --backend onnxruntime --data "$WORK/dataset" --out "$WORK/validation-pair"
+$GLOMSCAN pack-verifier "$WORK/verifier/verifier.onnx" glomscan/models/verifier.onnx \
+    --validation "$WORK/validation-pair/metrics.json"

@@ -55,6 +55,35 @@ def pack_model(checkpoint, out_path, name, trained_on, intended_use, licence, fo
     click.echo(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, sha256 {sha[:12]})")
 
 
+@click.command("pack-verifier", short_help="Rewrite a verifier file with card edits (metrics, grading weight).")
+@click.argument("verifier_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--trained-on", default=None, help="Replace the card's training-data description.")
+@click.option("--intended-use", default=None, help="Replace the card's intended use.")
+@click.option("--licence", default=None, help="Terms the weights inherit from their training data.")
+@click.option("--grading-weight", type=click.FloatRange(0, 1), default=None,
+              help="Weight of the verifier's sclerosed share in the class decision (the rest: the segmentation's).")
+@click.option("--min-glomerulus-probability", type=click.FloatRange(0, 1), default=None,
+              help="Candidates with p(normal) + p(sclerosed) below this are rejected.")
+@click.option("--validation", "validation_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="metrics.json of an evaluation to record in the card.")
+@verbosity
+def pack_verifier(verifier_path, out_path, trained_on, intended_use, licence, grading_weight,
+                  min_glomerulus_probability, validation_json):
+    """Rewrite a candidate verifier file with its card edited (weights unchanged)."""
+    from ..verify import VerifierError, edit_verifier_card
+
+    edits = {"trained_on": trained_on, "intended_use": intended_use, "licence": licence,
+             "grading_weight": grading_weight, "min_glomerulus_probability": min_glomerulus_probability}
+    validation = json.loads(validation_json.read_text()) if validation_json is not None else None
+    try:
+        card = edit_verifier_card(verifier_path, out_path, edits, validation)
+    except VerifierError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(f"wrote {out_path} ({card.name}, grading weight {card.grading_weight}, "
+               f"min p(glomerulus) {card.min_glomerulus_probability})")
+
+
 @click.command("export-onnx", short_help="Export the U-Net to an ONNX model file (runs without torch).")
 @model_option()
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -114,4 +143,4 @@ def build_engine(model_path, precision, max_batch, tile, workspace_gb, engine_di
     click.echo(how)
 
 
-COMMANDS = (init_model, pack_model, export_onnx, build_engine)
+COMMANDS = (init_model, pack_model, pack_verifier, export_onnx, build_engine)

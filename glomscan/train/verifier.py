@@ -499,15 +499,17 @@ def export_verifier(network: nn.Module, card: VerifierCard, out_path: Path, sha2
 
 def make_verifier(dataset_dir: Path, out_dir: Path, segmentation_model, settings: VerifierSettings,
                   card: VerifierCard, backend: str = "auto", held_out_groups: tuple[str, ...] = (),
-                  quiet: bool = False) -> tuple[Path, dict]:
-    """Samples (mined with ``segmentation_model``), training and the verifier file
-    ``out_dir/verifier.onnx``; returns its path and the best validation metrics. Patches of
-    ``held_out_groups`` (tile groups) are left out of training and validation (cross-validation
-    folds score them afterwards)."""
+                  quiet: bool = False, samples_dir: Path | None = None) -> tuple[Path, dict]:
+    """Samples (mined with ``segmentation_model``; cached in ``samples_dir``, by default
+    ``out_dir``), training and the verifier file ``out_dir/verifier.onnx``; returns its path and
+    the best validation metrics. Patches of ``held_out_groups`` (tile groups) are left out of
+    training and validation (cross-validation folds score them afterwards)."""
     from ..model import sha256_file
 
     out_dir = Path(out_dir)
-    samples, contexts = load_or_build_samples(Path(dataset_dir), out_dir, settings, segmentation_model, backend, quiet)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples, contexts = load_or_build_samples(Path(dataset_dir), Path(samples_dir or out_dir), settings,
+                                              segmentation_model, backend, quiet)
     if held_out_groups:
         keep = ~samples.group.isin(held_out_groups)
         samples, contexts = samples[keep].reset_index(drop=True), contexts[keep.to_numpy()]
