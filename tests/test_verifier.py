@@ -192,3 +192,114 @@ def test_no_verifier_flag_and_the_verifier_are_part_of_the_resume_fingerprint(sm
     _analyse(slides, tmp_path / "out", RejectLeftmost())  # a verifier now: the slide is redone
     second = json.loads((tmp_path / "out" / "case01" / "report.json").read_text())
     assert second["n_rejected"] == 1 and second["fingerprint"] != first["fingerprint"]
+
+
+# -- the verifier file and its card ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def verifier_file(tmp_path_factory) -> Path:
+    import torch
+
+    from glomscan.train.verifier import build_verifier_network, export_verifier
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("verifier") / "verifier.onnx"
+    card = VerifierCard(name="test-verifier", licence="CC0 test", metrics={"validation": {"x": 1}})
+    return export_verifier(build_verifier_network(), card, path, "a" * 64)
+
+
+def test_verifier_file_carries_its_card_and_runs_like_the_network(verifier_file, tmp_path):
+    import torch
+
+    from glomscan.train.verifier import VerifierProbabilities, build_verifier_network
+    from glomscan.verify import load_verifier, normalise_crops
+
+    verifier = load_verifier(verifier_file)
+    assert verifier.card.name == "test-verifier" and verifier.card.licence == "CC0 test"
+    assert verifier.sha256 == "a" * 64 and verifier.model_id == "test-verifier@aaaaaaaaaaaa"
+    crops = np.random.default_rng(0).integers(0, 256, (3, 128, 128, 3), dtype=np.uint8)
+    p = verifier.probabilities(crops)
+    assert p.shape == (3, 3) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+    torch.manual_seed(0)
+    network = VerifierProbabilities(build_verifier_network()).eval()
+    with torch.inference_mode():
+        expected = network(torch.from_numpy(normalise_crops(crops, verifier.card))).numpy()
+    assert np.allclose(p, expected, atol=1e-4)
+
+
+def test_pack_verifier_edits_the_card_and_keeps_the_weights(verifier_file, tmp_path):
+    from click.testing import CliRunner
+
+    from glomscan.cli import main
+    from glomscan.verify import load_verifier
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"tile_detection_precision": 0.9}))
+    out = tmp_path / "packed.onnx"
+    result = CliRunner().invoke(main, ["pack-verifier", str(verifier_file), str(out), "--grading-weight", "0.5",
+                                       "--validation", str(metrics)])
+    assert result.exit_code == 0, result.output
+    packed, original = load_verifier(out), load_verifier(verifier_file)
+    assert packed.card.grading_weight == 0.5 and original.card.grading_weight == 1.0
+    assert packed.card.metrics["validation"] == {"tile_detection_precision": 0.9}
+    assert packed.sha256 == original.sha256
+    crops = np.zeros((1, 128, 128, 3), np.uint8)
+    assert np.array_equal(packed.probabilities(crops), original.probabilities(crops))
+
+
+def test_a_file_that_is_not_a_verifier_is_refused_with_its_reason(tmp_path):
+    from glomscan.shipped import SHIPPED_MODEL
+    from glomscan.verify import VerifierError, load_verifier
+
+    with pytest.raises(VerifierError, match="not found"):
+        load_verifier(tmp_path / "missing.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(VerifierError, match="not a readable ONNX"):
+        load_verifier(tmp_path / "junk.onnx")
+    if SHIPPED_MODEL.is_file():
+        with pytest.raises(VerifierError, match="not a glomscan verifier"):
+            load_verifier(SHIPPED_MODEL)
+
+
+def test_analyze_pairs_the_shipped_verifier_only_with_the_shipped_model(tmp_path, verifier_file):
+    from click.testing import CliRunner
+
+    from glomscan.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["analyze", str(tmp_path), "--verifier", str(verifier_file), "--no-verifier"])
+    assert result.exit_code == 2 and "contradict" in result.output
+    result = runner.invoke(main, ["analyze", str(tmp_path), "--verifier", str(tmp_path / "nope.onnx")])
+    assert result.exit_code == 2 and "verifier file not found" in result.output
+
+
+# -- cross-validation bookkeeping --------------------------------------------------------------
+
+
+def test_crossval_folds_cover_the_training_groups_once_and_pool_counts():
+    from glomscan.train.crossval import pooled, tile_folds
+
+    manifest = pd.DataFrame({"kind": ["tile"] * 6 + ["composite"], "split": ["train"] * 5 + ["val", "train"],
+                             "slide": ["a", "b", "c", "d", "d", "v", "a"]})
+    folds = tile_folds(manifest, 2)
+    assert sorted(g for f in folds for g in f) == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError):
+        tile_folds(manifest, 5)
+    table = pd.DataFrame([
+        {"fold": "fold1", "groups": "a c", "tile_glomeruli_true": 4, "tile_tissue_mm2": 1.0,
+         "tile_glomeruli_predicted": 5, "tile_glomeruli_matched": 3, "tile_false_detections": 2,
+         "tile_false_detections_sclerosed": 1, "tile_segmentation_only_glomeruli_predicted": 8,
+         "tile_segmentation_only_glomeruli_matched": 4, "tile_segmentation_only_false_detections": 4,
+         "tile_segmentation_only_false_detections_sclerosed": 2},
+        {"fold": "fold2", "groups": "b d", "tile_glomeruli_true": 6, "tile_tissue_mm2": 3.0,
+         "tile_glomeruli_predicted": 5, "tile_glomeruli_matched": 5, "tile_false_detections": 0,
+         "tile_false_detections_sclerosed": 0, "tile_segmentation_only_glomeruli_predicted": 7,
+         "tile_segmentation_only_glomeruli_matched": 5, "tile_segmentation_only_false_detections": 2,
+         "tile_segmentation_only_false_detections_sclerosed": 1}])
+    row = pooled(table)
+    assert row["tile_detection_precision"] == pytest.approx(8 / 10)
+    assert row["tile_detection_recall"] == pytest.approx(8 / 10)
+    assert row["tile_false_detections_per_mm2"] == pytest.approx(2 / 4)
+    assert row["tile_segmentation_only_detection_precision"] == pytest.approx(9 / 15)
+    assert row["tile_segmentation_only_false_detections_per_mm2"] == pytest.approx(6 / 4)

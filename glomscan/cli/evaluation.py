@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import attach_verifier_or_exit, fail_on, load_model_or_exit, model_option, verbosity, verifier_options
+from .common import attach_verifier_or_exit, fail_on, is_quiet, load_model_or_exit, model_option, seed_option, verbosity, \
+    verifier_options
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -106,6 +107,43 @@ def evaluate_graded_crops(model_path, verifier_path, no_verifier, crops_dir, mpp
 
     model = attach_verifier_or_exit(load_model_or_exit(model_path), model_path, verifier_path, no_verifier)
     _echo_metrics(run(model, crops_dir, out_dir, mpp, backend), out_dir)
+
+
+@evaluate.command("crossval", short_help="Cross-validate the verifier by tile group on real outlined tiles.")
+@model_option("Segmentation model (default: the shipped model).")
+@click.option("--data", "dataset_dir", type=EXISTING_DIR, required=True,
+              help="A set made by 'glomscan prepare --tiles ... --crops ...'.")
+@click.option("--folds", type=int, default=3, show_default=True, help="Folds over the training split's tile groups.")
+@click.option("--epochs", type=int, default=12, show_default=True, help="Verifier training epochs per fold.")
+@click.option("--validation-verifier", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Verifier trained on all training groups, scored on the validation groups (default: train one).")
+@click.option("--samples-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Cached samples of 'train verifier' on the same set and model (default: cut them into OUT/samples).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]), default="auto",
+              show_default=True, help="Inference backend of the segmentation model.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Per fold: the verifier, analyze's outputs and scores; crossval.csv / crossval.json.")
+@seed_option()
+@verbosity
+@fail_on(ValueError)
+def evaluate_crossval(model_path, dataset_dir, folds, epochs, validation_verifier, samples_dir, backend, out_dir, seed):
+    """For each fold of the training split's tile groups, train a verifier without the fold's
+    patches and score the pair through analyze on the fold's real tiles (the validation groups:
+    with --validation-verifier or one trained on all training groups). The segmentation model is
+    not retrained: it has seen the training tiles."""
+    from ..train.crossval import cross_validate
+    from ..train.settings import VerifierSettings
+
+    model = load_model_or_exit(model_path)
+    if samples_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / "samples"
+        if not target.exists():
+            target.symlink_to(Path(samples_dir).resolve())
+    table = cross_validate(dataset_dir, out_dir, model, VerifierSettings(epochs=epochs, seed=seed), folds, backend,
+                           validation_verifier, quiet=is_quiet())
+    click.echo(table.to_string(index=False))
+    click.echo(f"-> {out_dir / 'crossval.csv'}")
 
 
 @evaluate.command("inpaint", short_help="MAE, PSNR, SSIM of an inpainting generator on crops.")

@@ -120,6 +120,10 @@ def train():
               show_default=True, help="Loss weight of the mined negatives and the boxes around them.")
 @click.option("--stain-jitter", type=float, default=default(VerifierSettings, "stain_jitter"), show_default=True,
               help="Per-sample optical-density gain, shift and saturation jitter.")
+@click.option("--hard-negatives/--no-hard-negatives", default=True, show_default=True,
+              help="Train on the mined negatives (--no-hard-negatives: random tissue boxes only, to measure them).")
+@click.option("--samples-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the mined and cut samples are cached (default: OUT); runs sharing it cut them once.")
 @click.option("--hold-out-groups", default="", help="Comma-separated tile groups left out (cross-validation).")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]), default="auto",
               show_default=True, help="Inference backend of the segmentation model while mining.")
@@ -134,7 +138,7 @@ def train():
 @verbosity
 @fail_on(ValueError)
 def train_verifier(dataset_dir, model_path, out_dir, epochs, batch_size, lr, mining_threshold, hard_negative_weight,
-                   stain_jitter, hold_out_groups, backend, name, trained_on, licence, intended_use, precision, device,
+                   stain_jitter, hard_negatives, samples_dir, hold_out_groups, backend, name, trained_on, licence, intended_use, precision, device,
                    seed):
     """Train the candidate verifier: a ResNet-18 on crops framed on each candidate, three classes
     (not a glomerulus, normal, globally sclerosed), from the outlined glomeruli of a prepared set,
@@ -144,12 +148,14 @@ def train_verifier(dataset_dir, model_path, out_dir, epochs, batch_size, lr, min
     from ..verify import VerifierCard
 
     settings = VerifierSettings(epochs=epochs, batch_size=batch_size, lr=lr, mining_threshold=mining_threshold,
-                                hard_negative_weight=hard_negative_weight, stain_jitter=stain_jitter, seed=seed,
+                                hard_negative_weight=hard_negative_weight, hard_negatives=hard_negatives,
+                                stain_jitter=stain_jitter, seed=seed,
                                 precision=precision, device=device)
     segmentation = load_model_or_exit(model_path) if mining_threshold > 0 else None
     card = VerifierCard(name=name, trained_on=trained_on, licence=licence, intended_use=intended_use)
     groups = tuple(g.strip() for g in hold_out_groups.split(",") if g.strip())
-    path, best = make_verifier(dataset_dir, out_dir, segmentation, settings, card, backend, groups, quiet=is_quiet())
+    path, best = make_verifier(dataset_dir, out_dir, segmentation, settings, card, backend, groups, quiet=is_quiet(),
+                               samples_dir=samples_dir)
     click.echo(f"best epoch {best.get('epoch')}: " + ", ".join(f"{k} {v:.3f}" for k, v in best.items()
                                                               if isinstance(v, float)))
     click.echo(f"-> {path}")

@@ -264,6 +264,8 @@ class VerifierSettings:
     mined_jitter: int = 6
     """Boxes sampled around each mined negative."""
     hard_negative_weight: float = 2.0
+    hard_negatives: bool = True
+    """Train on the mined negatives (False: leave them out, for measuring what they bring)."""
     composites_mined_per_tile: int = 10
     """Composites per background tile the model is run on for mining (besides the tiles)."""
     random_negatives_per_patch: int = 2

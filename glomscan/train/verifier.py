@@ -510,8 +510,10 @@ def make_verifier(dataset_dir: Path, out_dir: Path, segmentation_model, settings
     out_dir.mkdir(parents=True, exist_ok=True)
     samples, contexts = load_or_build_samples(Path(dataset_dir), Path(samples_dir or out_dir), settings,
                                               segmentation_model, backend, quiet)
-    if held_out_groups:
-        keep = ~samples.group.isin(held_out_groups)
+    keep = ~samples.group.isin(held_out_groups)
+    if not settings.hard_negatives:
+        keep &= ~samples.source.isin(("mined", "mined_jitter"))
+    if not keep.all():
         samples, contexts = samples[keep].reset_index(drop=True), contexts[keep.to_numpy()]
     card = replace(card, input_px=settings.input_px,
                    segmentation_model=card.segmentation_model or getattr(segmentation_model, "model_id", ""))

@@ -12,7 +12,7 @@ import pytest
 
 from glomscan.engines.onnx import OnnxRuntimeEngine, cached_onnx, export_onnx
 from glomscan.model import CheckpointError, load_checkpoint, load_model, repack_checkpoint
-from glomscan.shipped import SAMPLE_DIR, SHIPPED_MODEL, default_model_path
+from glomscan.shipped import default_verifier_path, SAMPLE_DIR, SHIPPED_MODEL, default_model_path
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,8 @@ def test_analyze_with_onnx_backends_never_imports_torch(backend, tmp_path):
     assert "IMPORTED:\n" in proc.stdout, proc.stdout
     report = json.loads(next((tmp_path / "out").glob("aidpath_*/report.json")).read_text())
     assert report["backend"] == backend and report["status"] == "ok"
+    if default_verifier_path() is not None:  # both stages ran, the verifier through ONNX Runtime
+        assert report["verifier_id"] and report["n_rejected"] is not None
 
 
 @shipped
