@@ -39,8 +39,8 @@ LOCK_FILE = ".glomscan.lock"
 SUMMARY_COLUMNS = [
     "slide", "status", "reason", "n_glomeruli", "n_normal", "n_sclerosed",
     "percent_global_glomerulosclerosis", "ci95_low", "ci95_high", "tissue_area_mm2",
-    "tissue_area_px", "mpp", "mpp_source", "analysis_mpp", "backend", "model_id", "model_sha256",
-    "runtime_s", "skipped", "path",
+    "tissue_area_px", "mpp", "mpp_source", "analysis_mpp", "backend", "model_id", "model_sha256", "verifier_id",
+    "n_rejected", "runtime_s", "skipped", "path",
 ]
 
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from glomscan.cli import main
 from glomscan.model import load_model
-from glomscan.shipped import SAMPLE_DIR, SHIPPED_MODEL, default_model_path
+from glomscan.shipped import SAMPLE_DIR, SHIPPED_MODEL, default_model_path, default_verifier_path
 from glomscan.slides import image_to_array
 from glomscan.train.data import split_slides, write_png
 from glomscan.train.metrics import instance_matches
@@ -156,3 +156,37 @@ def test_demo_sample_glomeruli_found_through_its_jpeg_pyramid(tmp_path):
         result = instance_matches(mask, truth)
         matched, true = matched + result["matched"], true + result["n_true"]
     assert true == 3 and matched >= 2, f"{matched} of {true} outlined glomeruli found"
+
+
+@shipped
+@real_data
+@pytest.mark.skipif(default_verifier_path() is None, reason="no verifier shipped in this checkout")
+def test_shipped_pair_makes_no_more_false_detections_than_segmentation_alone(tmp_path):
+    """On the validation tiles (real outlined tissue no part of training saw), the verifier may
+    only remove false detections: the pair finds as many outlined glomeruli as the segmentation
+    model alone and makes no more false detections."""
+    import pyvips
+
+    from glomscan.train.evaluate import false_detections
+
+    tiles = _validation_tiles()
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for t in tiles:
+        write_png(slides / f"{t.name}.png", t.image)
+    scores = {}
+    for name, flags in (("pair", []), ("segmentation", ["--no-verifier"])):
+        out = tmp_path / name
+        res = CliRunner().invoke(main, ["analyze", str(slides), "--out", str(out), "--mpp", "1.0", "--quiet",
+                                        "--no-viewer", *flags])
+        assert res.exit_code == 0, res.output
+        total = {"matched": 0, "false": 0}
+        for t in tiles:
+            report = json.loads((out / t.name / "report.json").read_text())
+            assert bool(report["verifier_id"]) == (name == "pair")
+            mask = image_to_array(pyvips.Image.tiffload(str(out / t.name / "mask.tif"), page=0))[..., 0]
+            result = false_detections(mask, t.labels)
+            total = {k: total[k] + result[k] for k in total}
+        scores[name] = total
+    assert scores["pair"]["matched"] >= scores["segmentation"]["matched"], scores
+    assert scores["pair"]["false"] <= scores["segmentation"]["false"], scores

@@ -12,7 +12,7 @@ import pytest
 
 from glomscan.engines.onnx import OnnxRuntimeEngine, cached_onnx, export_onnx
 from glomscan.model import CheckpointError, load_checkpoint, load_model, repack_checkpoint
-from glomscan.shipped import default_verifier_path, SAMPLE_DIR, SHIPPED_MODEL, default_model_path
+from glomscan.shipped import SAMPLE_DIR, SHIPPED_MODEL, default_model_path, default_verifier_path
 
 
 @pytest.fixture(scope="module")
