@@ -407,7 +407,7 @@ def train_verifier(samples: pd.DataFrame, contexts: np.ndarray, out_path: Path, 
     best_score = run.resume().get("best_score", -1.0)
     # the whole training set lives on the training device; augmentation runs there too
     all_contexts = torch.from_numpy(contexts).to(device.device)
-    targets = torch.from_numpy(samples.target.to_numpy()).to(device.device)
+    targets = torch.from_numpy(samples.target.to_numpy().copy()).to(device.device)
     weights = torch.from_numpy(samples.weight.to_numpy().astype(np.float32)).to(device.device)
     mean = torch.tensor(card.mean, device=device.device).view(1, 3, 1, 1)
     std = torch.tensor(card.std, device=device.device).view(1, 3, 1, 1)
