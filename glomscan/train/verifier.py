@@ -468,12 +468,22 @@ def load_verifier_state(path: Path) -> tuple[nn.Module, VerifierCard]:
 
 def export_verifier(network: nn.Module, card: VerifierCard, out_path: Path, sha256: str) -> Path:
     """Write the verifier file (ONNX, softmax output, the card and ``sha256`` in its metadata)
-    atomically."""
+    atomically. Its weights are rounded to float16 and stored so (half the size, computed in
+    float32), as the segmentation model file's."""
+    import copy
+
     import onnx
+
+    from ..engines.onnx import store_weights_as_float16
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = VerifierProbabilities(network.eval().cpu().float().to(memory_format=torch.contiguous_format))
+    rounded = copy.deepcopy(network).eval().cpu().float().to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        for tensor in rounded.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    wrapped = VerifierProbabilities(rounded)
     sample = torch.zeros(1, 3, card.input_px, card.input_px)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     os.close(fd)
@@ -481,9 +491,10 @@ def export_verifier(network: nn.Module, card: VerifierCard, out_path: Path, sha2
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapped, (sample,), tmp, input_names=["crops"], output_names=["probabilities"],
-                              opset_version=17, dynamo=False,
+                              opset_version=17, dynamo=False, do_constant_folding=False,
                               dynamic_axes={"crops": {0: "batch"}, "probabilities": {0: "batch"}})
         proto = onnx.load(tmp)
+        store_weights_as_float16(proto)
         for key, value in ((VERIFIER_CARD_KEY, card.to_json()), (VERIFIER_SHA256_KEY, sha256)):
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
