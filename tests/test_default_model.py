@@ -43,6 +43,24 @@ def test_shipped_model_card():
 
 
 @shipped
+@pytest.mark.skipif(default_verifier_path() is None, reason="no verifier shipped in this checkout")
+def test_shipped_verifier_card_names_its_data_licence_metrics_and_segmentation_model():
+    from glomscan.verify import VERIFIER_CLASSES, load_verifier
+
+    verifier = load_verifier(default_verifier_path())
+    card = verifier.card
+    assert default_verifier_path().stat().st_size <= 25 * 2**20
+    assert card.classes == VERIFIER_CLASSES and card.input_px == 128
+    assert card.segmentation_model == load_model(SHIPPED_MODEL).model_id
+    assert "research" in card.intended_use and "CC BY-NC-SA 4.0" in card.licence and "AIDPATH" in card.trained_on
+    validation = card.metrics["validation"]
+    for key in ("balanced_accuracy", "composite_detection_recall", "tile_false_detections_per_mm2",
+                "tile_segmentation_only_false_detections_per_mm2"):
+        assert key in validation, key
+    assert card.metrics["samples"]["train mined"] > 0
+
+
+@shipped
 def test_sample_analysed_with_default_model_reports_its_intended_use(tmp_path):
     res = CliRunner().invoke(main, ["analyze", str(SAMPLE_DIR), "--out", str(tmp_path / "out"), "--quiet"])
     assert res.exit_code == 0, res.output
@@ -51,6 +69,8 @@ def test_sample_analysed_with_default_model_reports_its_intended_use(tmp_path):
     assert len(reports) == 3
     for report in reports:
         assert "research" in report["model_intended_use"] and "CC BY-NC-SA" in report["model_licence"]
+        if default_verifier_path() is not None:  # report.json names both models
+            assert report["verifier_id"].startswith("glomscan-verifier") and report["n_rejected"] is not None
     assert sum(r["n_glomeruli"] for r in reports) >= 2
     html = (tmp_path / "out" / "index.html").read_text()
     assert 'id="intended-use"' in html and "research use only" in html
