@@ -246,11 +246,11 @@ def edit_verifier_card(path: Path, out_path: Path, edits: dict, validation: dict
     """Rewrite a verifier file with its card edited (``edits`` replaces fields, None values are
     ignored; ``validation``, e.g. metrics of ``evaluate real``, goes under the card's metrics).
     The weights and their sha256 stay as they are."""
-    import os
-    import tempfile
     from dataclasses import replace
 
     import onnx
+
+    from .atomic import atomic_write_bytes
 
     verifier = load_verifier(path)
     card = replace(verifier.card, **{k: v for k, v in edits.items() if v is not None})
@@ -260,14 +260,5 @@ def edit_verifier_card(path: Path, out_path: Path, edits: dict, validation: dict
     for entry in proto.metadata_props:
         if entry.key == VERIFIER_CARD_KEY:
             entry.value = card.to_json()
-    out_path = Path(out_path)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(Path(out_path), proto.SerializeToString())
     return card

@@ -25,11 +25,10 @@ mined negatives weighted by ``hard_negative_weight``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_bytes, atomic_write_text
 from ..postprocess import EIGHT_CONNECTED
 from ..progress import Progress
 from ..verify import VERIFIER_CARD_KEY, VERIFIER_SHA256_KEY, VerifierCard, candidate_crop
@@ -485,26 +484,19 @@ def export_verifier(network: nn.Module, card: VerifierCard, out_path: Path, sha2
                 tensor.copy_(tensor.half().float())
     wrapped = VerifierProbabilities(rounded)
     sample = torch.zeros(1, 3, card.input_px, card.input_px)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapped, (sample,), tmp, input_names=["crops"], output_names=["probabilities"],
-                              opset_version=17, dynamo=False, do_constant_folding=False,
-                              dynamic_axes={"crops": {0: "batch"}, "probabilities": {0: "batch"}})
-        proto = onnx.load(tmp)
-        store_weights_as_float16(proto)
-        for key, value in ((VERIFIER_CARD_KEY, card.to_json()), (VERIFIER_SHA256_KEY, sha256)):
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.checker.check_model(proto)
-        onnx.save(proto, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapped, (sample,), buffer, input_names=["crops"], output_names=["probabilities"],
+                          opset_version=17, dynamo=False, do_constant_folding=False,
+                          dynamic_axes={"crops": {0: "batch"}, "probabilities": {0: "batch"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    store_weights_as_float16(proto)
+    for key, value in ((VERIFIER_CARD_KEY, card.to_json()), (VERIFIER_SHA256_KEY, sha256)):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    atomic_write_bytes(out_path, proto.SerializeToString())
     return out_path
 
 
