@@ -19,8 +19,8 @@ from ..engines.torch_engine import TorchEngine
 from ..slides import image_to_array
 from .data import (DEFAULT_CLASS_MAP, label_image_from_masks, load_patch, rasterise_polygons, read_qupath_geojson,
                    read_qupath_points)
-from .metrics import (dice, glomerulus_counts, instance_matches, known_class_counts, pixel_metrics,
-                      sclerosis_percent)
+from .metrics import (dice, glomerulus_counts, instance_matches, known_class_counts, match_components,
+                      pixel_metrics, sclerosis_percent)
 
 
 class _Scores:
@@ -350,23 +350,7 @@ def false_detections(pred_labels: np.ndarray, true_labels: np.ndarray, iou_thres
     else:
         n_pred = int(components.max(initial=0))
     true_cc, n_true = ndimage.label(true_labels > 0, structure=EIGHT_CONNECTED)
-    matched: set[int] = set()
-    if n_pred and n_true:
-        both = (components > 0) & (true_cc > 0)
-        inter = np.bincount(components[both].astype(np.int64) * (n_true + 1) + true_cc[both],
-                            minlength=(n_pred + 1) * (n_true + 1)).reshape(n_pred + 1, n_true + 1)
-        area_p = np.bincount(components.ravel(), minlength=n_pred + 1)
-        area_t = np.bincount(true_cc.ravel(), minlength=n_true + 1)
-        pairs = []
-        for i, j in zip(*np.nonzero(inter)):
-            iou = inter[i, j] / (area_p[i] + area_t[j] - inter[i, j])
-            if iou >= iou_threshold:
-                pairs.append((iou, i, j))
-        used_t: set[int] = set()
-        for _, i, j in sorted(pairs, reverse=True):
-            if i not in matched and j not in used_t:
-                matched.add(int(i))
-                used_t.add(int(j))
+    matched = {i for i, _ in match_components(components, n_pred, true_cc, n_true, iou_threshold)}
     present = np.zeros(n_pred + 1, bool)
     present[np.unique(components)] = True  # ids with no pixel left (cropped away) are no detection
     present[0] = False

@@ -61,14 +61,10 @@ def dice(tp: float, fp: float, fn: float, empty: float = float("nan")) -> float:
     return float(2 * tp / denominator) if denominator > 0 else empty
 
 
-def instance_matches(pred_labels: np.ndarray, true_labels: np.ndarray, iou_threshold: float = 0.5,
-                     true_points=()) -> dict:
-    """Glomerulus detection by IoU >= threshold between connected components (any class);
-    one-to-one greedy by IoU. Also counts matched pairs whose class agrees. ``true_points``,
-    (x, y, label) in label-image pixels, are true glomeruli without an outline: each one is
-    matched by a predicted glomerulus that contains it and matched nothing else."""
-    pred_cc, n_pred = ndimage.label(pred_labels > 0, structure=EIGHT_CONNECTED)
-    true_cc, n_true = ndimage.label(true_labels > 0, structure=EIGHT_CONNECTED)
+def match_components(pred_cc: np.ndarray, n_pred: int, true_cc: np.ndarray, n_true: int,
+                     iou_threshold: float = 0.5) -> list[tuple[int, int]]:
+    """One-to-one matches (predicted id, true id) of two labelled component images, greedy by
+    IoU >= ``iou_threshold`` (highest first): the one matching rule of the detection metrics."""
     pairs = []
     if n_pred and n_true:
         both = (pred_cc > 0) & (true_cc > 0)
@@ -79,7 +75,7 @@ def instance_matches(pred_labels: np.ndarray, true_labels: np.ndarray, iou_thres
         for i, j in zip(*np.nonzero(inter)):
             iou = inter[i, j] / (area_p[i] + area_t[j] - inter[i, j])
             if iou >= iou_threshold:
-                pairs.append((iou, i, j))
+                pairs.append((iou, int(i), int(j)))
     pairs.sort(reverse=True)
     used_p, used_t, matched = set(), set(), []
     for _, i, j in pairs:
@@ -87,6 +83,19 @@ def instance_matches(pred_labels: np.ndarray, true_labels: np.ndarray, iou_thres
             used_p.add(i)
             used_t.add(j)
             matched.append((i, j))
+    return matched
+
+
+def instance_matches(pred_labels: np.ndarray, true_labels: np.ndarray, iou_threshold: float = 0.5,
+                     true_points=()) -> dict:
+    """Glomerulus detection by IoU >= threshold between connected components (any class);
+    one-to-one greedy by IoU. Also counts matched pairs whose class agrees. ``true_points``,
+    (x, y, label) in label-image pixels, are true glomeruli without an outline: each one is
+    matched by a predicted glomerulus that contains it and matched nothing else."""
+    pred_cc, n_pred = ndimage.label(pred_labels > 0, structure=EIGHT_CONNECTED)
+    true_cc, n_true = ndimage.label(true_labels > 0, structure=EIGHT_CONNECTED)
+    matched = match_components(pred_cc, n_pred, true_cc, n_true, iou_threshold)
+    used_p = {i for i, _ in matched}
     class_agree = 0
     for i, j in matched:
         pc = np.bincount(pred_labels[pred_cc == i], minlength=3)[1:].argmax()
