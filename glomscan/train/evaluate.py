@@ -185,9 +185,6 @@ def evaluate_prepared_set(model: LoadedModel, dataset_dir: Path, out_dir: Path, 
     A model with a verifier attached (``model.verifier``) runs it unless ``settings`` turn it
     off. Writes ``OUT/analysis`` (analyze's outputs), ``OUT/glomeruli.csv`` (one row per pasted
     glomerulus), ``OUT/slides.csv``, ``OUT/metrics.json`` and ``OUT/metrics.md``; returns the metrics."""
-    from ..batch import run_batch
-    from ..engines import EngineOptions, create_engine
-
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     manifest = pd.read_csv(dataset_dir / "manifest.csv")
     manifest = manifest[manifest.split == split] if split != "all" else manifest
@@ -201,12 +198,22 @@ def evaluate_prepared_set(model: LoadedModel, dataset_dir: Path, out_dir: Path, 
         if not target.exists():
             target.write_bytes((dataset_dir / row.image).read_bytes())
     settings = settings or AnalysisSettings(mpp_override=info["target_mpp"], target_mpp=info["target_mpp"])
+    analyse_folder(model, images, out_dir, backend, settings, quiet)
+    return score_prepared_set(dataset_dir, manifest, out_dir)
+
+
+def analyse_folder(model: LoadedModel, images: Path, out_dir: Path, backend: str, settings: AnalysisSettings,
+                   quiet: bool) -> None:
+    """``analyze`` of the images in ``images`` into ``out_dir/analysis`` (engines cached in
+    ``out_dir/engines``): what every evaluation through analyze scores."""
+    from ..batch import run_batch
+    from ..engines import EngineOptions, create_engine
+
     engine, choice = create_engine(backend, model, EngineOptions(engine_dir=out_dir / "engines"))
     try:
         run_batch(images, out_dir / "analysis", model, engine, choice, settings, quiet=quiet)
     finally:
         engine.close()
-    return score_prepared_set(dataset_dir, manifest, out_dir)
 
 
 def dataset_info(dataset_dir: Path) -> dict:
@@ -564,9 +571,6 @@ def evaluate_graded_crops(model: LoadedModel, crops_dir: Path, out_dir: Path, mp
     ``OUT/metrics.md``; returns the metrics."""
     import dataclasses
 
-    from ..batch import run_batch
-    from ..engines import EngineOptions, create_engine
-
     crops_dir, out_dir = Path(crops_dir), Path(out_dir)
     if not mpp or mpp <= 0:
         raise ValueError("the crops' resolution (µm per pixel) must be positive")
@@ -579,11 +583,7 @@ def evaluate_graded_crops(model: LoadedModel, crops_dir: Path, out_dir: Path, mp
             target.write_bytes((crops_dir / name).read_bytes())
     settings = (dataclasses.replace(settings, mpp_override=mpp) if settings is not None
                 else AnalysisSettings(mpp_override=mpp, viewer=False))
-    engine, choice = create_engine(backend, model, EngineOptions(engine_dir=out_dir / "engines"))
-    try:
-        run_batch(images, out_dir / "analysis", model, engine, choice, settings, quiet=quiet)
-    finally:
-        engine.close()
+    analyse_folder(model, images, out_dir, backend, settings, quiet)
     return score_graded_crops(out_dir, labels, mpp)
 
 
