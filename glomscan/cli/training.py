@@ -132,7 +132,8 @@ def train():
 @click.option("--licence", default="", help="Card: terms the weights inherit from the training data.")
 @click.option("--intended-use", default="research use only; not a medical device", show_default=True,
               help="Card: intended use.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="auto: fp16 on CUDA, bf16 on CPUs with bf16 instructions, else fp32.")
 @_device_option()
 @seed_option()
 @verbosity
