@@ -115,6 +115,8 @@ def evaluate_graded_crops(model_path, verifier_path, no_verifier, crops_dir, mpp
               help="A set made by 'glomscan prepare --tiles ... --crops ...'.")
 @click.option("--folds", type=int, default=3, show_default=True, help="Folds over the training split's tile groups.")
 @click.option("--epochs", type=int, default=12, show_default=True, help="Verifier training epochs per fold.")
+@click.option("--hard-negatives/--no-hard-negatives", default=True, show_default=True,
+              help="Train the fold verifiers on the mined negatives (--no-hard-negatives: to measure what they bring).")
 @click.option("--validation-verifier", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Verifier trained on all training groups, scored on the validation groups (default: train one).")
 @click.option("--samples-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -126,7 +128,7 @@ def evaluate_graded_crops(model_path, verifier_path, no_verifier, crops_dir, mpp
 @seed_option()
 @verbosity
 @fail_on(ValueError)
-def evaluate_crossval(model_path, dataset_dir, folds, epochs, validation_verifier, samples_dir, backend, out_dir, seed):
+def evaluate_crossval(model_path, dataset_dir, folds, epochs, hard_negatives, validation_verifier, samples_dir, backend, out_dir, seed):
     """For each fold of the training split's tile groups, train a verifier without the fold's
     patches and score the pair through analyze on the fold's real tiles (the validation groups:
     with --validation-verifier or one trained on all training groups). The segmentation model is
@@ -140,7 +142,7 @@ def evaluate_crossval(model_path, dataset_dir, folds, epochs, validation_verifie
         target = out_dir / "samples"
         if not target.exists():
             target.symlink_to(Path(samples_dir).resolve())
-    table = cross_validate(dataset_dir, out_dir, model, VerifierSettings(epochs=epochs, seed=seed), folds, backend,
+    table = cross_validate(dataset_dir, out_dir, model, VerifierSettings(epochs=epochs, seed=seed, hard_negatives=hard_negatives), folds, backend,
                            validation_verifier, quiet=is_quiet())
     click.echo(table.to_string(index=False))
     click.echo(f"-> {out_dir / 'crossval.csv'}")
