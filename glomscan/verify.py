@@ -164,11 +164,7 @@ class Verifier:
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         if self._session is None:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            self._session = _cpu_session(self.path)
         name = self._session.get_inputs()[0].name
         return self._session.run(None, {name: x})[0]
 
@@ -180,6 +176,15 @@ class Verifier:
         return np.concatenate(out).astype(np.float32)
 
 
+def _cpu_session(path: Path):
+    """An ONNX Runtime session of a verifier file on the CPU (quiet about graph rewrites)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def load_verifier(path: Path) -> Verifier:
     """A verifier file written by ``glomscan train verifier``; VerifierError with a reason a
     person can act on."""
@@ -187,14 +192,12 @@ def load_verifier(path: Path) -> Verifier:
     if not path.is_file():
         raise VerifierError(f"verifier file not found: {path}")
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401  (a clear message when it is missing)
     except ImportError as exc:
         raise VerifierError("the candidate verifier runs through ONNX Runtime: pip install onnxruntime "
                             "(or analyse with --no-verifier)") from exc
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = _cpu_session(path)
     except Exception as exc:  # onnxruntime raises its own kinds for a damaged file
         raise VerifierError(f"{path} is not a readable ONNX file: {exc}") from exc
     metadata = session.get_modelmeta().custom_metadata_map
