@@ -195,12 +195,18 @@ def train_verifier(dataset_dir, model_path, out_dir, epochs, batch_size, lr, min
               help="Start from this glomscan checkpoint's weights (fine-tuning) instead of random ones.")
 @click.option("--workers", type=click.IntRange(min=0), default=default(SegmentSettings, "workers"), show_default=True,
               help="Processes that load and augment patches while the model trains (0: in the training process).")
+@click.option("--data-on-device", is_flag=True,
+              help="Hold the training patches on the training device (a GPU) and cut and augment every batch there "
+                   "(stain jitter also shifts optical density and saturation); no loader processes.")
+@click.option("--scale-jitter", type=click.FloatRange(0, 1), default=default(SegmentSettings, "scale_jitter"),
+              show_default=True,
+              help="With --data-on-device: each batch magnified by a factor between 1/(1+this) and 1+this.")
 @seed_option()
 @verbosity
 @fail_on(ValueError)
 def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, encoder, encoder_weights,
                   max_steps_per_epoch, bn_recalibration_steps, name, precision, device, card_tile, stain_jitter,
-                  jpeg_min_quality, init_path, workers, seed):
+                  jpeg_min_quality, init_path, workers, data_on_device, scale_jitter, seed):
     """Train the U-Net (0.5*BCE + Dice, Adam, cosine LR); resumes from OUT.last.pt if present."""
     from ..train.segment import train_segmentation
 
@@ -208,7 +214,8 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
                                encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch,
                                bn_recalibration_steps=bn_recalibration_steps, name=name, seed=seed,
                                precision=precision, device=device, stain_jitter=stain_jitter, tile=card_tile,
-                               workers=workers, jpeg_min_quality=jpeg_min_quality, init=init_path)
+                               workers=workers, jpeg_min_quality=jpeg_min_quality, init=init_path,
+                               data_on_device=data_on_device, scale_jitter=scale_jitter)
     best = train_segmentation(dataset_dir, out_path, settings, quiet=is_quiet())
     click.echo(f"best validation Dice {best.get('dice_mean', float('nan')):.4f} -> {out_path}")
 

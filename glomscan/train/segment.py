@@ -20,6 +20,7 @@ from ..progress import Progress
 from .composite import from_optical_density, optical_density
 from .data import load_patch
 from .harness import TrainingDevice, TrainingRun, choose_training_device, seed_training
+from .resident import ResidentPatches
 from .sources import UNKNOWN_CLASS
 from .metrics import dice, glomerulus_counts, known_class_counts, pixel_metrics
 from .settings import SegmentSettings
@@ -143,8 +144,9 @@ def jitter_stain(image: np.ndarray, amount: float, rng: np.random.Generator) -> 
     return from_optical_density(od * gain.astype(np.float32)).astype(np.uint8)
 
 
-def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: TrainingDevice, steps: int) -> None:
-    """Replace BatchNorm running statistics by their exact average over ``steps`` batches."""
+def recalibrate_batchnorm(model: nn.Module, loader, device: TrainingDevice, steps: int) -> None:
+    """Replace BatchNorm running statistics by their exact average over ``steps`` batches of
+    ``loader`` (any iterable of (images, labels) batches)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or steps <= 0:
         return
@@ -186,6 +188,22 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: TrainingDevice,
     return metrics
 
 
+class ResidentBatches:
+    """Training batches cut and augmented on the training device (``--data-on-device``): an
+    endless iterable with a loader's length (patches // batch size), as the loop expects."""
+
+    def __init__(self, patches: ResidentPatches, settings: SegmentSettings):
+        self.patches, self.settings = patches, settings
+
+    def __len__(self) -> int:
+        return max(1, len(self.patches) // self.settings.batch_size)
+
+    def __iter__(self):
+        s = self.settings
+        while True:
+            yield self.patches.batch(s.batch_size, s.crop, s.stain_jitter, s.jpeg_min_quality, s.scale_jitter)
+
+
 def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSettings, quiet: bool = False) -> dict:
     """Train; writes ``out_path`` (best validation selection score, fp32, glomscan checkpoint),
     ``<out>.last.pt`` (resume state) and ``<out>.metrics.csv``. Returns the best metrics.
@@ -197,6 +215,8 @@ def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSetti
     train_rows, val_rows = manifest[manifest.split == "train"], manifest[manifest.split == "val"]
     if train_rows.empty or val_rows.empty:
         raise ValueError(f"{dataset_dir}: need patches in both splits (train {len(train_rows)}, val {len(val_rows)})")
+    if settings.scale_jitter and not settings.data_on_device:
+        raise ValueError("scale augmentation (--scale-jitter) runs on the training device: add --data-on-device")
     seed_training(settings.seed)
     device = choose_training_device(settings.precision, device=settings.device)
     log.info("training on %s", device.reason)
@@ -239,11 +259,16 @@ def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSetti
     context = "forkserver" if settings.workers > 0 else None
     if pin_memory:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-    train_loader = DataLoader(PatchDataset(dataset_dir, train_rows, card, True, settings.crop, settings.seed + start_epoch,
-                                           settings.stain_jitter, settings.jpeg_min_quality),
-                              batch_size=settings.batch_size, shuffle=True, num_workers=settings.workers, drop_last=True,
-                              generator=sampler_generator, worker_init_fn=seed_worker, pin_memory=pin_memory,
-                              multiprocessing_context=context)
+    if settings.data_on_device:
+        train_loader = ResidentBatches(ResidentPatches(dataset_dir, train_rows, device.device, card.mean, card.std,
+                                                       seed=settings.seed * 1000 + start_epoch), settings)
+    else:
+        train_loader = DataLoader(PatchDataset(dataset_dir, train_rows, card, True, settings.crop,
+                                               settings.seed + start_epoch, settings.stain_jitter,
+                                               settings.jpeg_min_quality),
+                                  batch_size=settings.batch_size, shuffle=True, num_workers=settings.workers,
+                                  drop_last=True, generator=sampler_generator, worker_init_fn=seed_worker,
+                                  pin_memory=pin_memory, multiprocessing_context=context)
     val_loader = DataLoader(PatchDataset(dataset_dir, val_rows, card, False), batch_size=settings.batch_size,
                             num_workers=settings.workers, pin_memory=pin_memory, multiprocessing_context=context)
     best = {}

@@ -64,6 +64,13 @@ class SegmentSettings:
     (4:2:0, as in most scanners' files) at a quality uniform in [this, 95]. None: off."""
     init: str | None = None
     """glomscan checkpoint whose weights start the training (fine-tuning); None: random init."""
+    scale_jitter: float = 0.0
+    """Scale augmentation (with ``data_on_device``): each batch magnified by a factor drawn
+    log-uniformly from [1 / (1 + this), 1 + this]. 0: off."""
+    data_on_device: bool = False
+    """Hold the training patches on the training device and cut and augment each batch there
+    (stain jitter by optical-density gain, shift and saturation; JPEG through torchvision's
+    codec) instead of in loader processes: what keeps a GPU busy. Patches of one size only."""
     intended_use: str = ""
     licence: str = ""
 

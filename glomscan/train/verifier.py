@@ -48,6 +48,7 @@ from ..verify import VERIFIER_CARD_KEY, VERIFIER_SHA256_KEY, VerifierCard, candi
 from .composite import tissue_map
 from .data import load_patch
 from .harness import TrainingRun, choose_training_device, seed_training
+from .resident import jitter_stain_batch
 from .segment import jpeg_roundtrip
 from .settings import VerifierSettings
 from .sources import UNKNOWN_CLASS
@@ -251,24 +252,6 @@ def view_batch(contexts: torch.Tensor, out_px: int, margins: torch.Tensor, angle
                          torch.stack([sin * flip, cos, shifts[:, 1] * scale], dim=1)], dim=1)
     grid = F.affine_grid(theta, (contexts.shape[0], 3, out_px, out_px), align_corners=False)
     return F.grid_sample(contexts, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def jitter_stain_batch(x: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample stain variation of (N, 3, H, W) RGB in [0, 1]: optical density scaled per
-    channel and overall by 1 +- ``amount``, shifted per channel by up to ``amount`` / 4, and
-    saturation changed by up to ``amount`` (labs, stains and scanners differ)."""
-    n = x.shape[0]
-
-    def uniform(*shape, low, high):
-        return low + (high - low) * torch.rand(*shape, generator=generator, device=x.device)
-
-    od = -torch.log((x * 255 + 1) / 256)
-    gain = uniform(n, 3, 1, 1, low=1 - amount, high=1 + amount) * uniform(n, 1, 1, 1, low=1 - amount, high=1 + amount)
-    bias = uniform(n, 3, 1, 1, low=-amount / 4, high=amount / 4)
-    y = ((256 * torch.exp(-(od * gain + bias).clamp(min=0)) - 1) / 255).clamp(0, 1)
-    grey = y.mean(dim=1, keepdim=True)
-    saturation = uniform(n, 1, 1, 1, low=1 - amount, high=1 + amount)
-    return (grey + (y - grey) * saturation).clamp(0, 1)
 
 
 def augmented_views(contexts_u8: torch.Tensor, settings: VerifierSettings, generator: torch.Generator,

@@ -233,3 +233,40 @@ def test_evaluate_real_runs_analyze_on_the_validation_patches(tmp_path, tiny_che
     assert len(list((tmp_path / "ev" / "analysis").glob("*/report.json"))) == n_val
     assert metrics["glomeruli_graded"] == (pd.read_csv(tmp_path / "data" / "glomeruli.csv").split == "val").sum()
     assert (tmp_path / "ev" / "metrics.md").read_text().startswith("| measure |")
+
+
+def test_compact_training_set_rebuilds_the_prepared_set(tmp_path):
+    """The compact form (tiles and masks whole, composites as their pasted boxes) unpacks to the
+    same patches: exactly with PNG boxes, within JPEG's error with JPEG boxes."""
+    import shutil
+
+    from glomscan.train.compact import pack_training_set, unpack_training_set
+
+    _make_sets(tmp_path)
+    settings = PrepareSettings(validation_fraction=0.25, composite_uses=2,
+                               composite=CompositeSettings(diameter_range_um=(30.0, 45.0)))
+    manifest = prepare_dataset(None, None, tmp_path / "out", settings, tiles_dir=tmp_path / "tiles",
+                               crops_dir=tmp_path / "crops")
+    counts = pack_training_set(tmp_path / "out", tmp_path / "exact.tar", box_quality=None)
+    assert counts["as_boxes"] == (manifest.kind == "composite").sum() and counts["whole"] == (manifest.kind == "tile").sum()
+    pack_training_set(tmp_path / "out", tmp_path / "jpeg.tar", box_quality=90)
+    unpacked = unpack_training_set(tmp_path / "exact.tar", tmp_path / "exact")
+    unpack_training_set(tmp_path / "jpeg.tar", tmp_path / "jpeg")
+    pd.testing.assert_frame_equal(unpacked, manifest.reset_index(drop=True), check_dtype=False)
+    for row in manifest.to_dict("records"):
+        image, labels = load_patch(tmp_path / "out", row)
+        exact, exact_labels = load_patch(tmp_path / "exact", row)
+        lossy, lossy_labels = load_patch(tmp_path / "jpeg", row)
+        assert np.array_equal(exact, image) and np.array_equal(exact_labels, labels) and np.array_equal(lossy_labels, labels)
+        assert np.abs(lossy.astype(int) - image).mean() < 2
+    # a composite that differs from its tile outside the boxes is kept whole (in a copy of the
+    # set: libvips caches images by file name)
+    shutil.copytree(tmp_path / "out", tmp_path / "changed")
+    row = manifest[manifest.kind == "composite"].iloc[0]
+    image, _ = load_patch(tmp_path / "out", row)
+    image = image.copy()
+    image[0, 0] = 255 - image[0, 0]
+    write_png(tmp_path / "changed" / row["image"], image)
+    assert pack_training_set(tmp_path / "changed", tmp_path / "again.tar")["whole"] == counts["whole"] + 1
+    unpack_training_set(tmp_path / "again.tar", tmp_path / "again")
+    assert np.array_equal(load_patch(tmp_path / "again", row)[0], image)

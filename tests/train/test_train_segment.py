@@ -372,3 +372,68 @@ def test_training_starts_from_a_glomscan_checkpoint(dataset, tmp_path, tiny_chec
     with pytest.raises(ValueError, match="architecture"):
         train_segmentation(out, tmp_path / "c.pt", SegmentSettings(epochs=1, batch_size=2, crop=128, max_steps_per_epoch=1,
                                                                init=str(tmp_path / "a.pt")), quiet=True)
+
+
+def test_resident_batches_keep_pixels_and_labels_aligned(dataset):
+    """Crops, flips and rotations cut on the training device move labels with their pixels."""
+    from glomscan.train.resident import ResidentPatches
+
+    out, manifest, _ = dataset
+    rows = manifest[manifest.split == "train"].head(3)
+    patches = ResidentPatches(out, rows, "cpu", mean=(0, 0, 0), std=(1, 1, 1), seed=0)
+    # make each pixel's red value tell its label, then check the pairing survives augmentation
+    patches.images[..., 0] = patches.labels * 60
+    x, labels = patches.batch(6, crop=96)
+    assert x.shape == (6, 3, 96, 96) and labels.shape == (6, 96, 96) and labels.dtype == torch.int64
+    assert torch.equal((x[:, 0] * 255).round().long(), labels * 60)
+    again = ResidentPatches(out, rows, "cpu", mean=(0, 0, 0), std=(1, 1, 1), seed=0)
+    again.images[..., 0] = again.labels * 60
+    assert torch.equal(again.batch(6, crop=96)[0], x)  # seeded: repeatable
+    turned = [torch.equal(x[i, 0], (patches.images[j, :96, :96, 0].float() / 255)) for i in range(6) for j in range(3)]
+    assert not all(turned)
+
+
+def test_resident_jpeg_and_stain_change_pixels_not_labels(dataset):
+    from glomscan.train.resident import ResidentPatches, jpeg_batch
+
+    out, manifest, _ = dataset
+    rows = manifest[manifest.split == "train"].head(2)
+    patches = ResidentPatches(out, rows, "cpu", mean=(0, 0, 0), std=(1, 1, 1), seed=1)
+    image = patches.images[:1].permute(0, 3, 1, 2)
+    compressed = jpeg_batch(image, 60)
+    assert compressed.shape == image.shape and compressed.dtype == torch.uint8
+    assert 0 < (compressed.int() - image.int()).abs().float().mean() < 8
+    plain = ResidentPatches(out, rows, "cpu", mean=(0, 0, 0), std=(1, 1, 1), seed=1).batch(8, crop=64)
+    jittered = patches.batch(8, crop=64, stain_jitter=0.2, jpeg_min_quality=50)
+    assert torch.equal(plain[1], jittered[1])  # same draws of place and orientation
+    assert not torch.equal(plain[0], jittered[0])
+
+
+def test_training_with_the_data_on_the_device(dataset, tmp_path):
+    out, _, _ = dataset
+    config = SegmentSettings(epochs=1, batch_size=2, crop=128, max_steps_per_epoch=2, data_on_device=True,
+                             stain_jitter=0.1, jpeg_min_quality=60, bn_recalibration_steps=2, name="resident", **TINY)
+    best = train_segmentation(out, tmp_path / "m.pt", config, quiet=True)
+    assert np.isfinite(best["selection_score"])
+    assert load_checkpoint(tmp_path / "m.pt").card.name == "resident"
+
+
+def test_resident_scale_augmentation_keeps_labels_on_their_pixels(dataset):
+    from scipy import ndimage
+
+    from glomscan.train.resident import ResidentPatches
+
+    out, manifest, _ = dataset
+    rows = manifest[(manifest.split == "train") & (manifest.n_normal_px + manifest.n_sclerosed_px > 0)].head(3)
+    patches = ResidentPatches(out, rows, "cpu", mean=(0, 0, 0), std=(1, 1, 1), seed=3)
+    patches.images[..., 0] = patches.labels * 60
+    for _ in range(4):
+        x, labels = patches.batch(4, crop=96, scale_jitter=0.5)
+        assert x.shape == (4, 3, 96, 96) and labels.shape == (4, 96, 96)
+        red = (x[:, 0] * 255).round().long().numpy()
+        lab = labels.numpy()
+        inner = np.stack([ndimage.minimum_filter(l, 5) == ndimage.maximum_filter(l, 5) for l in lab])
+        assert inner.mean() > 0.5
+        assert np.abs(red[inner] - lab[inner] * 60).max() <= 1
+    with pytest.raises(ValueError, match="data-on-device"):
+        train_segmentation(out, out / "x.pt", SegmentSettings(epochs=1, scale_jitter=0.2, **TINY), quiet=True)
