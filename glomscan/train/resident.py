@@ -5,7 +5,7 @@ U-Net ten times faster than the processes cut patches (an H200 waited on 14 of t
 per epoch for 35 s of GPU work). The prepared set is small (a few hundred 512 px patches, well
 under a GiB as uint8), so it is read once, kept on the device as uint8, and every batch is cut
 and augmented there: random crop, dihedral flips and rotations, stain variation in optical
-density, and JPEG compression through torchvision's codec (nvJPEG on CUDA).
+density, and JPEG compression with 4:2:0 chroma through torchvision's codec (nvJPEG on CUDA).
 """
 
 from __future__ import annotations
@@ -57,13 +57,28 @@ def dihedral_batch(images: torch.Tensor, labels: torch.Tensor, generator: torch.
     return images, labels
 
 
+def subsample_chroma(images_u8: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) uint8 RGB with its chroma (JPEG's YCbCr) averaged over 2 x 2 pixels and
+    interpolated back: the 4:2:0 subsampling of most scanners' JPEG."""
+    x = images_u8.float()
+    rgb_to_ycc = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
+                              device=x.device)
+    ycc = torch.einsum("ij,njhw->nihw", rgb_to_ycc, x)
+    h, w = x.shape[-2:]
+    chroma = F.interpolate(F.avg_pool2d(ycc[:, 1:], 2, ceil_mode=True), size=(h, w), mode="bilinear",
+                           align_corners=False)
+    ycc = torch.cat([ycc[:, :1], chroma], dim=1)
+    rgb = torch.einsum("ij,njhw->nihw", torch.linalg.inv(rgb_to_ycc), ycc)
+    return rgb.round().clamp(0, 255).to(torch.uint8)
+
+
 def jpeg_batch(images_u8: torch.Tensor, quality: int) -> torch.Tensor:
-    """(N, 3, H, W) uint8 through JPEG at ``quality`` and back, on the tensors' device
-    (torchvision's codec: libjpeg on the CPU, nvJPEG on CUDA; both subsample chroma 4:2:0 by
-    default, as scanners store slides)."""
+    """(N, 3, H, W) uint8 through JPEG at ``quality`` with 4:2:0 chroma (as scanners store
+    slides) and back, on the tensors' device. torchvision's codec is libjpeg on the CPU (4:2:0)
+    and nvJPEG on CUDA (4:4:4 only), so the chroma is subsampled here first on every device."""
     from torchvision.io import decode_jpeg, encode_jpeg
 
-    encoded = encode_jpeg(list(images_u8.contiguous()), quality=quality)
+    encoded = encode_jpeg(list(subsample_chroma(images_u8).contiguous()), quality=quality)
     decoded = decode_jpeg(encoded, device=images_u8.device)
     return torch.stack(decoded)
 

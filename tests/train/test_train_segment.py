@@ -437,3 +437,18 @@ def test_resident_scale_augmentation_keeps_labels_on_their_pixels(dataset):
         assert np.abs(red[inner] - lab[inner] * 60).max() <= 1
     with pytest.raises(ValueError, match="data-on-device"):
         train_segmentation(out, out / "x.pt", SegmentSettings(epochs=1, scale_jitter=0.2, **TINY), quiet=True)
+
+
+def test_device_jpeg_subsamples_chroma_like_a_scanner():
+    """The device JPEG smears a sharp colour edge over 2 px as 4:2:0 does, and keeps flat areas
+    (nvJPEG through torchvision encodes 4:4:4 only, so the chroma is subsampled before it)."""
+    from glomscan.train.resident import jpeg_batch, subsample_chroma
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:, 33:] = (200, 40, 160)  # an edge at an odd column: inside a 2 x 2 chroma block
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]
+    smeared = subsample_chroma(x)[0].permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(smeared[:, 32:34] - image[:, 32:34]).max() > 20
+    assert np.abs(smeared[:, :28] - image[:, :28]).max() <= 1 and np.abs(smeared[:, 38:] - image[:, 38:]).max() <= 1
+    out = jpeg_batch(x, 90)[0].permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(out[:, :28] - image[:, :28]).mean() < 3 and np.abs(out[:, 32:34] - image[:, 32:34]).max() > 20
