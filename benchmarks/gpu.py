@@ -5,11 +5,15 @@
    tiles (and fp16's on the benchmark slide's first batch);
 2. the CPU side alone (a null engine that returns one real prediction again and again) in
    tiles/s against the number of tile-reader threads;
-3. slides per hour for the needle-biopsy layout of benchmarks/vs_monai.py (three cores).
+3. slides per hour for the needle-biopsy layout of benchmarks/vs_monai.py (three cores);
+4. a batch of such needle biopsies with K slides in flight (K worker processes sharing the GPU,
+   ``analyze --slides-in-flight K``): slides/hour, tiles/s, end to end / network-only, the GPU
+   memory in use at its peak (nvidia-smi, sampled) and each worker's own peak.
 
 Ratios are measured within this one run. ``--device cpu --quick`` checks the script on a CPU.
 
-    python benchmarks/gpu.py [--device cuda] [--quick] [--model CKPT] [--readers 1,2,4,8,16] [--json OUT]
+    python benchmarks/gpu.py [--device cuda] [--quick] [--model CKPT] [--readers 1,2,4,8,16]
+                             [--slides-in-flight 1,2,4,8,16] [--time-budget-s 120] [--json OUT]
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import tempfile
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +74,82 @@ def analyse(slides: Path, out: Path, model, engine: Engine, settings: AnalysisSe
     return time.perf_counter() - t0, report.tiles_tissue
 
 
+class GpuMemorySampler:
+    """The most GPU memory in use (MiB, all processes, nvidia-smi) while it runs; None without
+    nvidia-smi."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s, self.peak_mib, self._stop = interval_s, None, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if shutil.which("nvidia-smi") else None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout.split()
+            if out:
+                self.peak_mib = max(self.peak_mib or 0, max(int(v) for v in out))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        if self._thread:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+
+def slides_in_flight_run(needle_slide: Path, tmp: Path, model, model_path: Path, device: str, precision: str,
+                         settings: AnalysisSettings, ks: list[int], network_tiles_per_s: float | None,
+                         time_budget_s: float, quick: bool) -> dict:
+    """A batch of copies of one needle biopsy for each K (2K slides, at least 4), timed from the
+    batch's start to its end (worker start-up included); stops before a K whose estimated time
+    would pass ``time_budget_s``."""
+    from glomscan.cluster import BackendEngine, run_slide_workers_batch
+    from glomscan.engines import EngineOptions
+
+    make_engine = BackendEngine("torch", EngineOptions(precision=precision), batch_size_auto=True)
+    results, started, last_rate = {}, time.perf_counter(), None
+    for k in ks:
+        n = max(4, 2 * k)
+        if last_rate and time.perf_counter() - started + n / last_rate * 1.5 > time_budget_s:
+            print(f"K={k}: skipped (time budget of {time_budget_s:.0f} s)", flush=True)
+            break
+        slides = tmp / f"batch-{k}"
+        slides.mkdir()
+        for i in range(n):
+            os.link(needle_slide, slides / f"biopsy-{i:02d}.tif")
+        t0 = time.perf_counter()
+        with GpuMemorySampler() as memory:
+            if k == 1:
+                engine = TorchEngine(model, device, precision)
+                outcome = run_batch(slides, tmp / f"out-batch-{k}", model, engine, EngineChoice("torch", "benchmark"),
+                                    replace(settings, batch_size=engine.preferred_batch_size), force=True, quiet=True)
+                del engine
+            else:
+                outcome = run_slide_workers_batch(slides, tmp / f"out-batch-{k}", model, make_engine, settings, k,
+                                                  force=True, quiet=True)
+        seconds = time.perf_counter() - t0
+        assert all(r.status == "ok" for r in outcome.reports), [r.reason for r in outcome.reports]
+        tiles = sum(r.tiles_tissue for r in outcome.reports)
+        worker_peaks = [r.gpu_memory_peak_mib for r in outcome.reports if r.gpu_memory_peak_mib is not None]
+        last_rate = n / seconds
+        results[k] = {"slides": n, "seconds": round(seconds, 2), "slides_per_hour": round(3600 * n / seconds, 1),
+                      "tiles_per_s": round(tiles / seconds, 2),
+                      "end_to_end_over_network_only": round(tiles / seconds / network_tiles_per_s, 3)
+                      if network_tiles_per_s else None,
+                      "gpu_memory_peak_mib_all": memory.peak_mib,
+                      "gpu_memory_peak_mib_per_worker": max(worker_peaks) if worker_peaks else None}
+        r = results[k]
+        print(f"K={k:2d}: {n} needle biopsies in {seconds:.1f} s -> {r['slides_per_hour']:.0f} slides/hour, "
+              f"{r['tiles_per_s']:.1f} tiles/s, end to end / network only {r['end_to_end_over_network_only']}, "
+              f"GPU memory peak {r['gpu_memory_peak_mib_all']} MiB in all, {r['gpu_memory_peak_mib_per_worker']} "
+              f"MiB per worker", flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -73,8 +157,13 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
     ap.add_argument("--readers", default="1,2,4,8,16", help="tile-reader thread counts for the CPU-side run")
     ap.add_argument("--batch-size", type=int, default=None, help="tiles per engine call (default 8 on CUDA, 1 on CPU)")
+    ap.add_argument("--slides-in-flight", default="1,2,4,8,16",
+                    help="K values of the batch run (slide worker processes sharing the GPU)")
+    ap.add_argument("--time-budget-s", type=float, default=150.0, help="time budget of the slides-in-flight runs")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: precisions, cpu-side")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
     cuda = args.device.startswith("cuda")
     precisions = ["fp32", "fp16"] if cuda else ["fp32"]
     batch = args.batch_size or (8 if cuda else 1)
@@ -139,7 +228,7 @@ def main() -> None:
 
         replay = ReplayEngine(model.card, outputs[precisions[-1]][0])
         results["cpu_side_tiles_per_s"] = {}
-        for r in readers:
+        for r in readers if "cpu-side" not in skip else []:
             seconds, _ = analyse(slides, tmp / f"out-replay-{r}", model, replay,
                                  AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=batch, workers=r))
             results["cpu_side_tiles_per_s"][r] = round(n / seconds, 2)
@@ -162,6 +251,13 @@ def main() -> None:
                                     "slides_per_hour_one_process": round(3600 / seconds, 1)}
         print(f"needle biopsy {nw}x{nh} px ({inferred} tissue tiles), torch {precisions[-1]}: {seconds:.2f} s "
               f"-> {3600 / seconds:.0f} slides/hour in one process", flush=True)
+        del engine
+        ks = [int(k) for k in args.slides_in_flight.split(",") if k]
+        network = results[precisions[-1]]["model_only_tiles_per_s"]
+        print(f"slides in flight {ks}, torch {precisions[-1]}; network only {network} tiles/s", flush=True)
+        results["slides_in_flight"] = slides_in_flight_run(
+            needle / "biopsy.tif", tmp, model, Path(model_path), args.device, precisions[-1], settings, ks, network,
+            args.time_budget_s, args.quick)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

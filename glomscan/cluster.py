@@ -1,4 +1,12 @@
-"""Scale-out with Dask distributed: one task per slide, one slide per GPU (or CPU slot) at a time.
+"""Several slides at once: slide worker processes on this machine, or Dask distributed.
+
+One slide's CPU side (reading, JPEG decoding, blending, labelling) cannot feed a GPU that infers
+ten times faster, so the unit of parallelism is the slide: ``analyze --slides-in-flight K``
+keeps K slides in flight per GPU in K worker processes (``run_slide_workers_batch``), and the
+Dask path below starts K workers per GPU the same way. Each slide is ``batch.process_slide``'s,
+as in the single-process loop, so the outputs do not depend on K.
+
+Dask: one task per slide, one slide per GPU (or CPU slot) at a time.
 
 The client (``glomscan analyze --cluster ...``) runs the batch skeleton of the single-process
 loop (``batch.run_with_executor``: output lock, resume rule, summary.csv / index.html, stopping
@@ -47,6 +55,11 @@ DASK_ALLOWED_FAILURES = 0
 """Dask's own retries of a task whose worker died: none, the client retries (SLIDE_RETRIES)."""
 WORKER_START_TIMEOUT_S = 120
 POLL_S = 0.5
+CORES_PER_SLIDE_WORKER = 2
+MAX_SLIDES_IN_FLIGHT = 8
+GPU_MEMORY_FRACTION_ENV = "GLOMSCAN_GPU_MEMORY_FRACTION"
+"""Set in a slide worker's environment when several share a GPU: the share of its memory the
+worker's torch engine may allocate (torch.cuda.set_per_process_memory_fraction)."""
 
 
 @dataclass(frozen=True)
@@ -84,19 +97,35 @@ def visible_gpus(environ: dict[str, str] | None = None) -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def worker_environments(gpus: list[str], workers: int | None, cpu_count: int) -> list[dict[str, str]]:
-    """One environment per local worker process. With GPUs: one worker per GPU (the first
-    ``workers`` if given), each seeing only its own GPU (CUDA_VISIBLE_DEVICES=<id>, so torch,
-    ONNX Runtime and TensorRT all call it cuda:0). Without: ``workers`` processes (default 2)
-    that see no GPU and share the CPU cores between them."""
+def default_slides_in_flight(gpus: list[str], cpu_count: int) -> int:
+    """Slides analysed at once per GPU when not asked: one per ``CORES_PER_SLIDE_WORKER`` cores
+    of each GPU's share of the CPU, at most ``MAX_SLIDES_IN_FLIGHT``, since one slide's CPU side
+    (reading, JPEG decoding, blending) cannot feed a GPU alone. Without a GPU, 1: the CPU
+    engines already use every core for one slide."""
+    if not gpus:
+        return 1
+    return max(1, min(MAX_SLIDES_IN_FLIGHT, cpu_count // len(gpus) // CORES_PER_SLIDE_WORKER))
+
+
+def worker_environments(gpus: list[str], workers: int | None, cpu_count: int,
+                        slides_per_gpu: int = 1) -> list[dict[str, str]]:
+    """One environment per local worker process. With GPUs: ``slides_per_gpu`` workers per GPU
+    (of the first ``workers`` GPUs if given), each seeing only its GPU (CUDA_VISIBLE_DEVICES=<id>,
+    so torch, ONNX Runtime and TensorRT all call it cuda:0) and allowed 1 / ``slides_per_gpu``
+    of its memory (``GPU_MEMORY_FRACTION_ENV``, applied by torch engines). Without: ``workers``
+    processes (default 2) that see no GPU. The workers share the CPU cores (OMP_NUM_THREADS)."""
     if workers is not None and workers < 1:
         raise ValueError("--workers must be >= 1")
+    if slides_per_gpu < 1:
+        raise ValueError("slides in flight must be >= 1")
     if gpus:
         chosen = gpus[: workers or len(gpus)]
         if workers and workers > len(gpus):
             log.warning("%d workers requested but %d GPU(s) visible: one worker per GPU", workers, len(gpus))
-        threads = max(1, cpu_count // len(chosen))
-        return [{"CUDA_VISIBLE_DEVICES": g, "OMP_NUM_THREADS": str(threads)} for g in chosen]
+        threads = max(1, cpu_count // (len(chosen) * slides_per_gpu))
+        share = {GPU_MEMORY_FRACTION_ENV: f"{1 / slides_per_gpu:.4f}"} if slides_per_gpu > 1 else {}
+        return [{"CUDA_VISIBLE_DEVICES": g, "OMP_NUM_THREADS": str(threads), **share}
+                for _ in range(slides_per_gpu) for g in chosen]
     n = workers or 2
     threads = max(1, cpu_count // n)
     return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)} for _ in range(n)]
@@ -157,6 +186,7 @@ def _worker_engine(model_path: str, model_sha256: str, make_engine, verifier_pat
 
                 model.verifier = load_verifier(Path(verifier_path))
             engine, choice = make_engine(model)
+            bound_gpu_memory()
             threads = os.environ.get("OMP_NUM_THREADS")
             if threads and threads.isdigit() and "torch" in sys.modules:  # torch only where the engine uses it
                 sys.modules["torch"].set_num_threads(int(threads))
@@ -175,10 +205,92 @@ def analyze_on_worker(job: SlideJob, out_dir: str, model_path: str, model_sha256
     return process_slide(job, Path(out_dir), model, engine, choice, settings, quiet=True)
 
 
+def bound_gpu_memory() -> None:
+    """Hold this worker's torch allocations on the GPU to its share (``GPU_MEMORY_FRACTION_ENV``,
+    set when several slide workers share a GPU): one worker's large slide cannot starve the
+    others; a worker over its share fails its slide with CUDA's out-of-memory error."""
+    fraction = os.environ.get(GPU_MEMORY_FRACTION_ENV)
+    torch = sys.modules.get("torch")
+    if fraction and torch is not None and torch.cuda.is_initialized():
+        torch.cuda.set_per_process_memory_fraction(float(fraction))
+        log.info("worker %d: at most %.0f %% of the GPU's memory", os.getpid(), 100 * float(fraction))
+
+
+# -- several slides in flight on one machine, without Dask -----------------------------------------
+def _start_slide_worker(environments) -> None:
+    """A slide worker process takes its environment (its GPU, CPU threads and memory share)
+    before anything imports torch, ONNX Runtime or TensorRT."""
+    os.environ.update(environments.get())
+
+
+def run_slide_workers_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, make_engine,
+                            settings: AnalysisSettings, slides_in_flight: int, force: bool = False,
+                            recursive: bool = False, quiet: bool = False) -> BatchOutcome:
+    """The batch with ``slides_in_flight`` slides analysed at once on this machine, each in a
+    worker process of its own (its own reader threads, blending, engine and CUDA context:
+    ``slides_in_flight`` per visible GPU, sharing its memory), as the Dask cluster does but
+    without Dask. The batch skeleton is ``batch.run_with_executor``'s, each slide
+    ``batch.process_slide``'s, so the outputs are those of one slide at a time. A worker that
+    dies (killed, out of memory) fails the slides it and the pool had not finished, with the
+    reason; the next run redoes them."""
+    if model.path is None:
+        raise ValueError("slide workers need a model file they can load")
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    out_dir = Path(out_dir)
+    gpus = visible_gpus()
+    envs = worker_environments(gpus, None, os.cpu_count() or 1, slides_per_gpu=slides_in_flight) if gpus else \
+        worker_environments([], slides_in_flight, os.cpu_count() or 1)
+    verifier_path = str(model.verifier.path) if model.verifier is not None else None
+
+    def execute(jobs: list[SlideJob], done: Callable[[SlideReport], None]) -> None:
+        # workers start from a clean server process: a fork of this one could inherit libvips
+        # or CUDA state mid-use
+        context = multiprocessing.get_context("forkserver")
+        environments = context.SimpleQueue()
+        for env in envs:
+            environments.put(env)
+        pool = ProcessPoolExecutor(len(envs), mp_context=context, initializer=_start_slide_worker,
+                                   initargs=(environments,))
+        try:
+            running = {pool.submit(analyze_on_worker, job, str(out_dir), str(model.path), model.sha256, make_engine,
+                                   settings, verifier_path): job for job in jobs}
+            while running:
+                raise_if_interrupted()
+                finished, _ = wait(list(running), timeout=POLL_S, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = running.pop(future)
+                    try:
+                        report = future.result()
+                    except (OutputNotWritable, KeyboardInterrupt):
+                        raise
+                    except BrokenProcessPool as exc:
+                        report = _lost_slide(job, model, exc, 1, retried=False)
+                    except Exception as exc:  # the task could not run at all (unpicklable, missing import, ...)
+                        report = _lost_slide(job, model, exc, 0)
+                    else:
+                        done(report)  # ok or failed, the worker wrote its folder
+                        continue
+                    try:  # no worker finished this slide: record why here
+                        record_failure(out_dir, report)
+                    except OSError as write_exc:
+                        log.error("%s: cannot record the failure: %s", job.name, write_exc)
+                    done(report)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    where = f"{slides_in_flight} per GPU on {len(gpus)} GPU(s)" if gpus else "on the CPU"
+    return run_with_executor(slides_dir, out_dir, model.analysis_sha256, settings, execute,
+                             f"{len(envs)} slide workers, {where}", force=force, recursive=recursive, quiet=quiet)
+
+
 # -- on the client ------------------------------------------------------------------------------
 def run_cluster_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, make_engine,
                       settings: AnalysisSettings, cluster: str = "local", workers: int | None = None,
-                      force: bool = False, recursive: bool = False, quiet: bool = False) -> BatchOutcome:
+                      force: bool = False, recursive: bool = False, quiet: bool = False,
+                      slides_per_gpu: int = 1) -> BatchOutcome:
     """The batch on Dask: ``cluster`` is ``local`` (start a LocalCluster here) or the address
     of a running scheduler (``tcp://host:8786``). The batch itself (lock, resume rule, summary,
     a stopped output folder, Ctrl-C) is ``batch.run_with_executor``'s; this only executes."""
@@ -189,7 +301,7 @@ def run_cluster_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, make_
         logging.getLogger("distributed").setLevel(logging.WARNING)
 
     def execute(jobs: list[SlideJob], done: Callable[[SlideReport], None]) -> None:
-        with dask_client(cluster, workers) as (client, resource):
+        with dask_client(cluster, workers, slides_per_gpu) as (client, resource):
             _run_jobs(client, jobs, done, out_dir, model, make_engine, settings, resource)
 
     return run_with_executor(slides_dir, out_dir, model.analysis_sha256, settings, execute, f"Dask cluster {cluster}",
@@ -197,18 +309,19 @@ def run_cluster_batch(slides_dir: Path, out_dir: Path, model: LoadedModel, make_
 
 
 @contextlib.contextmanager
-def dask_client(cluster: str, workers: int | None):
-    """(client, resource) of a LocalCluster started here (``cluster == "local"``) or of the
-    scheduler at the address ``cluster``; closed (and the LocalCluster stopped) on the way out."""
+def dask_client(cluster: str, workers: int | None, slides_per_gpu: int = 1):
+    """(client, resource) of a LocalCluster started here (``cluster == "local"``: one worker per
+    GPU, or ``slides_per_gpu``) or of the scheduler at the address ``cluster``; closed (and the
+    LocalCluster stopped) on the way out."""
     from distributed import Client
 
     local = None
     if cluster == "local":
         gpus = visible_gpus()
-        envs = worker_environments(gpus, workers, os.cpu_count() or 1)
+        envs = worker_environments(gpus, workers, os.cpu_count() or 1, slides_per_gpu=slides_per_gpu)
         resource = resource_name(gpus)
         log.info("starting a local Dask cluster: %d worker process(es), %s", len(envs),
-                 f"one per GPU {gpus}" if gpus else "CPU only")
+                 f"{slides_per_gpu} per GPU {gpus}" if gpus else "CPU only")
         local = start_local_cluster(envs, resource)
     try:
         client = Client(local if local is not None else cluster, timeout=WORKER_START_TIMEOUT_S)
@@ -325,12 +438,15 @@ def _run_jobs(client, jobs: list[SlideJob], done: Callable[[SlideReport], None],
         raise
 
 
-def _lost_slide(job: SlideJob, model: LoadedModel, exc: BaseException, deaths: int) -> SlideReport:
-    """The report of a slide that no worker finished: its worker died too often, or the task
-    itself could not run."""
-    if deaths:
-        retried = "once" if SLIDE_RETRIES == 1 else f"{SLIDE_RETRIES} times"
-        reason = f"the worker analysing this slide died {deaths} times (retried {retried}): out of memory or killed?"
+def _lost_slide(job: SlideJob, model: LoadedModel, exc: BaseException, deaths: int, retried: bool = True
+                ) -> SlideReport:
+    """The report of a slide that no worker finished: its worker died too often (``retried``:
+    after the cluster's retries), or the task itself could not run."""
+    if deaths and not retried:
+        reason = "a slide worker died before this slide was finished: out of memory or killed? (rerun to redo it)"
+    elif deaths:
+        retried_text = "once" if SLIDE_RETRIES == 1 else f"{SLIDE_RETRIES} times"
+        reason = f"the worker analysing this slide died {deaths} times (retried {retried_text}): out of memory or killed?"
     else:
         reason = f"{type(exc).__name__} on the cluster: {exc}"
     return failed_report(job, model, reason)

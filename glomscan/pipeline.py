@@ -93,6 +93,9 @@ class SlideReport:
     verifier_licence: str = ""
     runtime_s: float | None = None
     inference_s: float | None = None
+    gpu_memory_peak_mib: float | None = None
+    """GPU memory the engine of the process that analysed the slide had allocated at most by the
+    slide's end (torch on CUDA; None elsewhere): what bounds several slide workers on one GPU."""
     fingerprint: dict = field(default_factory=dict)
     glomscan_version: str = __version__
 
@@ -324,6 +327,7 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
         with Progress(len(tiles), f"{name} tiles", quiet=quiet) as progress:
             report.inference_s = round(predict_tiles(tiles, reader.read, engine, settings.batch_size,
                                                      settings.workers, merge.add, progress), 3)
+        report.gpu_memory_peak_mib = engine.gpu_memory_peak_mib
         viewer_started = time.perf_counter()
         if settings.viewer:
             from .viewer import write_viewer_tiles

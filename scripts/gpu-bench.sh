@@ -3,14 +3,17 @@
 # part 2 of an earlier version took a few minutes on an H200):
 #   1. the torch CUDA fast path against fp32 (the CUDA tests of tests/engines/test_engines.py);
 #   2. benchmarks/gpu.py: model-only vs end-to-end tiles/s for torch CUDA fp32 and fp16, the
-#      CPU side against tile-reader threads, slides/hour for a needle biopsy;
+#      CPU side against tile-reader threads, slides/hour for a needle biopsy, and a batch of
+#      needle biopsies with K = 1, 2, 4, 8, 16 slides in flight (slides/hour, tiles/s, end to end /
+#      network only, GPU memory);
 #   3. benchmarks/cpu_side.py: null-engine tiles/s against cores (1, 2, 4, 8, 16, those the
 #      machine has), one run per core count.
 # On a machine without libvips, put wheels of pyvips, pyvips-binary (reads and writes TIFF), cffi,
 # pycparser and segmentation-models-pytorch in WHEELS_DIR; they are installed to a private folder.
 # Usage: bash scripts/gpu-bench.sh [OUT_DIR] [extra benchmarks/gpu.py options, e.g. --device cpu --quick]
 # Environment: PYTHON (python3), WHEELS_DIR, CORES (1,2,4,8,16), CPU_SIDE_RUNS (1), SKIP_TESTS=1,
-# SKIP_CPU_SIDE=1, GPU_PY_TIMEOUT_S (300; a CPU check with --device cpu --quick needs more on 2 cores).
+# SKIP_CPU_SIDE=1, TESTS_TIMEOUT_S (150), GPU_PY_TIMEOUT_S (300; a CPU check with --device cpu --quick
+# needs more on 2 cores, and a small --model).
 # Results: OUT_DIR/gpu.txt, tests.log, gpu-bench.{log,json}, cpu-side.{log,json}; exit 1 if a part failed.
 set -uo pipefail
 OUT_DIR=${1:-gpu-bench}; shift || true
@@ -30,7 +33,7 @@ status=0
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     echo "== 1. torch CUDA fast path vs fp32 (tests; they skip, with the reason, without a CUDA GPU)"
-    timeout 150 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/engines/test_engines.py -k "cuda" 2>&1 \
+    timeout "${TESTS_TIMEOUT_S:-150}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/engines/test_engines.py -k "cuda" 2>&1 \
         | tee "$OUT_DIR/tests.log" || status=1
 fi
 

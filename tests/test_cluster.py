@@ -134,3 +134,57 @@ def test_existing_scheduler_by_address_gives_the_local_loop_results(small_slide,
     pd.testing.assert_frame_equal(a[cols], b[cols])
     assert a.loc["a", "n_glomeruli"] == 6  # the oracle finds the six synthetic glomeruli
     assert (tmp_path / "dask" / "index.html").is_file() and (tmp_path / "dask" / "a" / "mask.tif").is_file()
+
+
+def test_slides_in_flight_share_each_gpu_and_its_memory():
+    from glomscan.cluster import GPU_MEMORY_FRACTION_ENV, default_slides_in_flight
+
+    envs = worker_environments(["0", "1"], None, cpu_count=16, slides_per_gpu=4)
+    assert sorted(e["CUDA_VISIBLE_DEVICES"] for e in envs) == ["0"] * 4 + ["1"] * 4
+    assert all(e["OMP_NUM_THREADS"] == "2" and e[GPU_MEMORY_FRACTION_ENV] == "0.2500" for e in envs)
+    assert GPU_MEMORY_FRACTION_ENV not in worker_environments(["0"], None, 16)[0]  # alone on its GPU
+    assert default_slides_in_flight(["0"], 16) == 8 and default_slides_in_flight(["0", "1"], 16) == 4
+    assert default_slides_in_flight(["0"], 2) == 1 and default_slides_in_flight([], 64) == 1
+    with pytest.raises(ValueError):
+        worker_environments(["0"], None, 16, slides_per_gpu=0)
+
+
+def test_slide_workers_give_the_one_at_a_time_results(small_slide, tiny_checkpoint, tmp_path):
+    """Two slides in flight (two worker processes, on the CPU here) write what the single-process
+    loop writes, a broken slide included."""
+    import pandas as pd
+
+    from glomscan.batch import run_batch
+    from glomscan.cluster import run_slide_workers_batch
+    from glomscan.config import AnalysisSettings
+    from glomscan.model import load_checkpoint
+
+    from conftest import ORACLE_CHOICE, OracleEngine, copy_slide
+
+    slides = tmp_path / "slides"
+    for name in ("a.tif", "b.tif", "c.tif"):
+        copy_slide(small_slide.path, slides, name)
+    (slides / "broken.svs").write_bytes(b"\x01" * 100)
+    settings = AnalysisSettings(tile=256, overlap=128, batch_size=4)
+    model = load_checkpoint(tiny_checkpoint)
+    outcome = run_slide_workers_batch(slides, tmp_path / "workers", model, OracleOnWorker(), settings, 2, quiet=True)
+    local = run_batch(slides, tmp_path / "local", model, OracleEngine(), ORACLE_CHOICE, settings, quiet=True)
+    assert [r.status for r in outcome.reports] == [r.status for r in local.reports] == ["ok", "ok", "failed", "ok"]
+    a, b = (pd.read_csv(tmp_path / d / "summary.csv").set_index("slide") for d in ("workers", "local"))
+    cols = ["status", "n_glomeruli", "n_normal", "n_sclerosed", "percent_global_glomerulosclerosis", "ci95_low",
+            "ci95_high", "tissue_area_mm2", "reason"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    for slide in ("a", "b", "c"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "workers" / slide / "glomeruli.csv"),
+                                      pd.read_csv(tmp_path / "local" / slide / "glomeruli.csv"))
+        assert (tmp_path / "workers" / slide / "mask.tif").read_bytes() == (tmp_path / "local" / slide / "mask.tif").read_bytes()
+    assert len({r.runtime_s for r in outcome.reports if r.status == "ok"}) >= 1
+    assert not list((tmp_path / "workers").glob(".staging*/*"))
+
+
+def test_slides_in_flight_option_rules(small_slide, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["analyze", str(small_slide.path.parent), "--out", str(tmp_path / "o"),
+                               "--slides-in-flight", "2", "--cluster", "tcp://127.0.0.1:1"])
+    assert res.exit_code == 2 and "scheduler" in res.output
+    assert "--slides-in-flight" in runner.invoke(main, ["analyze", "--help"]).output

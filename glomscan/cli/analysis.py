@@ -51,6 +51,11 @@ log = logging.getLogger("glomscan")
                    "(or --workers on CPU); tcp://... uses a running Dask scheduler.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes of --cluster local (default: one per visible GPU; 2 without GPU).")
+@click.option("--slides-in-flight", type=click.IntRange(min=1), default=None,
+              help="Slides analysed at once per GPU, each in a worker process with its own CPU side and a share of "
+                   "the GPU's memory (with --cluster local: Dask workers per GPU). Default: one per 2 cores of each "
+                   "GPU's share, at most 8; 1 without a GPU (the CPU engines use every core for one slide). "
+                   "Results do not depend on it.")
 @click.option("--blend", type=click.Choice(BLEND_WINDOWS), default=default(AnalysisSettings, "blend"), show_default=True,
               help="Blending window of overlapping tiles.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -68,8 +73,8 @@ log = logging.getLogger("glomscan")
 @click.option("--force", is_flag=True, help="Redo slides whose outputs are complete and up to date.")
 @verbosity
 def analyze(slides_dir, out_dir, model_path, verifier_path, no_verifier, backend, batch_size, tile, overlap, target_mpp, downsample,
-            mpp_override, min_area_um2, readers, merge_workers, cluster, workers, blend, engine_dir, precision, viewer,
-            recursive, force):
+            mpp_override, min_area_um2, readers, merge_workers, cluster, workers, slides_in_flight, blend, engine_dir,
+            precision, viewer, recursive, force):
     """Analyse every slide in SLIDES_DIR: masks, glomerulus tables, sclerosis reports, and the
     batch report OUT/index.html.
 
@@ -82,6 +87,9 @@ def analyze(slides_dir, out_dir, model_path, verifier_path, no_verifier, backend
     if workers is not None and cluster != "local":
         raise click.UsageError("--workers sets the worker processes of --cluster local "
                                "(tile reader threads are --readers)")
+    if slides_in_flight is not None and cluster not in (None, "local"):
+        raise click.UsageError("--slides-in-flight: a running Dask scheduler's workers decide how many slides share "
+                               "a GPU (start several workers per GPU, each with --resources GPU=1)")
     if cluster not in (None, "local") and "://" not in cluster:
         raise click.UsageError(f"--cluster {cluster!r}: use 'local' or a scheduler address such as tcp://host:8786")
     model = attach_verifier_or_exit(load_model_or_exit(model_path), model_path, verifier_path, no_verifier)
@@ -107,6 +115,13 @@ def analyze(slides_dir, out_dir, model_path, verifier_path, no_verifier, backend
 
     options = EngineOptions(precision=precision, max_batch=batch_size or 8, tile=tile,
                             **({"engine_dir": engine_dir} if engine_dir else {}))
+    if slides_in_flight is None and cluster in (None, "local"):
+        import os
+
+        from ..cluster import default_slides_in_flight, visible_gpus
+
+        slides_in_flight = default_slides_in_flight(visible_gpus(), os.cpu_count() or 1)
+    slides_in_flight = slides_in_flight or 1
     try:
         if cluster is not None:
             from ..cluster import BackendEngine, run_cluster_batch
@@ -115,7 +130,15 @@ def analyze(slides_dir, out_dir, model_path, verifier_path, no_verifier, backend
                      backend)
             outcome = run_cluster_batch(slides_dir, out_dir, model, BackendEngine(backend, options, batch_size == 0),
                                         settings, cluster=cluster, workers=workers, force=force,
-                                        recursive=recursive, quiet=quiet)
+                                        recursive=recursive, quiet=quiet, slides_per_gpu=slides_in_flight)
+        elif slides_in_flight > 1:
+            from ..cluster import BackendEngine, run_slide_workers_batch
+
+            log.info("model %s (%s); backend %s chosen in each of the slide workers", model.model_id,
+                     model.card.trained_on, backend)
+            outcome = run_slide_workers_batch(slides_dir, out_dir, model, BackendEngine(backend, options, batch_size == 0),
+                                              settings, slides_in_flight, force=force, recursive=recursive,
+                                              quiet=quiet)
         else:
             try:
                 engine, choice = create_engine(backend, model, options)

@@ -41,6 +41,12 @@ class Engine(ABC):
     def description(self) -> str:
         return self.backend
 
+    @property
+    def gpu_memory_peak_mib(self) -> float | None:
+        """GPU memory this process's engine has allocated at most so far (None: not known, or
+        no GPU)."""
+        return None
+
 
 def normalise(tiles: np.ndarray, card: ModelCard) -> np.ndarray:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalised with the card's mean/std."""

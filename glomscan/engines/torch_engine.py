@@ -99,3 +99,7 @@ class TorchEngine(Engine):
     @property
     def preferred_batch_size(self) -> int:
         return 8 if self.cuda else 1
+
+    @property
+    def gpu_memory_peak_mib(self) -> float | None:
+        return round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1) if self.cuda else None
