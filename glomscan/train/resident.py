@@ -79,7 +79,7 @@ def jpeg_batch(images_u8: torch.Tensor, quality: int) -> torch.Tensor:
     from torchvision.io import decode_jpeg, encode_jpeg
 
     encoded = encode_jpeg(list(subsample_chroma(images_u8).contiguous()), quality=quality)
-    decoded = decode_jpeg(encoded, device=images_u8.device)
+    decoded = decode_jpeg([data.cpu() for data in encoded], device=images_u8.device)  # nvJPEG decodes from host bytes
     return torch.stack(decoded)
 
 
