@@ -136,14 +136,20 @@ def slides_in_flight_run(needle_slide: Path, tmp: Path, model, model_path: Path,
         tiles = sum(r.tiles_tissue for r in outcome.reports)
         worker_peaks = [r.gpu_memory_peak_mib for r in outcome.reports if r.gpu_memory_peak_mib is not None]
         last_rate = n / seconds
+        per_slide_s = float(np.mean([r.runtime_s for r in outcome.reports]))
         results[k] = {"slides": n, "seconds": round(seconds, 2), "slides_per_hour": round(3600 * n / seconds, 1),
+                      # without the workers' start-up: K slides every mean slide time
+                      "slides_per_hour_steady": round(3600 * k / per_slide_s, 1),
+                      "seconds_per_slide_in_a_worker": round(per_slide_s, 2),
                       "tiles_per_s": round(tiles / seconds, 2),
                       "end_to_end_over_network_only": round(tiles / seconds / network_tiles_per_s, 3)
                       if network_tiles_per_s else None,
                       "gpu_memory_peak_mib_all": memory.peak_mib,
                       "gpu_memory_peak_mib_per_worker": max(worker_peaks) if worker_peaks else None}
         r = results[k]
-        print(f"K={k:2d}: {n} needle biopsies in {seconds:.1f} s -> {r['slides_per_hour']:.0f} slides/hour, "
+        print(f"K={k:2d}: {n} needle biopsies in {seconds:.1f} s -> {r['slides_per_hour']:.0f} slides/hour "
+              f"(start-up included; {r['slides_per_hour_steady']:.0f} from the {per_slide_s:.2f} s a slide takes in "
+              f"a worker), "
               f"{r['tiles_per_s']:.1f} tiles/s, end to end / network only {r['end_to_end_over_network_only']}, "
               f"GPU memory peak {r['gpu_memory_peak_mib_all']} MiB in all, {r['gpu_memory_peak_mib_per_worker']} "
               f"MiB per worker", flush=True)
