@@ -71,10 +71,6 @@ class AnalysisSettings:
     def validate(self) -> None:
         if self.tile <= 0 or self.overlap < 0 or self.overlap >= self.tile:
             raise ValueError(f"need 0 <= overlap < tile, got tile={self.tile} overlap={self.overlap}")
-        if self.tile % self.stride:
-            raise ValueError(
-                f"tile ({self.tile}) must be a multiple of the stride tile-overlap ({self.stride})"
-            )
         if self.batch_size < 1 or self.workers < 1:
             raise ValueError("batch size and workers must be >= 1")
         if self.merge_workers < 0:

@@ -1,10 +1,13 @@
 """Weighted blending of overlapping tile predictions into a bounded-memory canvas.
 
-The canvas is split into cells of stride x stride pixels. A tile covers (tile/stride)^2 cells;
-only cells some tile touched are allocated. Tiles arrive in row-major grid order, so when the
-first tile of grid row R arrives every cell row < R is final: it is normalised (sum of weighted
+The canvas is split into square cells whose side is the largest that divides both the tile and
+the stride (the stride itself when the tile is a multiple of it: 512 px cells for 1024 px tiles
+at stride 512, 256 px at stride 768, 128 px at 640 or 896). A tile covers (tile/cell)^2 cells
+and starts a cell row (stride/cell per grid row) below the one above it; only cells some tile
+touched are allocated. Tiles arrive in row-major grid order, so when the first tile of grid row
+R arrives every cell row above that tile's first is final: it is normalised (sum of weighted
 probabilities / sum of weights), handed on as a ``Band`` and freed. Memory therefore holds at
-most tile/stride rows of cells plus one band, independent of the slide's height, and only the
+most one tile's height of cells plus one band, independent of the slide's height, and only the
 cells under tissue tiles.
 
 With a thread pool the work is spread by cell column: worker g blends and normalises the cells
@@ -16,6 +19,7 @@ arithmetic, so the workers run on separate cores.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from itertools import groupby
@@ -72,15 +76,20 @@ class BlendingCanvas:
                  pool: Executor | None = None, workers: int = 1):
         """``pool`` with ``workers`` > 1: blend and normalise on that many tasks of the pool at a
         time (each call waits for its tasks), split by cell column. Results do not depend on it."""
-        if grid.tile % grid.stride:
-            raise ValueError("tile must be a multiple of stride")
+        if not 0 < grid.stride <= grid.tile:
+            raise ValueError(f"need 0 < stride <= tile, got stride {grid.stride}, tile {grid.tile}")
         self.grid = grid
         self.n_classes = n_classes
         self.threshold = foreground_threshold
-        self.k = grid.tile // grid.stride
+        self.cell = math.gcd(grid.tile, grid.stride)
+        """Side of a cell, pixels."""
+        self.k = grid.tile // self.cell
+        """Cells along a tile's side."""
+        self.step = grid.stride // self.cell
+        """Cells from one grid row (or column) of tiles to the next."""
         self.window = blending_window(grid.tile, kind=window)
-        self.n_cell_rows = -(-grid.height // grid.stride)
-        self.n_cell_cols = -(-grid.width // grid.stride)
+        self.n_cell_rows = -(-grid.height // self.cell)
+        self.n_cell_cols = -(-grid.width // self.cell)
         self.pool = pool if workers > 1 else None
         self.n_groups = max(1, min(workers, self.n_cell_cols)) if self.pool is not None else 1
         self._cells: dict[tuple[int, int], tuple[np.ndarray, list[tuple[int, int]]]] = {}
@@ -104,12 +113,13 @@ class BlendingCanvas:
             if row < self._last_tile_row:
                 raise ValueError("tiles must be added in row-major grid order")
             if row > self._last_tile_row:
-                bands += self._emit_until(row)
+                bands += self._emit_until(row * self.step)
             self._last_tile_row = row
             run = list(run)
             for tile, _ in run:  # cells are created here, filled by the column groups below
-                for cy in range(tile.row, min(tile.row + self.k, self.n_cell_rows)):
-                    for cx in range(tile.col, min(tile.col + self.k, self.n_cell_cols)):
+                cy0, cx0 = tile.row * self.step, tile.col * self.step
+                for cy in range(cy0, min(cy0 + self.k, self.n_cell_rows)):
+                    for cx in range(cx0, min(cx0 + self.k, self.n_cell_cols)):
                         self._cell(cy, cx)
             self.peak_cells = max(self.peak_cells, len(self._cells))
             self._in_groups(lambda g: self._blend(run, g))
@@ -129,13 +139,13 @@ class BlendingCanvas:
 
     def _blend(self, run: list[tuple[Tile, np.ndarray]], group: int) -> None:
         """Add the tiles of ``run`` to the cells of column group ``group``, in tile order."""
-        s, g = self.grid.stride, self.grid
+        s, g = self.cell, self.grid
         scratch = None
         for tile, probabilities in run:
             if scratch is None or scratch.dtype != np.result_type(probabilities, self.window):
                 scratch = np.empty((self.n_classes, s, s), np.result_type(probabilities, self.window))
             for dx in range(self.k):
-                cx = tile.col + dx
+                cx = tile.col * self.step + dx
                 if cx >= self.n_cell_cols:
                     break
                 if cx % self.n_groups != group:
@@ -143,7 +153,7 @@ class BlendingCanvas:
                 w = min(s, g.width - cx * s)
                 xs = slice(dx * s, dx * s + w)
                 for dy in range(self.k):
-                    cy = tile.row + dy
+                    cy = tile.row * self.step + dy
                     if cy >= self.n_cell_rows:
                         break
                     acc, parts = self._cells[(cy, cx)]
@@ -160,7 +170,7 @@ class BlendingCanvas:
         parts = tuple(self._cells[(cy, cx)][1])
         wsum = self._weight_sums.get(parts)
         if wsum is None:
-            s = self.grid.stride
+            s = self.cell
             wsum = np.zeros((s, s), np.float32)
             for dy, dx in parts:
                 wsum += self.window[dy * s:dy * s + s, dx * s:dx * s + s]
@@ -170,7 +180,7 @@ class BlendingCanvas:
     def _cell(self, cy: int, cx: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
         cell = self._cells.get((cy, cx))
         if cell is None:
-            s = self.grid.stride
+            s = self.cell
             cell = (np.zeros((self.n_classes, s, s), np.float32), [])
             self._cells[(cy, cx)] = cell
         return cell
@@ -179,7 +189,7 @@ class BlendingCanvas:
         rows = range(self._next_row, min(row, self.n_cell_rows))
         if not rows:
             return []
-        s, g = self.grid.stride, self.grid
+        s, g = self.cell, self.grid
         bands = []
         for cy in rows:
             h = min(s, g.height - cy * s)
@@ -197,7 +207,7 @@ class BlendingCanvas:
 
     def _normalise(self, rows: range, bands: list[Band], group: int) -> None:
         """Write the finished cells of column group ``group`` into the bands of ``rows``."""
-        s, g = self.grid.stride, self.grid
+        s, g = self.cell, self.grid
         for cy, band in zip(rows, bands):
             if band.empty:
                 continue
