@@ -17,7 +17,12 @@ fi
 
 have_python() { command -v python3 > /dev/null && python3 -c "import ensurepip, venv" 2> /dev/null; }
 have_vips() { ldconfig -p 2> /dev/null | grep -q 'libvips\.so\.42' && ldconfig -p 2> /dev/null | grep -q 'libopenslide\.so'; }
-have_browser() { [ "$BROWSER" = 0 ] || command -v chromium > /dev/null || command -v chromium-browser > /dev/null; }
+# Playwright drives Chromium through its bundled node, which links (ldd) libatomic.so.1,
+# libstdc++.so.6 and libgcc_s.so.1 besides libc: a minimal Debian 12 lacks libatomic1.
+have_driver_libs() { ldconfig -p 2> /dev/null | grep -q 'libatomic\.so\.1' && ldconfig -p 2> /dev/null | grep -q 'libstdc++\.so\.6'; }
+have_browser() {
+    [ "$BROWSER" = 0 ] || { { command -v chromium > /dev/null || command -v chromium-browser > /dev/null; } && have_driver_libs; }
+}
 
 if have_python && have_vips && have_browser; then
     echo "python3 (with venv), libvips and OpenSlide$([ "$BROWSER" = 1 ] && echo ", Chromium") already installed"
@@ -34,5 +39,6 @@ fi
 # Debian 12: chromium; Ubuntu ships it as chromium-browser (a snap on 22.04 and later).
 if ! have_browser; then
     if apt-cache show chromium > /dev/null 2>&1; then packages+=(chromium); else packages+=(chromium-browser); fi
+    packages+=(libatomic1 libstdc++6 libgcc-s1)
 fi
 $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}"

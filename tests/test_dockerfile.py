@@ -2,6 +2,8 @@
 
 import json
 import re
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +59,26 @@ def test_dockerignore_keeps_the_context_small():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".git", ".venv"):
         assert entry in ignored
+
+
+def test_browser_system_deps_include_what_playwrights_driver_links():
+    """Playwright's bundled node links libatomic.so.1 (ldd), which a minimal Debian 12 lacks: the
+    browser tests failed there with 'Connection closed while reading from the driver'."""
+    import shutil
+    import subprocess
+
+    text = (ROOT / "scripts" / "install-system-deps.sh").read_text()
+    for package in ("libatomic1", "libstdc++6", "libgcc-s1"):
+        assert package in text, package
+    try:
+        import playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (the browser tests' extra)")
+    node = Path(playwright.__file__).parent / "driver" / "node"
+    if not node.is_file() or shutil.which("ldd") is None:
+        pytest.skip("no bundled node driver or no ldd here")
+    linked = subprocess.run(["ldd", str(node)], capture_output=True, text=True).stdout
+    needed = {line.split()[0] for line in linked.splitlines() if "=>" in line}
+    covered = {"libatomic.so.1", "libstdc++.so.6", "libgcc_s.so.1", "libc.so.6", "libm.so.6", "libdl.so.2",
+               "libpthread.so.0"}
+    assert needed <= covered, f"the driver links {sorted(needed - covered)}: add their packages"
