@@ -12,10 +12,12 @@ real``) at overlaps 512, 384, 256 and 128 px (strides 512, 640, 768 and 896):
   model; what is compared here is the stride): detections, false detections per mm².
 
 The patches' seams are edges no slide has; they are the same at every stride. Timing: windows
-inferred and seconds per mosaic (one run each, on this machine).
+inferred and seconds per mosaic (one run each, on this machine). ``--needle-runs N`` also times
+the needle biopsy of ``benchmarks/vs_monai.py`` (synthetic, 20000x12000 px at 0.5 µm/px, three
+cores) through ``analyze`` at each overlap, N runs in turn, ratios within each round.
 
     python benchmarks/window_stride.py [--data build/default-model/dataset] [--model M] [--verifier V]
-        [--backend openvino] [--mosaic 6] [--overlaps 512,384,256,128] [--json OUT]
+        [--backend openvino] [--mosaic 6] [--overlaps 512,384,256,128] [--needle-runs 0] [--json OUT]
 """
 
 from __future__ import annotations
@@ -67,6 +69,45 @@ def mosaic_set(dataset_dir: Path, rows: pd.DataFrame, n: int, out_dir: Path, kin
     return pd.DataFrame(manifest), pd.DataFrame(boxes)
 
 
+def needle_timing(model, backend: str, overlaps: list[int], rounds: int) -> dict:
+    """Seconds per needle biopsy through analyze at each overlap, ``rounds`` rounds in turn."""
+    from glomscan.batch import run_batch
+    from glomscan.engines import EngineOptions, create_engine
+    from glomscan.synthetic import scatter_glomeruli, write_synthetic_slide
+
+    out: dict = {"seconds": {o: [] for o in overlaps}, "windows": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        nw, nh, core = 20000, 12000, 1800
+        cores = [(int(nw * 0.05), int(nh * 0.10), int(nw * 0.75), int(nh * 0.10) + core),
+                 (int(nw * 0.20), int(nh * 0.45), int(nw * 0.80), int(nh * 0.45) + core),
+                 (int(nw * 0.10), int(nh * 0.78), int(nw * 0.45), int(nh * 0.78) + core)]
+        (tmp / "needle").mkdir()
+        write_synthetic_slide(tmp / "needle" / "biopsy.tif", nw, nh, scatter_glomeruli(cores, 30, (80, 150), 0.3),
+                              cores, mpp=0.5, compression="jpeg")
+        engine, choice = create_engine(backend, model, EngineOptions(engine_dir=tmp / "engines"))
+        try:
+            for r in range(rounds + 1):  # round 0 warms the engine up, untimed
+                for overlap in overlaps:
+                    settings = AnalysisSettings(tile=model.card.tile, overlap=overlap, viewer=False,
+                                                batch_size=engine.preferred_batch_size,
+                                                verify_candidates=model.verifier is not None)
+                    t0 = time.perf_counter()
+                    report = run_batch(tmp / "needle", tmp / f"out-{overlap}", model, engine, choice, settings,
+                                       force=True, quiet=True).reports[0]
+                    seconds = time.perf_counter() - t0
+                    if r:
+                        out["seconds"][overlap].append(round(seconds, 2))
+                        out["windows"][overlap] = report.tiles_tissue
+                if r:
+                    print(f"needle biopsy, round {r}: " + ", ".join(
+                        f"stride {model.card.tile - o} {out['seconds'][o][-1]:.1f} s ({out['windows'][o]} windows, "
+                        f"x{out['seconds'][o][-1] / out['seconds'][overlaps[0]][-1]:.2f})" for o in overlaps), flush=True)
+        finally:
+            engine.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("build/default-model/dataset"))
@@ -75,6 +116,8 @@ def main() -> None:
     ap.add_argument("--backend", default="openvino")
     ap.add_argument("--mosaic", type=int, default=6, help="patches per mosaic side")
     ap.add_argument("--overlaps", default="512,384,256,128")
+    ap.add_argument("--needle-runs", type=int, default=0, help="rounds of the needle-biopsy timing (0: none)")
+    ap.add_argument("--skip-scores", action="store_true", help="only the needle-biopsy timing")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if not (args.data / "manifest.csv").is_file():
@@ -86,6 +129,12 @@ def main() -> None:
     overlaps = [int(o) for o in args.overlaps.split(",")]
     results: dict = {"model": model.model_id, "verifier": model.verifier.model_id if model.verifier else None,
                      "backend": args.backend, "mosaic": args.mosaic, "runs": {}}
+    if args.needle_runs:
+        results["needle"] = needle_timing(model, args.backend, overlaps, args.needle_runs)
+    if args.skip_scores:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "mosaics"
         composites = manifest[(manifest.split == "val") & (manifest.kind == "composite")]

@@ -3,8 +3,9 @@
 import json
 import re
 
-import pytest
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -309,3 +309,36 @@ def test_crossval_folds_cover_the_training_groups_once_and_pool_counts():
     assert row["tile_false_detections_per_mm2"] == pytest.approx(2 / 4)
     assert row["tile_segmentation_only_detection_precision"] == pytest.approx(9 / 15)
     assert row["tile_segmentation_only_false_detections_per_mm2"] == pytest.approx(6 / 4)
+
+
+def test_mining_with_several_models_keeps_each_box_once(monkeypatch, tmp_path):
+    """``train verifier --also-mine-with``: the false candidates of the model being paired and of
+    another (the one it replaces) are both hard negatives; a box both found counts once."""
+    import types
+
+    import pandas as pd
+
+    import glomscan.engines
+    from glomscan.train import verifier as v
+    from glomscan.train.settings import VerifierSettings
+
+    columns = ["patch_id", "split", "x0", "y0", "x1", "y1", "max_probability"]
+    found = {"new": [["tile_1", "train", 0, 0, 50, 50, 0.9]],
+             "old": [["tile_1", "train", 0, 0, 50, 50, 0.8], ["tile_2", "train", 5, 5, 60, 60, 0.3]]}
+    engines = []
+
+    class Engine:
+        def __init__(self, model):
+            self.model, self.closed = model, False
+            engines.append(self)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(glomscan.engines, "create_engine",
+                        lambda backend, model, options: (Engine(model), types.SimpleNamespace(backend=backend, reason="test")))
+    monkeypatch.setattr(v, "mine_hard_negatives", lambda engine, *args: pd.DataFrame(found[engine.model.model_id], columns=columns))
+    models = [types.SimpleNamespace(model_id=name, card=types.SimpleNamespace(tile=1024)) for name in ("new", "old")]
+    mined = v.mine_with_models(models, tmp_path, pd.DataFrame(), VerifierSettings(), "onnxruntime", tmp_path)
+    assert mined[["patch_id", "x0", "max_probability"]].values.tolist() == [["tile_1", 0, 0.9], ["tile_2", 5, 0.3]]
+    assert [e.model.model_id for e in engines] == ["new", "old"] and all(e.closed for e in engines)

@@ -125,6 +125,9 @@ def train():
 @click.option("--samples-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the mined and cut samples are cached (default: OUT); runs sharing it cut them once.")
 @click.option("--hold-out-groups", default="", help="Comma-separated tile groups left out (cross-validation).")
+@click.option("--also-mine-with", "also_mine_with", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Another segmentation model whose false candidates are mined too (e.g. the model --model "
+                   "replaces); repeatable.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]), default="auto",
               show_default=True, help="Inference backend of the segmentation model while mining.")
 @click.option("--name", default="glomscan-verifier", show_default=True, help="Name in the verifier's card.")
@@ -139,7 +142,7 @@ def train():
 @verbosity
 @fail_on(ValueError)
 def train_verifier(dataset_dir, model_path, out_dir, epochs, batch_size, lr, mining_threshold, hard_negative_weight,
-                   stain_jitter, hard_negatives, samples_dir, hold_out_groups, backend, name, trained_on, licence, intended_use, precision, device,
+                   stain_jitter, hard_negatives, samples_dir, hold_out_groups, also_mine_with, backend, name, trained_on, licence, intended_use, precision, device,
                    seed):
     """Train the candidate verifier: a ResNet-18 on crops framed on each candidate, three classes
     (not a glomerulus, normal, globally sclerosed), from the outlined glomeruli of a prepared set,
@@ -155,8 +158,9 @@ def train_verifier(dataset_dir, model_path, out_dir, epochs, batch_size, lr, min
     segmentation = load_model_or_exit(model_path) if mining_threshold > 0 else None
     card = VerifierCard(name=name, trained_on=trained_on, licence=licence, intended_use=intended_use)
     groups = tuple(g.strip() for g in hold_out_groups.split(",") if g.strip())
+    others = tuple(load_model_or_exit(p) for p in also_mine_with) if segmentation is not None else ()
     path, best = make_verifier(dataset_dir, out_dir, segmentation, settings, card, backend, groups, quiet=is_quiet(),
-                               samples_dir=samples_dir)
+                               samples_dir=samples_dir, also_mine_with=others)
     click.echo(f"best epoch {best.get('epoch')}: " + ", ".join(f"{k} {v:.3f}" for k, v in best.items()
                                                               if isinstance(v, float)))
     click.echo(f"-> {path}")

@@ -183,6 +183,23 @@ def mine_hard_negatives(engine, dataset_dir: Path, manifest: pd.DataFrame, setti
     return pd.DataFrame(rows, columns=["patch_id", "split", "x0", "y0", "x1", "y1", "max_probability"])
 
 
+def mine_with_models(models, dataset_dir: Path, manifest: pd.DataFrame, settings: VerifierSettings, backend: str,
+                     engine_dir: Path, quiet: bool = True) -> pd.DataFrame:
+    """``mine_hard_negatives`` with each segmentation model in turn; a box found by several is
+    kept once (the first model's row)."""
+    from ..engines import EngineOptions, create_engine
+
+    found = []
+    for model in models:
+        engine, choice = create_engine(backend, model, EngineOptions(engine_dir=engine_dir))
+        log.info("mining with %s on %s (%s)", model.model_id, choice.backend, choice.reason)
+        try:
+            found.append(mine_hard_negatives(engine, dataset_dir, manifest, settings, model.card.tile, quiet))
+        finally:
+            engine.close()
+    return pd.concat(found).drop_duplicates(subset=["patch_id", "x0", "y0", "x1", "y1"]).reset_index(drop=True)
+
+
 def build_samples(dataset_dir: Path, manifest: pd.DataFrame, mined: pd.DataFrame, settings: VerifierSettings
                   ) -> tuple[pd.DataFrame, np.ndarray]:
     """The sample table and each sample's context (N, C, C, 3) uint8, C = settings.context_px."""
@@ -334,9 +351,13 @@ def predict_contexts(network: nn.Module, contexts: np.ndarray, card: VerifierCar
 # -- training ----------------------------------------------------------------------------------
 
 def load_or_build_samples(dataset_dir: Path, out_dir: Path, settings: VerifierSettings, segmentation_model,
-                          backend: str = "auto", quiet: bool = True) -> tuple[pd.DataFrame, np.ndarray]:
+                          backend: str = "auto", quiet: bool = True, also_mine_with: tuple = ()
+                          ) -> tuple[pd.DataFrame, np.ndarray]:
     """The samples of a prepared set, cached in ``out_dir`` (``mined.csv``, ``samples.csv``,
-    ``contexts.npy``) so that a resumed or repeated run does not mine and cut again."""
+    ``contexts.npy``) so that a resumed or repeated run does not mine and cut again. Hard
+    negatives are mined with ``segmentation_model`` and each model of ``also_mine_with`` (e.g. the
+    model it replaces: what fooled one segmentation model is a hard negative for the verifier
+    of the next), boxes found by several counted once."""
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_path, contexts_path, mined_path = out_dir / "samples.csv", out_dir / "contexts.npy", out_dir / "mined.csv"
     if samples_path.is_file() and contexts_path.is_file():
@@ -347,15 +368,8 @@ def load_or_build_samples(dataset_dir: Path, out_dir: Path, settings: VerifierSe
     elif settings.mining_threshold <= 0 or segmentation_model is None:
         mined = pd.DataFrame(columns=["patch_id", "split", "x0", "y0", "x1", "y1", "max_probability"])
     else:
-        from ..engines import EngineOptions, create_engine
-
-        engine, choice = create_engine(backend, segmentation_model, EngineOptions(engine_dir=out_dir / "engines"))
-        log.info("mining with %s (%s)", choice.backend, choice.reason)
-        try:
-            mined = mine_hard_negatives(engine, Path(dataset_dir), manifest, settings,
-                                        segmentation_model.card.tile, quiet)
-        finally:
-            engine.close()
+        mined = mine_with_models((segmentation_model, *also_mine_with), Path(dataset_dir), manifest, settings,
+                                 backend, out_dir / "engines", quiet)
     atomic_write_text(mined_path, mined.to_csv(index=False))
     table, contexts = build_samples(Path(dataset_dir), manifest, mined, settings)
     np.save(contexts_path, contexts)
@@ -485,7 +499,8 @@ def export_verifier(network: nn.Module, card: VerifierCard, out_path: Path, sha2
 
 def make_verifier(dataset_dir: Path, out_dir: Path, segmentation_model, settings: VerifierSettings,
                   card: VerifierCard, backend: str = "auto", held_out_groups: tuple[str, ...] = (),
-                  quiet: bool = False, samples_dir: Path | None = None) -> tuple[Path, dict]:
+                  quiet: bool = False, samples_dir: Path | None = None, also_mine_with: tuple = ()
+                  ) -> tuple[Path, dict]:
     """Samples (mined with ``segmentation_model``; cached in ``samples_dir``, by default
     ``out_dir``), training and the verifier file ``out_dir/verifier.onnx``; returns its path and
     the best validation metrics. Patches of ``held_out_groups`` (tile groups) are left out of
@@ -495,7 +510,7 @@ def make_verifier(dataset_dir: Path, out_dir: Path, segmentation_model, settings
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples, contexts = load_or_build_samples(Path(dataset_dir), Path(samples_dir or out_dir), settings,
-                                              segmentation_model, backend, quiet)
+                                              segmentation_model, backend, quiet, also_mine_with)
     keep = ~samples.group.isin(held_out_groups)
     if not settings.hard_negatives:
         keep &= ~samples.source.isin(("mined", "mined_jitter"))
