@@ -55,7 +55,7 @@ INTENDED_USE="research use only (weights inherit CC BY-NC-SA 4.0 from the AIDPAT
 if [ -f "$WORK/model.pt" ]; then
     epochs_done=$(($(wc -l < "$WORK/model.metrics.csv") - 1))
     glomscan pack-model "$WORK/model.pt" "$WORK/default.pt" --for-real-tissue \
-        --trained-on "AIDPATH PAS (public): 20 of 25 slides' graded glomerulus crops composited into 14 outlined 20x tiles; ${epochs_done} of ${EPOCHS}x${STEPS} steps of ${BATCH}x${CROP} px at 1 um/px (bf16, one GPU, set held on the GPU, stain ${STAIN}, scale ${SCALE} and JPEG >= q${JPEG_MIN_QUALITY} augmentation), random init" \
+        --trained-on "AIDPATH PAS (public): 20 of 25 slides' graded glomerulus crops composited into 14 outlined 20x tiles; ${epochs_done} of ${EPOCHS} planned epochs of ${STEPS} steps of ${BATCH}x${CROP} px at 1 um/px on one GPU (bf16; the set held on the GPU: random crops, scale ${SCALE}, flips and rotations, JPEG 4:2:0 quality >= ${JPEG_MIN_QUALITY}, stain ${STAIN}), random init" \
         --intended-use "$INTENDED_USE" --licence "$LICENCE" || status=1
 fi
 
