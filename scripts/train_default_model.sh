@@ -6,11 +6,14 @@
 #   -> train verifier (the second stage: ResNet-18 on crops framed on each candidate; the
 #      segmentation model's false candidates mined as hard negatives) -> evaluate real with both
 #      stages -> pack-verifier (card with its metrics) -> glomscan/models/verifier.onnx.
-# CPU recipe (default): about 1 h 45 min on a 2-core bf16-capable CPU for the segmentation model,
+# CPU recipe (default): about 1 h 45 min on a 2-core bf16-capable CPU for a segmentation model
+# of the previous kind (detection recall 0.82, precision 0.98 on the validation composites),
 # about 15 min more for the verifier (VERIFIER_ONLY=1 retrains only the verifier, on the shipped model).
-# GPU recipe of the shipped model (one H200: about 90 s per epoch, loader-bound with 14 workers):
-#   EPOCHS=8 STEPS=645 BATCH=24 CROP=384 WORKERS=14 PRECISION=bf16 bash scripts/train_default_model.sh
-#   (the shipped checkpoint is epoch 2, the best of the first 3 epochs of that schedule).
+# The shipped segmentation model was trained on one H200 by scripts/gpu-train.sh (the set held on
+# the GPU; docs/model-card.md), packed with its validation scores and exported; the shipped
+# verifier by this script with VERIFIER_ONLY=1 PREVIOUS_MODEL=<the model it replaced>
+# (git show c11b89a:glomscan/models/default.onnx > previous.onnx): its hard negatives are mined
+# with both segmentation models.
 # Usage: bash scripts/train_default_model.sh [DATA_DIR] [WORK_DIR]   (inside the venv: make setup)
 set -euo pipefail
 DATA=${1:-../shared/data}
@@ -24,6 +27,7 @@ WORKERS=${WORKERS:-0}
 PRECISION=${PRECISION:-auto}
 VERIFIER_EPOCHS=${VERIFIER_EPOCHS:-16}
 VERIFIER_ONLY=${VERIFIER_ONLY:-0}
+PREVIOUS_MODEL=${PREVIOUS_MODEL:-}
 export PYTHONHASHSEED=0
 for d in "$DATA/aidpath_tiles" "$DATA/aidpath_glomeruli"; do
     [ -d "$d" ] || { echo "missing $d (the public AIDPATH tiles and glomerulus crops)" >&2; exit 2; }
@@ -54,9 +58,14 @@ $GLOMSCAN export-onnx --model "$WORK/default.pt" --out glomscan/models/default.o
 fi
 # The second stage, trained against the shipped segmentation model's candidates (resumes from
 # $WORK/verifier/verifier.last.pt), scored with it through analyze, its card completed, shipped.
+ALSO=(); MINED="the shipped segmentation model's mined false candidates"
+if [ -n "$PREVIOUS_MODEL" ]; then
+    ALSO=(--also-mine-with "$PREVIOUS_MODEL")
+    MINED="the false candidates mined from this segmentation model and from its predecessor ($(python -c "from glomscan.model import load_model; print(load_model('$PREVIOUS_MODEL').model_id)"))"
+fi
 $GLOMSCAN train verifier --data "$WORK/dataset" --model glomscan/models/default.onnx --out "$WORK/verifier" \
-    --epochs "$VERIFIER_EPOCHS" --backend openvino --seed 0 --name glomscan-verifier-aidpath-pas \
-    --trained-on "AIDPATH PAS (public): the outlined glomeruli of the prepared set (graded crops composited into 14 tiles, and the tiles' own glomeruli of unknown class), random tissue boxes and the shipped segmentation model's mined false candidates; ${VERIFIER_EPOCHS} epochs, random init" \
+    "${ALSO[@]}" --epochs "$VERIFIER_EPOCHS" --backend openvino --seed 0 --name glomscan-verifier-aidpath-pas \
+    --trained-on "AIDPATH PAS (public): the outlined glomeruli of the prepared set (graded crops composited into 14 tiles, and the tiles' own glomeruli of unknown class), random tissue boxes and ${MINED}; ${VERIFIER_EPOCHS} epochs, bf16 on a CPU, random init" \
     --licence "$LICENCE" --intended-use "$INTENDED_USE" --quiet
 rm -rf "$WORK/validation-pair"
 $GLOMSCAN evaluate real --model glomscan/models/default.onnx --verifier "$WORK/verifier/verifier.onnx" \

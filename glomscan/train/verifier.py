@@ -411,7 +411,7 @@ def train_verifier(samples: pd.DataFrame, contexts: np.ndarray, out_path: Path, 
     best = {}
     for epoch in range(run.start_epoch, settings.epochs):
         generator = torch.Generator(device=device.device).manual_seed(settings.seed * 1000 + epoch)
-        order = torch.from_numpy(train).to(device.device)[torch.randperm(len(train), generator=generator,
+        order = torch.from_numpy(train.copy()).to(device.device)[torch.randperm(len(train), generator=generator,
                                                                              device=device.device)]
         network.train()
         t0, losses = time.perf_counter(), []
