@@ -40,7 +40,7 @@ from glomscan.engines.torch_engine import TorchEngine
 from glomscan.model import load_model
 from glomscan.shipped import default_model_path
 from glomscan.slides import Slide, TileReader
-from glomscan.synthetic import scatter_glomeruli, write_synthetic_slide
+from glomscan.synthetic import needle_biopsy_slide, scatter_glomeruli, write_synthetic_slide
 from glomscan.tiling import TileGrid
 
 
@@ -241,15 +241,10 @@ def main() -> None:
             print(f"CPU side (replay engine), {r:2d} reader threads: {n / seconds:.1f} tiles/s", flush=True)
 
         # needle biopsy: three cores 0.9 mm wide, 3-7 mm long, in a 10 x 6 mm region (vs_monai.py)
-        nw, nh = (8000, 5000) if args.quick else (20000, 12000)
-        core = 900 if args.quick else 1800
-        cores = [(int(nw * 0.05), int(nh * 0.10), int(nw * 0.75), int(nh * 0.10) + core),
-                 (int(nw * 0.20), int(nh * 0.45), int(nw * 0.80), int(nh * 0.45) + core),
-                 (int(nw * 0.10), int(nh * 0.78), int(nw * 0.45), int(nh * 0.78) + core)]
         needle = tmp / "needle"
         needle.mkdir()
-        write_synthetic_slide(needle / "biopsy.tif", nw, nh, scatter_glomeruli(cores, 30, (80, 150), 0.3), cores,
-                              mpp=0.5, compression="jpeg")
+        biopsy = needle_biopsy_slide(needle / "biopsy.tif", args.quick)
+        nw, nh = biopsy.width, biopsy.height
         engine = TorchEngine(model, args.device, precisions[-1])
         analyse(needle, tmp / "needle-warm", model, engine, settings)
         seconds, inferred = analyse(needle, tmp / "needle-out", model, engine, settings)

@@ -96,10 +96,9 @@ def main() -> None:
 
     from glomscan.model import ModelCard, build_model, save_checkpoint
     from glomscan.shipped import default_model_path
-    from glomscan.synthetic import scatter_glomeruli, write_synthetic_slide
+    from glomscan.synthetic import needle_biopsy_slide
 
     tile = 512 if args.quick else 1024
-    w, h = (8000, 5000) if args.quick else (20000, 12000)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = args.model or default_model_path()
@@ -110,16 +109,10 @@ def main() -> None:
             card = ModelCard(name="bench-random-b3", tile=tile)
             model = tmp / "model.pt"
             save_checkpoint(model, build_model(card), card)
-        # a transplant needle-biopsy layout: three cores 0.9 mm wide (1800 px at 0.5 µm/px) and
-        # 3-7 mm long with glass between them, in a 10 x 6 mm region (about 20 % tissue)
-        core = 1800 if not args.quick else 900
-        tissue = [(int(w * 0.05), int(h * 0.10), int(w * 0.75), int(h * 0.10) + core),
-                  (int(w * 0.20), int(h * 0.45), int(w * 0.80), int(h * 0.45) + core),
-                  (int(w * 0.10), int(h * 0.78), int(w * 0.45), int(h * 0.78) + core)]
+        # a transplant needle-biopsy layout (synthetic.needle_biopsy_slide)
         slides = tmp / "slides"
         slides.mkdir()
-        slide = write_synthetic_slide(slides / "region.tif", w, h, scatter_glomeruli(tissue, 30, (80, 150), 0.3), tissue,
-                                      mpp=0.5, compression="jpeg")
+        slide = needle_biopsy_slide(slides / "region.tif", args.quick)
         common = [str(slide.path), str(model), str(tile), str(tmp / "engines")]
         # export once up front so neither side pays for it
         subprocess.run([sys.executable, "-c", "import sys; from glomscan.model import load_model; "
@@ -133,7 +126,7 @@ def main() -> None:
         mask = pyvips.Image.tiffload(str(tmp / "out" / "region" / "mask.tif"), page=0)
         ours = np.frombuffer(mask.write_to_memory(), np.uint8).reshape(mask.height, mask.width)
         theirs = np.load(tmp / "monai.npy")
-    print(f"region {w}x{h} px at 0.5 µm/px -> analysis {ours.shape[1]}x{ours.shape[0]}; window {tile}, overlap 50 %, "
+    print(f"region {slide.width}x{slide.height} px at 0.5 µm/px -> analysis {ours.shape[1]}x{ours.shape[0]}; window {tile}, overlap 50 %, "
           f"gaussian; onnxruntime CPU, batch 1 on both sides")
     print(f"glomscan: {g['seconds']:.1f} s, {g['tiles']} of {g['tiles_total']} tiles inferred (tissue only), peak RSS {g_rss:.0f} MiB")
     print(f"MONAI:    {m['seconds']:.1f} s, every window inferred, peak RSS {m_rss:.0f} MiB")

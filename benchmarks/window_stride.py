@@ -73,18 +73,13 @@ def needle_timing(model, backend: str, overlaps: list[int], rounds: int) -> dict
     """Seconds per needle biopsy through analyze at each overlap, ``rounds`` rounds in turn."""
     from glomscan.batch import run_batch
     from glomscan.engines import EngineOptions, create_engine
-    from glomscan.synthetic import scatter_glomeruli, write_synthetic_slide
+    from glomscan.synthetic import needle_biopsy_slide
 
     out: dict = {"seconds": {o: [] for o in overlaps}, "windows": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        nw, nh, core = 20000, 12000, 1800
-        cores = [(int(nw * 0.05), int(nh * 0.10), int(nw * 0.75), int(nh * 0.10) + core),
-                 (int(nw * 0.20), int(nh * 0.45), int(nw * 0.80), int(nh * 0.45) + core),
-                 (int(nw * 0.10), int(nh * 0.78), int(nw * 0.45), int(nh * 0.78) + core)]
         (tmp / "needle").mkdir()
-        write_synthetic_slide(tmp / "needle" / "biopsy.tif", nw, nh, scatter_glomeruli(cores, 30, (80, 150), 0.3),
-                              cores, mpp=0.5, compression="jpeg")
+        needle_biopsy_slide(tmp / "needle" / "biopsy.tif")
         engine, choice = create_engine(backend, model, EngineOptions(engine_dir=tmp / "engines"))
         try:
             for r in range(rounds + 1):  # round 0 warms the engine up, untimed

@@ -273,11 +273,7 @@ def run_slide_workers_batch(slides_dir: Path, out_dir: Path, model: LoadedModel,
                     else:
                         done(report)  # ok or failed, the worker wrote its folder
                         continue
-                    try:  # no worker finished this slide: record why here
-                        record_failure(out_dir, report)
-                    except OSError as write_exc:
-                        log.error("%s: cannot record the failure: %s", job.name, write_exc)
-                    done(report)
+                    _record_lost_slide(out_dir, report, done)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -428,14 +424,20 @@ def _run_jobs(client, jobs: list[SlideJob], done: Callable[[SlideReport], None],
                 else:
                     done(report)  # ok or failed, the worker wrote its folder
                     continue
-                try:  # no worker finished this slide: the client records why
-                    record_failure(out_dir, report)
-                except OSError as write_exc:
-                    log.error("%s: cannot record the failure: %s", job.name, write_exc)
-                done(report)
+                _record_lost_slide(out_dir, report, done)
     except BaseException:
         client.cancel(list(running))
         raise
+
+
+def _record_lost_slide(out_dir: Path, report: SlideReport, done: Callable[[SlideReport], None]) -> None:
+    """No worker finished this slide: the client records why in its folder (as far as the output
+    folder lets it) and hands the report on."""
+    try:
+        record_failure(out_dir, report)
+    except OSError as write_exc:
+        log.error("%s: cannot record the failure: %s", report.slide, write_exc)
+    done(report)
 
 
 def _lost_slide(job: SlideJob, model: LoadedModel, exc: BaseException, deaths: int, retried: bool = True
