@@ -105,7 +105,14 @@ def unpack_training_set(pack_path: Path, out_dir: Path) -> pd.DataFrame:
     """Rebuild the prepared set in ``out_dir`` from a pack; returns its manifest."""
     out_dir = Path(out_dir)
     with tarfile.open(pack_path) as tar:
-        tar.extractall(out_dir, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 (Debian 12 has 3.11.2)
+            tar.extractall(out_dir, filter="data")
+        else:
+            for member in tar.getmembers():
+                parts = Path(member.name).parts
+                if not (member.isfile() or member.isdir()) or Path(member.name).is_absolute() or ".." in parts:
+                    raise ValueError(f"{pack_path}: {member.name!r} is not a file of a compact training set")
+            tar.extractall(out_dir)
     manifest = pd.read_csv(out_dir / "manifest.csv")
     boxes = pd.read_csv(out_dir / "boxes.csv")
     rows = {r["patch_id"]: r for r in manifest.to_dict("records")}
