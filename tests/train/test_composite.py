@@ -246,7 +246,7 @@ def test_compact_training_set_rebuilds_the_prepared_set(tmp_path, monkeypatch, p
     if python_without_tar_filters:  # Debian 12's Python 3.11.2 has no tarfile extraction filters
         import tarfile
 
-        monkeypatch.delattr(tarfile, "data_filter")
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
     _make_sets(tmp_path)
     settings = PrepareSettings(validation_fraction=0.25, composite_uses=2,
                                composite=CompositeSettings(diameter_range_um=(30.0, 45.0)))
