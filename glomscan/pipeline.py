@@ -70,6 +70,8 @@ class SlideReport:
     analysis_mpp: float | None = None
     analysis_downsample: float | None = None
     pyramid_level: int | None = None
+    pixel_reader: str | None = None
+    """What decoded the pixels (Slide.pixel_reader): openslide, tiff, dicom or flat."""
     n_levels: int | None = None
     """Pyramid levels in the file."""
     width: int | None = None
@@ -271,6 +273,7 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     slide = Slide(path, mpp_override=settings.mpp_override)
     level0 = slide.levels[0]
     report.width, report.height, report.n_levels = level0.width, level0.height, len(slide.levels)
+    report.pixel_reader = slide.pixel_reader
     report.mpp = slide.mpp
     report.mpp_source = ("metadata" if slide.mpp_from_metadata is not None
                          else "override" if slide.mpp is not None else "unknown")

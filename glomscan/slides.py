@@ -1,7 +1,9 @@
 """Whole-slide images: discovery, opening, pyramid levels, mpp, tissue detection.
 
 Everything is read through pyvips (libvips built with OpenSlide): vendor formats go through
-``openslideload``, pyramidal TIFFs through ``tiffload`` page by page, flat images as one level.
+``openslideload`` (their levels opened and described by OpenSlide; Aperio and generic TIFF pixels
+decoded by ``tiffload`` when it gives the same pixels, faster), pyramidal TIFFs through
+``tiffload`` page by page, flat images as one level.
 Slides are opened read-only; nothing here ever writes to an input.
 """
 
@@ -40,6 +42,14 @@ PLAUSIBLE_MPP = (0.05, 20.0)
 """Metadata mpp outside this range is treated as absent (libvips reports 1 px/mm for TIFFs
 without resolution tags, i.e. 1000 µm/px)."""
 
+
+TIFF_LAYOUT_VENDORS = {"aperio", "generic-tiff"}
+"""OpenSlide vendors whose levels are pages of a TIFF: their pixels are read through libvips' own
+TIFF reader, which decodes the same JPEG tiles two to four times faster per core
+(benchmarks/scanner_layouts.py), once a probe shows it gives OpenSlide's pixels exactly (it does
+not for JPEG 2000 SVS files, which stay with OpenSlide)."""
+TIFF_PROBE_PX = 256
+"""Side of the probe regions (centre of the finest and the coarsest level) compared."""
 
 MAX_UPSAMPLING = 2.0
 """Slides scanned more than this factor coarser than the analysis resolution are refused
@@ -245,6 +255,9 @@ class Slide:
                 mpp = None
         self.mpp = _plausible(mpp)
         self._loader = "openslide"
+        self._tiff_pages = _tiff_pages_of_levels(self.path, self.levels) if self.vendor in TIFF_LAYOUT_VENDORS else None
+        if self._tiff_pages is not None:
+            self._loader = "openslide-tiff"
 
     def _open_dicom(self) -> None:
         reader = DicomSlideReader(self.path)
@@ -288,6 +301,12 @@ class Slide:
         self._loader = "flat"
         self.colour_problem = colour_problem(im)
 
+    @property
+    def pixel_reader(self) -> str:
+        """What decodes the pixels: openslide, tiff (libvips; for OpenSlide's aperio and
+        generic-tiff files too, when it gives the same pixels), dicom or flat."""
+        return {"openslide-tiff": "tiff"}.get(self._loader, self._loader)
+
     # -- pixels ------------------------------------------------------------------------------
     def level_image(self, index: int) -> pyvips.Image:
         """The level as a lazy uint8 RGB pyvips image (opened once, random access)."""
@@ -296,6 +315,8 @@ class Slide:
                 try:
                     if self._loader == "openslide":
                         im = pyvips.Image.openslideload(str(self.path), level=index)
+                    elif self._loader == "openslide-tiff":
+                        im = pyvips.Image.tiffload(str(self.path), page=self._tiff_pages[index], access="random")
                     elif self._loader == "dicom":
                         im = self._dicom.level_image(index)
                     elif self._loader == "tiff":
@@ -358,6 +379,37 @@ def analysis_resolution(slide: Slide, target_mpp: float, fallback_downsample: fl
         raise SlideError(f"scanned at {slide.mpp:.3g} µm/px, too coarse for analysis at {target_mpp:.3g} µm/px "
                          f"(at most {MAX_UPSAMPLING * target_mpp:.3g} µm/px: scan at 10x or finer)")
     return Resolution(target_mpp / slide.mpp, float(target_mpp), float(target_mpp))
+
+
+def _tiff_pages_of_levels(path: Path, levels: list[Level]) -> dict[int, int] | None:
+    """The TIFF page of each OpenSlide level (matched by size, one page per level) when libvips'
+    TIFF reader gives exactly OpenSlide's pixels on a probe region of the finest and the coarsest
+    level; else None (pixels stay with OpenSlide)."""
+    try:
+        first = pyvips.Image.tiffload(str(path), page=0)
+        sizes: dict[tuple[int, int], list[int]] = {}
+        for page in range(first.get("n-pages") if "n-pages" in first.get_fields() else 1):
+            im = first if page == 0 else pyvips.Image.tiffload(str(path), page=page)
+            sizes.setdefault((im.width, im.height), []).append(page)
+        pages = {}
+        for level in levels:
+            found = sizes.get((level.width, level.height), [])
+            if len(found) != 1:
+                return None
+            pages[level.index] = found[0]
+        for level in {levels[0].index: levels[0], levels[-1].index: levels[-1]}.values():
+            side_x, side_y = min(TIFF_PROBE_PX, level.width), min(TIFF_PROBE_PX, level.height)
+            box = ((level.width - side_x) // 2, (level.height - side_y) // 2, side_x, side_y)
+            by_openslide = _to_rgb(pyvips.Image.openslideload(str(path), level=level.index)).crop(*box)
+            by_tiff = _to_rgb(pyvips.Image.tiffload(str(path), page=pages[level.index])).crop(*box)
+            if by_openslide.write_to_memory() != by_tiff.write_to_memory():
+                log.debug("%s: libvips' TIFF reader differs from OpenSlide on level %d; reading through OpenSlide",
+                          path.name, level.index)
+                return None
+        return pages
+    except pyvips.Error as exc:
+        log.debug("%s: not read as TIFF pages (%s); reading through OpenSlide", path.name, _vips_reason(exc))
+        return None
 
 
 def _refuse_implausible_size(path: Path, level0: Level) -> None:

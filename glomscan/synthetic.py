@@ -163,18 +163,20 @@ def scatter_glomeruli(tissue: list[tuple[int, int, int, int]], n: int, radius_ra
     return placed
 
 
-def needle_biopsy_slide(path: Path, quick: bool = False) -> SyntheticSlide:
+def needle_biopsy_slide(path: Path, quick: bool = False, mpp: float = 0.5, pyramid: bool = True) -> SyntheticSlide:
     """What the speed benchmarks call a needle biopsy: a transplant needle-biopsy layout of three
     cores 0.9 mm wide (1800 px at 0.5 µm/px) and 3-7 mm long with glass between them, in a
     20000 x 12000 px (10 x 6 mm) region, about 20 % tissue, 30 glomeruli of which 30 % sclerosed,
-    JPEG tiles. ``quick``: 8000 x 5000 px with 900 px cores."""
-    w, h = (8000, 5000) if quick else (20000, 12000)
-    core = 900 if quick else 1800
+    JPEG tiles. ``quick``: 8000 x 5000 px with 900 px cores. ``mpp`` 0.25 draws the same
+    millimetres at 40x (twice the pixels per side); ``pyramid`` False writes level 0 alone."""
+    scale = 0.5 / mpp
+    w, h = (int(8000 * scale), int(5000 * scale)) if quick else (int(20000 * scale), int(12000 * scale))
+    core = int((900 if quick else 1800) * scale)
     cores = [(int(w * 0.05), int(h * 0.10), int(w * 0.75), int(h * 0.10) + core),
              (int(w * 0.20), int(h * 0.45), int(w * 0.80), int(h * 0.45) + core),
              (int(w * 0.10), int(h * 0.78), int(w * 0.45), int(h * 0.78) + core)]
-    return write_synthetic_slide(path, w, h, scatter_glomeruli(cores, 30, (80, 150), 0.3), cores, mpp=0.5,
-                                 compression="jpeg")
+    glomeruli = scatter_glomeruli(cores, 30, (int(80 * scale), int(150 * scale)), 0.3)
+    return write_synthetic_slide(path, w, h, glomeruli, cores, mpp=mpp, compression="jpeg", pyramid=pyramid)
 
 
 def demo_slide(path: Path, seed: int = 7) -> SyntheticSlide:

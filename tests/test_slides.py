@@ -134,3 +134,30 @@ def test_real_tissue_slide_is_paved_with_the_sample_tiles(tmp_path):
                for p in sorted(SAMPLE_DIR.glob("*.tif"))]
     turned = [np.rot90(s, k)[:, ::f] for s in samples for k in range(4) for f in (1, -1)]
     assert min(np.abs(first - t).mean() for t in turned) < 3  # one sample tile, turned (JPEG-close)
+
+
+def test_generic_tiff_through_openslide_reads_its_pages_with_libvips(small_slide, tmp_path):
+    """An OpenSlide-only name (.svs) on a generic tiled TIFF: OpenSlide describes the levels,
+    libvips' TIFF reader decodes them (same pixels, checked against OpenSlide's at every level)."""
+    link = tmp_path / "case01.svs"
+    link.symlink_to(small_slide.path)
+    slide = Slide(link)
+    assert slide.vendor == "generic-tiff" and slide.pixel_reader == "tiff"
+    for level in slide.levels:
+        ours = image_to_array(slide.level_image(level.index).crop(0, 0, 96, 96))
+        theirs = image_to_array(pyvips.Image.openslideload(str(link), level=level.index).flatten().crop(0, 0, 96, 96))
+        assert np.array_equal(ours, theirs)
+    assert Slide(small_slide.path).pixel_reader == "tiff"
+
+
+def test_openslide_keeps_decoding_when_the_tiff_reader_differs(small_slide, tmp_path, monkeypatch):
+    """As for JPEG 2000 SVS files, whose colours libvips' TIFF reader gets wrong: the probe
+    finds the difference and OpenSlide decodes."""
+    link = tmp_path / "case01.svs"
+    link.symlink_to(small_slide.path)
+    tiffload = pyvips.Image.tiffload
+    monkeypatch.setattr(pyvips.Image, "tiffload", lambda *args, **kwargs: tiffload(*args, **kwargs).invert())
+    slide = Slide(link)
+    assert slide.pixel_reader == "openslide"
+    ours = image_to_array(slide.level_image(1).crop(0, 0, 64, 64))
+    assert np.array_equal(ours, image_to_array(pyvips.Image.openslideload(str(link), level=1).flatten().crop(0, 0, 64, 64)))

@@ -66,6 +66,26 @@ def test_tile_reads_match_openslide(path):
     assert np.abs(ours - theirs).mean() < 1.5, np.abs(ours - theirs).mean()
 
 
+@pytest.mark.parametrize("path, reader", [
+    (SVS, "tiff"),  # Aperio JPEG: libvips' TIFF reader gives OpenSlide's pixels exactly
+    (TCGA, "openslide"),  # Aperio JPEG 2000: it does not (colours differ), so OpenSlide decodes
+    (NDPI, "openslide"),  # not a vendor whose levels are plain TIFF pages
+])
+def test_vendor_pixels_decoded_by_tiff_reader_only_when_identical(path, reader):
+    slide = Slide(path)
+    assert slide.pixel_reader == reader
+    reference = openslide.OpenSlide(str(path))
+    for level in range(len(slide.levels)):
+        image = slide.level_image(level)
+        x, y, t = image.width // 3, image.height // 3, 200
+        ours = TileReader(image, t).read(x, y)
+        ds = reference.level_downsamples[level]
+        rgba = np.asarray(reference.read_region((int(x * ds), int(y * ds)), level, (t, t)))
+        h, w = min(t, image.height - y), min(t, image.width - x)
+        if reader == "tiff":
+            assert np.array_equal(ours[:h, :w], rgba[:h, :w, :3])
+
+
 def test_dicom_series_are_one_slide_and_other_files_are_kept_for_reporting():
     found = [p.name for p in find_slides(DICOM)]
     assert "boxes_0.dcm" in found and "boxes_1.dcm" not in found  # one series: level + thumbnail
@@ -120,7 +140,8 @@ def test_every_slide_like_file_is_analysed_or_failed_with_a_reason(tmp_path, tin
     tcga = json.loads((tmp_path / "out" / "tcga-cr-7395-01a-01-ts1" / "report.json").read_text())
     assert tcga["mpp"] is None and tcga["mpp_source"] == "unknown" and tcga["analysis_downsample"] == 2.0
     svs = json.loads((tmp_path / "out" / "CMU-1-Small-Region" / "report.json").read_text())
-    assert svs["mpp_source"] == "metadata" and svs["pyramid_level"] == 0
+    assert svs["mpp_source"] == "metadata" and svs["pyramid_level"] == 0 and svs["pixel_reader"] == "tiff"
+    assert tcga["pixel_reader"] == "openslide"
 
 
 def test_dicom_slide_analysed_end_to_end(tmp_path, tiny_checkpoint):
