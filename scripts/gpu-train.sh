@@ -15,7 +15,7 @@
 # segmentation-models-pytorch where they are missing; installed to a private folder), DEVICE
 # (cuda), WORK (build/gpu-train), EPOCHS (8), STEPS (350), BATCH (32), CROP (384), LR (1e-3),
 # STAIN (0.1), JPEG_MIN_QUALITY (60), SCALE (0.2), SEGMENT_TIMEOUT_S (270), VERIFIER_EPOCHS (16),
-# VERIFIER_TIMEOUT_S (150). A CPU check: DEVICE=cpu EPOCHS=1 STEPS=2 BATCH=2 CROP=128 VERIFIER_EPOCHS=1.
+# VERIFIER_TIMEOUT_S (150); VERIFIER_EPOCHS=0 trains the segmentation model alone. A CPU check: DEVICE=cpu EPOCHS=1 STEPS=2 BATCH=2 CROP=128 VERIFIER_EPOCHS=1.
 set -uo pipefail
 PACK=${1:-.gpu/dataset.tar}
 OUT_DIR=${2:-gpu-train}
@@ -59,7 +59,7 @@ if [ -f "$WORK/model.pt" ]; then
         --intended-use "$INTENDED_USE" --licence "$LICENCE" || status=1
 fi
 
-if [ -f "$WORK/default.pt" ]; then
+if [ -f "$WORK/default.pt" ] && [ "$VERIFIER_EPOCHS" -gt 0 ]; then
     log "3. train verifier on $DEVICE (mining with the new model)"
     timeout "${VERIFIER_TIMEOUT_S:-150}" "$PYTHON" -m glomscan train verifier --data "$WORK/dataset" \
         --model "$WORK/default.pt" --out "$WORK/verifier" --epochs "$VERIFIER_EPOCHS" --backend torch \
