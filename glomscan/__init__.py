@@ -6,8 +6,7 @@ per slide, `batch` over a folder, `cli` is a thin click layer over both.
 
 __version__ = "0.1.0"
 
-CLASS_NAMES = ("normal", "sclerosed")
-"""Model output channels, in order. Mask label value = channel index + 1 (0 is background)."""
+from .labels import CLASS_NAMES  # noqa: E402,F401  (the model's output channels, re-exported)
 
 # OpenSlide 4 (the openslide-bin wheel, for DICOM) must be loaded before libvips, whose own
 # system OpenSlide 3 and libraries otherwise break it: see glomscan/dicom.py.

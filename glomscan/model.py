@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import CLASS_NAMES
+from .labels import CLASS_NAMES
 from .atomic import atomic_torch_save
 
 if TYPE_CHECKING:  # torch only where a checkpoint is read or written

@@ -18,11 +18,11 @@ import pyvips
 from scipy import ndimage
 
 from .atomic import atomic_write_bytes, atomic_write_text
+from .labels import QUPATH_CLASS_NAMES
 from .postprocess import Glomerulus
 
 CLASS_COLOURS = {"normal": (0, 90, 255), "sclerosed": (230, 30, 30)}
 """Blue normal, red sclerosed (overview and QuPath classification colours)."""
-QUPATH_CLASS_NAMES = {"normal": "Glomerulus normal", "sclerosed": "Glomerulus sclerosed"}
 Z_95 = 1.959963984540054
 
 

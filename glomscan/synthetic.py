@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
+from .labels import QUPATH_CLASS_NAMES
+
 GLASS = (246, 244, 247)
 TISSUE = (222, 168, 196)
 NORMAL = (186, 128, 214)
@@ -58,7 +60,7 @@ class SyntheticSlide:
             ring[-1] = ring[0]
             features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring.round(2).tolist()]},
                              "properties": {"objectType": "annotation", "classification": {
-                                 "name": "Glomerulus sclerosed" if g.sclerosed else "Glomerulus normal"}}})
+                                 "name": QUPATH_CLASS_NAMES["sclerosed" if g.sclerosed else "normal"]}}})
         return {"type": "FeatureCollection", "features": features}
 
     def label_image(self, downsample: float = 1.0) -> np.ndarray:

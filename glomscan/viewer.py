@@ -34,7 +34,8 @@ from pathlib import Path
 import pyvips
 
 from .atomic import OUTPUT_ERRNOS, atomic_write_text
-from .report import CLASS_COLOURS, QUPATH_CLASS_NAMES, REJECTED_CLASS_NAME, REJECTED_COLOUR, REJECTED_FILE, Z_95
+from .labels import QUPATH_CLASS_NAMES
+from .report import CLASS_COLOURS, REJECTED_CLASS_NAME, REJECTED_COLOUR, REJECTED_FILE, Z_95
 from .slides import Slide
 
 log = logging.getLogger(__name__)

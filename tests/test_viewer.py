@@ -20,7 +20,7 @@ from glomscan.batch import load_report, run_batch
 from glomscan.cli import main
 from glomscan.config import AnalysisSettings
 from glomscan.pipeline import sclerosis_summary
-from glomscan.report import QUPATH_CLASS_NAMES
+from glomscan.labels import QUPATH_CLASS_NAMES
 from glomscan.train.data import DEFAULT_CLASS_MAP, read_png, read_qupath_geojson, read_qupath_points
 from glomscan.viewer import CORRECTION_CLASS_NAMES, REJECTED_COLOUR, VIEWER_DIR, VIEWER_PAGE
 

@@ -19,7 +19,7 @@ from glomscan.cli import main
 from glomscan.config import AnalysisSettings
 from glomscan.pipeline import sclerosis_summary
 from glomscan.synthetic import NORMAL, SCLEROSED
-from glomscan.report import QUPATH_CLASS_NAMES
+from glomscan.labels import QUPATH_CLASS_NAMES
 from glomscan.train.data import DEFAULT_CLASS_MAP, read_qupath_geojson
 from glomscan.viewer import CORRECTION_CLASS_NAMES, REJECTED_COLOUR, VIEWER_PAGE
 

@@ -36,6 +36,7 @@ import pandas as pd
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
+from ..labels import SCLEROSED
 from .data import load_patch, read_png, synthetic_rows, write_png
 from .settings import CropSettings
 
@@ -177,8 +178,8 @@ class GlomerulusCensus:
 
 
 def sclerosed_components(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components of label 2: (component labels, count)."""
-    return ndimage.label(labels == 2, structure=EIGHT_CONNECTED)
+    """8-connected components of label SCLEROSED: (component labels, count)."""
+    return ndimage.label(labels == SCLEROSED, structure=EIGHT_CONNECTED)
 
 
 def training_rows(manifest: pd.DataFrame, split: str = "train") -> pd.DataFrame:

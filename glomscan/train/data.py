@@ -28,10 +28,11 @@ import pandas as pd
 import pyvips
 from skimage.draw import polygon as fill_polygon
 
+from ..labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
 from ..slides import Slide, TileReader, analysis_resolution, find_slides, image_to_array
 from ..tiling import TileGrid
 from .composite import paste_glomeruli
-from .sources import UNKNOWN_CLASS, read_crop_set, read_tile_set
+from .sources import read_crop_set, read_tile_set
 from .settings import DEFAULT_CLASS_MAP, PrepareSettings
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ def prepare_dataset(slides_dir: Path | None, annotations_dir: Path | None, out_d
 
 def _patch_row(patch_id: str, group: str, split: str, kind: str, labels: np.ndarray) -> dict:
     return {"patch_id": patch_id, "slide": group, "split": split, "x0": 0, "y0": 0, "x": 0, "y": 0,
-            "tile": labels.shape[0], "n_normal_px": int((labels == 1).sum()), "n_sclerosed_px": int((labels == 2).sum()),
+            "tile": labels.shape[0], "n_normal_px": int((labels == NORMAL).sum()), "n_sclerosed_px": int((labels == SCLEROSED).sum()),
             "synthetic": False, "image": f"images/{patch_id}.png", "mask": f"masks/{patch_id}.png", "kind": kind,
             "n_unknown_class_px": int((labels == UNKNOWN_CLASS).sum())}
 
@@ -280,7 +281,7 @@ def _tile_and_crop_patches(tiles_dir: Path, crops_dir: Path | None, out_dir: Pat
     for split, uses in (("train", settings.composite_uses), ("val", 1)):
         backgrounds = [t for t in tiles if tile_split[t.group] == split]
         queue = [c for c in crops if crop_split[c.slide] == split for _ in range(
-            uses * (settings.sclerosed_oversampling if split == "train" and c.label == 2 else 1))]
+            uses * (settings.sclerosed_oversampling if split == "train" and c.label == SCLEROSED else 1))]
         if not queue:
             continue
         if not backgrounds:

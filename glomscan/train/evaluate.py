@@ -12,6 +12,7 @@ import pyvips
 from scipy import ndimage
 
 from ..config import AnalysisSettings
+from ..labels import NORMAL, SCLEROSED
 from ..model import LoadedModel
 from ..postprocess import EIGHT_CONNECTED, glomeruli_in_image
 from ..report import REJECTED_FILE, polygon_mask
@@ -365,7 +366,7 @@ def false_detections(pred_labels: np.ndarray, true_labels: np.ndarray, iou_thres
     false[list(matched)] = False
     classes = _component_classes(pred_labels, components, n_pred)
     return {"n_predicted": int(present.sum()), "n_true": int(n_true), "matched": len(matched),
-            "false": int(false.sum()), "false_sclerosed": int((false & (classes == 2)).sum())}
+            "false": int(false.sum()), "false_sclerosed": int((false & (classes == SCLEROSED)).sum())}
 
 
 class _RealTileScores:
@@ -438,9 +439,9 @@ def classification_metrics(glomeruli: pd.DataFrame) -> dict:
     """Sclerosed sensitivity / specificity / balanced accuracy over the detected glomeruli, and
     the share of true glomeruli detected."""
     found = glomeruli[glomeruli.detected]
-    sclerosed, normal = found[found.label == 2], found[found.label == 1]
-    sensitivity = float((sclerosed.predicted_label == 2).mean()) if len(sclerosed) else float("nan")
-    specificity = float((normal.predicted_label == 1).mean()) if len(normal) else float("nan")
+    sclerosed, normal = found[found.label == SCLEROSED], found[found.label == NORMAL]
+    sensitivity = float((sclerosed.predicted_label == SCLEROSED).mean()) if len(sclerosed) else float("nan")
+    specificity = float((normal.predicted_label == NORMAL).mean()) if len(normal) else float("nan")
     return {"glomeruli_graded": int(len(glomeruli)), "glomeruli_detected": int(len(found)),
             "sclerosed_detected": int(len(sclerosed)), "normal_detected": int(len(normal)),
             "sclerosed_sensitivity": sensitivity, "sclerosed_specificity": specificity,
@@ -453,8 +454,8 @@ def per_slide_sclerosis(glomeruli: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for slide, g in glomeruli.groupby("slide"):
         found = g[g.detected]
-        truth = 100.0 * float((g.label == 2).mean())
-        predicted = 100.0 * float((found.predicted_label == 2).mean()) if len(found) else float("nan")
+        truth = 100.0 * float((g.label == SCLEROSED).mean())
+        predicted = 100.0 * float((found.predicted_label == SCLEROSED).mean()) if len(found) else float("nan")
         rows.append({"slide": slide, "glomeruli": len(g), "detected": len(found),
                      "pathologist_percent": round(truth, 2), "predicted_percent": round(predicted, 2),
                      "error_points": round(predicted - truth, 2)})

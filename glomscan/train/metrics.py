@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from ..labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
 from ..postprocess import EIGHT_CONNECTED
-from .sources import UNKNOWN_CLASS
 
 CLASS_KEYS = ("normal", "sclerosed")
 
@@ -121,8 +121,8 @@ def sclerosis_percent(labels: np.ndarray, points=()) -> float:
     glomeruli without an outline) that are sclerosed; components mostly of unknown class (label
     3) are not graded. NaN when none is graded."""
     cc, n = ndimage.label(labels > 0, structure=EIGHT_CONNECTED)
-    graded = sum(label in (1, 2) for _, _, label in points)
-    scl = sum(label == 2 for _, _, label in points)
+    graded = sum(label in (NORMAL, SCLEROSED) for _, _, label in points)
+    scl = sum(label == SCLEROSED for _, _, label in points)
     for i, sl in enumerate(ndimage.find_objects(cc), start=1):
         values = labels[sl][cc[sl] == i]
         majority = int(np.bincount(values, minlength=4)[1:].argmax()) + 1

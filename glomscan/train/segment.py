@@ -21,7 +21,7 @@ from .composite import from_optical_density, optical_density
 from .data import load_patch
 from .harness import TrainingDevice, TrainingRun, choose_training_device, seed_training
 from .resident import ResidentPatches
-from .sources import UNKNOWN_CLASS
+from ..labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
 from .metrics import dice, glomerulus_counts, known_class_counts, pixel_metrics
 from .settings import SegmentSettings
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def targets_from_labels(labels: torch.Tensor) -> torch.Tensor:
     """(N, H, W) labels 0/1/2 -> (N, 2, H, W) float one-hot of normal, sclerosed (label 3,
     glomerulus of unknown class, is in neither channel: see ``PartialLabelLoss``)."""
-    return torch.stack([(labels == 1), (labels == 2)], dim=1).float()
+    return torch.stack([(labels == NORMAL), (labels == SCLEROSED)], dim=1).float()
 
 
 def glomerulus_probability(logits: torch.Tensor) -> torch.Tensor:

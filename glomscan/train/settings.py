@@ -8,13 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import TissueSettings
+from ..labels import BACKGROUND, LABEL_OF_CLASS, NORMAL, QUPATH_CLASS_NAMES, SCLEROSED, UNKNOWN_CLASS
 
 DEFAULT_CLASS_MAP = {
-    "glomerulus normal": 1, "normal": 1, "normal glomerulus": 1, "glomerulus": 1, "non-sclerotic": 1,
-    "glomerulus sclerosed": 2, "sclerosed": 2, "sclerosed glomerulus": 2, "sclerotic": 2,
-    "globally sclerosed": 2, "global sclerosis": 2, "sclerotic glomerulus": 2,
-    "glomerulus (class unknown)": 3, "glomerulus, class unknown": 3, "glomerulus unknown": 3, "unknown": 3,
-    "not glomerulus": 0, "not a glomerulus": 0, "false detection": 0,
+    **{name.lower(): LABEL_OF_CLASS[cls] for cls, name in QUPATH_CLASS_NAMES.items()},
+    "normal": NORMAL, "normal glomerulus": NORMAL, "glomerulus": NORMAL, "non-sclerotic": NORMAL,
+    "sclerosed": SCLEROSED, "sclerosed glomerulus": SCLEROSED, "sclerotic": SCLEROSED,
+    "globally sclerosed": SCLEROSED, "global sclerosis": SCLEROSED, "sclerotic glomerulus": SCLEROSED,
+    "glomerulus (class unknown)": UNKNOWN_CLASS, "glomerulus, class unknown": UNKNOWN_CLASS,
+    "glomerulus unknown": UNKNOWN_CLASS, "unknown": UNKNOWN_CLASS,
+    "not glomerulus": BACKGROUND, "not a glomerulus": BACKGROUND, "false detection": BACKGROUND,
 }
 """QuPath classification name (case-insensitive) -> label (3: glomerulus of unknown class,
 which supervises only glomerulus-vs-background; 0: background, e.g. the false detections of a

@@ -24,10 +24,9 @@ import numpy as np
 import pandas as pd
 import pyvips
 
+from ..labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
 from ..slides import image_to_array
 
-UNKNOWN_CLASS = 3
-"""Label value of pixels known to be glomerulus whose class (normal/sclerosed) is unknown."""
 TILE_GROUP_GAP = 5
 """Tiles whose numeric ids differ by at most this belong to one group (likely one slide)."""
 
@@ -146,7 +145,7 @@ def read_crop_set(folder: Path) -> list[GlomerulusCrop]:
     crops = []
     for row in table.to_dict("records"):
         if "globally_sclerosed" in row:
-            label = 2 if int(row["globally_sclerosed"]) == 1 else 1
+            label = SCLEROSED if int(row["globally_sclerosed"]) == 1 else NORMAL
         else:
             name = str(row["class"]).strip().lower()
             if name not in ("normal", "sclerosed"):

@@ -35,6 +35,7 @@ from scipy import ndimage
 from scipy.signal import fftconvolve
 
 from ..config import TissueSettings
+from ..labels import NORMAL, SCLEROSED
 from .crops import sclerosed_census, training_rows
 from .data import MANIFEST_COLUMNS, load_patch, write_png
 from .maskgan import equivalent_diameter
@@ -275,8 +276,8 @@ def _write_dataset(dataset_dir: Path, out_dir: Path, manifest: pd.DataFrame, row
         write_png(out_dir / "masks" / f"{new_id}.png", labels)
         src = rows_by_id[patch_id]
         row = {c: src[c] for c in MANIFEST_COLUMNS if c in src}
-        row.update(patch_id=new_id, split="train", synthetic=True, n_normal_px=int((labels == 1).sum()),
-                   n_sclerosed_px=int((labels == 2).sum()), image=f"images/{new_id}.png", mask=f"masks/{new_id}.png")
+        row.update(patch_id=new_id, split="train", synthetic=True, n_normal_px=int((labels == NORMAL).sum()),
+                   n_sclerosed_px=int((labels == SCLEROSED).sum()), image=f"images/{new_id}.png", mask=f"masks/{new_id}.png")
         row["source_patch"] = patch_id
         row["n_synthetic_glomeruli"] = per_patch[patch_id]
         new_rows.append(row)

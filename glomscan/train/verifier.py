@@ -51,7 +51,7 @@ from .harness import TrainingRun, choose_training_device, seed_training
 from .resident import jitter_stain_batch
 from .segment import jpeg_roundtrip
 from .settings import VerifierSettings
-from .sources import UNKNOWN_CLASS
+from ..labels import UNKNOWN_CLASS
 
 log = logging.getLogger(__name__)
 

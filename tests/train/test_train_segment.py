@@ -25,7 +25,7 @@ from glomscan.train.data import (
 )
 from glomscan.train.metrics import instance_matches, pixel_metrics, sclerosis_percent
 from glomscan.train.segment import PartialLabelLoss, SegmentSettings, targets_from_labels, train_segmentation
-from glomscan.train.sources import UNKNOWN_CLASS
+from glomscan.labels import UNKNOWN_CLASS
 
 TINY = dict(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8))
 
