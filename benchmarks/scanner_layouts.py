@@ -16,9 +16,11 @@ tiles) in four layouts:
 - ``40x level 0 only``: 0.25 µm/px, level 0 read and shrunk 4x (a file without a usable pyramid).
 
 Each file is opened through OpenSlide (``.svs`` name: OpenSlide reads it as a generic tiled
-TIFF; its mpp is given, as OpenSlide 3.4 reports none for generic TIFFs) and, for comparison,
-through libvips' own TIFF reader (``.tif``). What is timed, in a child process pinned to one core
-(one tile reader, one merge worker) after one untimed warm-up slide:
+TIFF, as it reads an Aperio SVS; its mpp is given, as OpenSlide 3.4 reports none for generic
+TIFFs), its pixels decoded two ways: by OpenSlide (``openslide``), and as glomscan does by
+default for Aperio and generic TIFFs, by libvips' TIFF reader on OpenSlide's levels (``tiff``;
+``slides.TIFF_LAYOUT_VENDORS``). What is timed, in a child process pinned to one core (one tile
+reader, one merge worker) after one untimed warm-up slide:
 
 - ``read``: the tissue tiles alone, read at the analysis resolution (``Slide.image_at``, the
   level choice of ``Slide.best_level``, ``TileReader``);
@@ -63,7 +65,7 @@ LAYOUTS = {  # name: (level-0 mpp, pyramid)
     "40x pyramid": (0.25, True),
     "40x level 0 only": (0.25, False),
 }
-READERS = {"openslide": ".svs", "libvips tiff": ".tif"}
+READERS = ("openslide", "tiff")
 
 
 def settings_for(mpp: float) -> AnalysisSettings:
@@ -72,17 +74,12 @@ def settings_for(mpp: float) -> AnalysisSettings:
 
 
 def write_layouts(folder: Path, quick: bool) -> None:
-    """One file per layout (``.svs``) and a ``.tif`` link to it, each in its own slides folder."""
-    for i, (name, (mpp, pyramid)) in enumerate(LAYOUTS.items()):
-        source = folder / f"layout{i}.svs"
-        if not source.is_file():
-            needle_biopsy_slide(source, quick, mpp=mpp, pyramid=pyramid)
-        for reader, suffix in READERS.items():
-            slides = folder / f"layout{i}-{suffix[1:]}"
-            slides.mkdir(exist_ok=True)
-            link = slides / f"slide{suffix}"
-            if not link.exists():
-                link.symlink_to(source)
+    """One file per layout (``.svs``), each in its own slides folder."""
+    for i, (mpp, pyramid) in enumerate(LAYOUTS.values()):
+        (folder / f"layout{i}").mkdir(exist_ok=True)
+        path = folder / f"layout{i}" / "slide.svs"
+        if not path.is_file():
+            needle_biopsy_slide(path, quick, mpp=mpp, pyramid=pyramid)
 
 
 def tissue_tiles(slide: Slide, settings: AnalysisSettings):
@@ -92,15 +89,20 @@ def tissue_tiles(slide: Slide, settings: AnalysisSettings):
     return image, level, grid.tissue_tiles(slide.tissue(downsample, ANALYSIS_MPP, settings.tissue))
 
 
-def child(slides: Path, mpp: float) -> None:
+def child(slides: Path, mpp: float, reader: str) -> None:
     """One measurement (pinned to one CPU by the parent): prints a JSON line."""
+    from glomscan import slides as slides_module
     from glomscan.model import LoadedModel, ModelCard
+
+    if reader == "openslide":
+        slides_module.TIFF_LAYOUT_VENDORS = set()
 
     path = next(slides.iterdir())
     settings = settings_for(mpp)
     model = LoadedModel(module=None, card=ModelCard(name="null", tile=TILE), sha256="0" * 64, path=None)
     engine = ReplayEngine(model.card, np.zeros((2, TILE, TILE), np.float32))
     slide = Slide(path, mpp_override=mpp)
+    assert slide.pixel_reader == reader, slide.pixel_reader
     image, level, tiles = tissue_tiles(slide, settings)
     reader = TileReader(image, TILE)
     for t in tiles[:4]:  # warm-up: file opened, first tiles decoded
@@ -117,9 +119,9 @@ def child(slides: Path, mpp: float) -> None:
                       "vendor": slide.vendor, "cpus": sorted(os.sched_getaffinity(0))}), flush=True)
 
 
-def measure(folder: Path, slides: Path, mpp: float, cpu: int) -> dict:
+def measure(slides: Path, mpp: float, reader: str, cpu: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", VIPS_CONCURRENCY="1")
-    cmd = [sys.executable, __file__, "--child", str(slides), "--mpp", str(mpp)]
+    cmd = [sys.executable, __file__, "--child", str(slides), "--mpp", str(mpp), "--reader", reader]
     done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
                           preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -135,9 +137,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mpp", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--reader", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        child(args.child, args.mpp)
+        child(args.child, args.mpp, args.reader)
         return
     cpu = min(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,8 +155,7 @@ def main() -> None:
         for _ in range(args.runs):
             for name, reader in cases:
                 i = list(LAYOUTS).index(name)
-                results[(name, reader)].append(measure(folder, folder / f"layout{i}-{READERS[reader][1:]}",
-                                                       LAYOUTS[name][0], cpu))
+                results[(name, reader)].append(measure(folder / f"layout{i}", LAYOUTS[name][0], reader, cpu))
         base = results[("20x pyramid", "openslide")]
         table = []
         for (name, reader), runs in results.items():
@@ -167,7 +169,7 @@ def main() -> None:
                    "end_to_end_tiles_per_s": [round(x, 1) for x in e2e],
                    "end_to_end_time_vs_20x_pyramid_openslide": [round(x, 2) for x in ratio]}
             table.append(row)
-            print(f"{name:18s} {reader:12s} ({first['vendor']}): {first['tiles']} tiles, level {first['level']} "
+            print(f"{name:18s} {reader:9s} ({first['vendor']}): {first['tiles']} tiles, level {first['level']} "
                   f"(downsample {first['level_downsample']:.3g}), resampled by {first['residual']:.3g}; "
                   f"read {statistics.median(read):.1f} tiles/s ({min(read):.1f}-{max(read):.1f}), "
                   f"end to end {statistics.median(e2e):.1f} tiles/s ({min(e2e):.1f}-{max(e2e):.1f}), "
