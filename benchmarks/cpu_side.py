@@ -157,7 +157,7 @@ def profile(folder: Path, quick: bool, workload: str, runs: int) -> None:
     from glomscan.pipeline import OVERVIEW_MAX_SIDE
     from glomscan.postprocess import InstanceStream
     from glomscan.report import StreamedLabelFile, write_mask_tiff, write_overview
-    from glomscan.slides import image_to_array
+    from glomscan.imaging import image_to_array
 
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     _, _, tile, _ = layout(quick)

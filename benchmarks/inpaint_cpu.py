@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from glomscan.slides import image_to_array  # noqa: E402
 from glomscan.train.crops import read_crops, split_crops  # noqa: E402
-from glomscan.train.data import write_png  # noqa: E402
+from glomscan.imaging import write_png  # noqa: E402
 from glomscan.train.inpaint_baselines import biharmonic_fill, fill_metrics, ring_mean_fill  # noqa: E402
 from glomscan.train.inpaint import PAPER_METRICS, InpaintSettings, evaluate_crops_dir, train_inpainting  # noqa: E402
 from glomscan.train.settings import GENERATOR_UPSAMPLING  # noqa: E402

@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import ndimage
 from skimage.transform import resize
 
-from glomscan.train.data import read_png, write_png
+from glomscan.imaging import read_png, write_png
 
 
 def window(image: np.ndarray, labels: np.ndarray, cx: float, cy: float, side: int) -> tuple[np.ndarray, np.ndarray]:

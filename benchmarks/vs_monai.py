@@ -30,7 +30,8 @@ def run_monai(slide_path: Path, model_path: Path, tile: int, engine_dir: Path, o
     from glomscan.engines.base import normalise
     from glomscan.engines.onnx import OnnxRuntimeEngine, cached_onnx
     from glomscan.model import load_model
-    from glomscan.slides import Slide, image_to_array
+    from glomscan.imaging import image_to_array
+    from glomscan.slides import Slide
 
     t0 = time.perf_counter()
     model = load_model(model_path)

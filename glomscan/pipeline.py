@@ -32,7 +32,8 @@ from .report import (
     write_mask_tiff,
     write_overview,
 )
-from .slides import Slide, SlideError, TileReader, analysis_resolution, image_to_array
+from .imaging import image_to_array
+from .slides import Slide, SlideError, TileReader, analysis_resolution
 from .tiling import Tile, TileGrid
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ import pyvips
 from scipy import ndimage
 
 from .atomic import atomic_write_bytes, atomic_write_text
+from .imaging import equivalent_diameter
 from .labels import QUPATH_CLASS_NAMES
 from .postprocess import Glomerulus
 
@@ -69,8 +70,8 @@ def glomeruli_table(instances: list[Glomerulus], scale: float, analysis_mpp: flo
             "bbox_y0": int(math.floor(g.bbox[1] * scale)),
             "bbox_x1": int(math.ceil(g.bbox[2] * scale)),
             "bbox_y1": int(math.ceil(g.bbox[3] * scale)),
-            "equivalent_diameter_px": round(2 * math.sqrt(area0 / math.pi), 1),
-            "equivalent_diameter_um": round(2 * math.sqrt(area_um2 / math.pi), 1) if area_um2 is not None else None,
+            "equivalent_diameter_px": round(equivalent_diameter(area0), 1),
+            "equivalent_diameter_um": round(equivalent_diameter(area_um2), 1) if area_um2 is not None else None,
             **dict(zip(("verifier_p_not_glomerulus", "verifier_p_normal", "verifier_p_sclerosed"),
                        (round(p, 4) for p in g.verifier_probabilities) if g.verifier_probabilities else (None,) * 3)),
         })

@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from .config import TissueSettings
 from .dicom import DICOM_EXTENSIONS, DicomError, DicomSlideReader, group_dicom_files
+from .imaging import BLACK_MAX, image_to_array, saturation_and_brightness
 
 log = logging.getLogger(__name__)
 
@@ -488,12 +489,9 @@ def detect_tissue(thumbnail: np.ndarray, downsample: float, analysis_mpp: float,
 
     ``thumbnail`` is uint8 RGB at ``downsample`` analysis pixels per pixel.
     """
-    rgb = thumbnail.astype(np.float32)
-    mx = rgb.max(axis=2)
-    mn = rgb.min(axis=2)
-    saturation = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0)
+    saturation, brightness = saturation_and_brightness(thumbnail)
     threshold = float(np.clip(otsu_threshold(saturation), settings.min_saturation, settings.max_saturation))
-    mask = (saturation > threshold) & (mx > 20)  # pure black (scanner borders) is not tissue
+    mask = (saturation > threshold) & (brightness > BLACK_MAX)  # pure black (scanner borders) is not tissue
     mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=2, border_value=0)
     mask = ndimage.binary_fill_holes(mask)
     thumb_px_um2 = (downsample * analysis_mpp) ** 2
@@ -519,12 +517,6 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     mu1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
     between = w0 * w1 * (mu0 - mu1) ** 2
     return float(edges[int(np.argmax(between)) + 1])  # values above this edge are the upper class
-
-
-def image_to_array(image: pyvips.Image) -> np.ndarray:
-    """Materialise a (small) pyvips image as a numpy array (h, w, bands)."""
-    data = image.write_to_memory()
-    return np.frombuffer(data, dtype=np.uint8).reshape(image.height, image.width, image.bands)
 
 
 def file_fingerprint(path: Path) -> dict:

@@ -101,7 +101,7 @@ def resize_square(region: np.ndarray, size: int) -> np.ndarray:
     shrinking, bilinear when enlarging)."""
     import pyvips
 
-    from .slides import image_to_array
+    from .imaging import image_to_array
 
     side = region.shape[0]
     if side == size:
@@ -127,7 +127,7 @@ def candidate_crop(image: np.ndarray, bbox, margin_fraction: float, size: int) -
 def read_candidate_crop(image, bbox, margin_fraction: float, size: int) -> np.ndarray:
     """``candidate_crop`` of a lazy pyvips image (the slide at the analysis resolution, 8-bit
     RGB): only the framing square is read."""
-    from .slides import image_to_array
+    from .imaging import image_to_array
 
     x0, y0, side = crop_square(bbox, margin_fraction)
     a0, b0 = max(0, x0), max(0, y0)

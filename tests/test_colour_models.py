@@ -12,7 +12,8 @@ import pyvips
 
 from glomscan.batch import run_batch
 from glomscan.config import AnalysisSettings
-from glomscan.slides import Slide, TileReader, image_to_array
+from glomscan.imaging import image_to_array
+from glomscan.slides import Slide, TileReader
 from glomscan.synthetic import write_synthetic_slide
 
 from conftest import ORACLE_CHOICE, TEST_GLOMERULI, TEST_TISSUE, OracleEngine, oracle_model

@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from glomscan.cli import main
 from glomscan.model import load_model
 from glomscan.shipped import SAMPLE_DIR, SHIPPED_MODEL, default_model_path, default_verifier_path
-from glomscan.slides import image_to_array
-from glomscan.train.data import split_slides, write_png
+from glomscan.imaging import image_to_array
+from glomscan.imaging import write_png
+from glomscan.train.data import split_slides
 from glomscan.train.metrics import instance_matches
 from glomscan.train.sources import read_tile_set
 

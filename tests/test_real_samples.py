@@ -7,7 +7,8 @@ import pytest
 from glomscan.config import AnalysisSettings, TissueSettings
 from glomscan.merge import BlendingCanvas
 from glomscan.postprocess import InstanceStream
-from glomscan.slides import Slide, TileReader, detect_tissue, image_to_array
+from glomscan.imaging import image_to_array
+from glomscan.slides import Slide, TileReader, detect_tissue
 from glomscan.tiling import TileGrid
 
 from conftest import SHARED_DATA, ORACLE_CHOICE, OracleEngine, oracle_model

@@ -3,7 +3,8 @@ import pytest
 import pyvips
 
 from glomscan.config import TissueSettings
-from glomscan.slides import Slide, SlideError, TileReader, detect_tissue, find_slides, image_to_array, otsu_threshold
+from glomscan.imaging import image_to_array
+from glomscan.slides import Slide, SlideError, TileReader, detect_tissue, find_slides, otsu_threshold
 from glomscan.synthetic import write_synthetic_slide
 
 from conftest import TEST_TISSUE

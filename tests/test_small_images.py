@@ -14,8 +14,8 @@ from glomscan.config import AnalysisSettings
 from glomscan.engines.base import Engine, EngineChoice
 from glomscan.model import ModelCard
 from glomscan.postprocess import glomerulus_class
-from glomscan.slides import image_to_array
-from glomscan.train.data import write_png
+from glomscan.imaging import image_to_array
+from glomscan.imaging import write_png
 from glomscan.train.evaluate import predicted_labels
 
 from conftest import ConstantEngine, oracle_model

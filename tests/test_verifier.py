@@ -14,7 +14,7 @@ from glomscan.batch import run_batch
 from glomscan.config import AnalysisSettings
 from glomscan.engines.base import EngineChoice
 from glomscan.postprocess import REJECTED, glomerulus_class
-from glomscan.slides import image_to_array
+from glomscan.imaging import image_to_array
 from glomscan.verify import Verifier, VerifierCard, candidate_crop, crop_square, read_candidate_crop
 
 from conftest import OracleEngine, oracle_model

@@ -21,7 +21,8 @@ from glomscan.cli import main
 from glomscan.config import AnalysisSettings
 from glomscan.pipeline import sclerosis_summary
 from glomscan.labels import QUPATH_CLASS_NAMES
-from glomscan.train.data import DEFAULT_CLASS_MAP, read_png, read_qupath_geojson, read_qupath_points
+from glomscan.imaging import read_png
+from glomscan.train.data import DEFAULT_CLASS_MAP, read_qupath_geojson, read_qupath_points
 from glomscan.viewer import CORRECTION_CLASS_NAMES, REJECTED_COLOUR, VIEWER_DIR, VIEWER_PAGE
 
 from conftest import ORACLE_CHOICE, TEST_GLOMERULI, OracleEngine, copy_slide, oracle_model

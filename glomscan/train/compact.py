@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import pyvips
 
-from ..slides import image_to_array
-from .data import load_patch, write_png
+from ..imaging import image_to_array, write_png
+from .data import load_patch
 
 log = logging.getLogger(__name__)
 

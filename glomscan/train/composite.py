@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..imaging import from_optical_density, optical_density, saturated_pixels
 from .sources import GlomerulusCrop, resize_mask, resize_rgb
 from .settings import CompositeSettings
 
@@ -44,20 +45,9 @@ class Placement:
 
 def tissue_map(image: np.ndarray) -> np.ndarray:
     """Tissue at full resolution: HSV saturation above 0.07 and not black, smoothed."""
-    rgb = image.astype(np.float32)
-    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
-    saturation = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0)
-    tissue = (saturation > 0.07) & (mx > 20)
+    tissue = saturated_pixels(image, 0.07)
     tissue = ndimage.binary_closing(tissue, iterations=3)
     return ndimage.binary_opening(tissue, iterations=2)
-
-
-def optical_density(image: np.ndarray) -> np.ndarray:
-    return -np.log((image.astype(np.float32) + 1.0) / 256.0)
-
-
-def from_optical_density(od: np.ndarray) -> np.ndarray:
-    return np.clip(256.0 * np.exp(-od) - 1.0, 0, 255)
 
 
 def stain_adjust(crop: np.ndarray, outline: np.ndarray, background_od_mean: np.ndarray | None,

@@ -36,8 +36,9 @@ import pandas as pd
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
+from ..imaging import read_png, write_png
 from ..labels import SCLEROSED
-from .data import load_patch, read_png, synthetic_rows, write_png
+from .data import load_patch, synthetic_rows
 from .settings import CropSettings
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,10 @@ import pandas as pd
 import pyvips
 from skimage.draw import polygon as fill_polygon
 
+from ..imaging import read_png, write_png
 from ..labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
-from ..slides import Slide, TileReader, analysis_resolution, find_slides, image_to_array
+from ..imaging import image_to_array
+from ..slides import Slide, TileReader, analysis_resolution, find_slides
 from ..tiling import TileGrid
 from .composite import paste_glomeruli
 from .sources import read_crop_set, read_tile_set
@@ -379,13 +381,3 @@ def synthetic_rows(manifest: pd.DataFrame) -> pd.Series:
     return manifest.synthetic.astype(str).str.lower().isin(["true", "1"])
 
 
-def write_png(path: Path, array: np.ndarray, compression: int = 3) -> None:
-    """uint8 (H, W) greyscale or (H, W, 3) RGB as a PNG (images, label masks, picture grids)."""
-    interpretation = "srgb" if array.ndim == 3 else "b-w"
-    pyvips.Image.new_from_array(np.ascontiguousarray(array), interpretation=interpretation).pngsave(
-        str(path), compression=compression)
-
-
-def read_png(path: Path) -> np.ndarray:
-    """A PNG as uint8 (H, W, bands)."""
-    return image_to_array(pyvips.Image.new_from_file(str(path)))

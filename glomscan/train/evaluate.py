@@ -17,7 +17,7 @@ from ..model import LoadedModel
 from ..postprocess import EIGHT_CONNECTED, glomeruli_in_image
 from ..report import REJECTED_FILE, polygon_mask
 from ..engines.torch_engine import TorchEngine
-from ..slides import image_to_array
+from ..imaging import image_to_array
 from .data import (DEFAULT_CLASS_MAP, label_image_from_masks, load_patch, rasterise_polygons, read_qupath_geojson,
                    read_qupath_points)
 from .metrics import (dice, glomerulus_counts, instance_matches, known_class_counts, match_components,

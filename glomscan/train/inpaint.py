@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_torch_save
+from ..imaging import write_png
 from ..progress import Progress
 from .inpaint_losses import (GeneratorLoss, InpaintLossWeights, load_segmentation_features, load_vgg19_features,
                              lsgan_discriminator_loss)
-from .data import write_png
 from .harness import TrainingDevice, TrainingRun, choose_training_device, seed_training
 from .inpaint_models import InpaintGenerator, PatchDiscriminator, generator_input, local_view
 from .settings import InpaintSettings

@@ -23,7 +23,7 @@ from skimage.transform import resize
 from torch import nn
 
 from ..atomic import atomic_torch_save
-from .data import read_png, write_png
+from ..imaging import equivalent_diameter, read_png, write_png
 from .harness import TrainingRun, choose_training_device, seed_training
 from .settings import MaskGanSettings, MaskGenerationSettings
 
@@ -82,10 +82,6 @@ def _dcgan_init(m: nn.Module) -> None:
 
 
 # --- training data ---------------------------------------------------------------------------------
-
-def equivalent_diameter(area_px: float) -> float:
-    return math.sqrt(4 * area_px / math.pi)
-
 
 def normalise_mask(mask: np.ndarray, image_size: int, margin: float = 0.0625) -> np.ndarray:
     """A binary mask cut to the square around its bounding box (plus ``margin`` of the side on

@@ -43,9 +43,10 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .composite import optical_density, from_optical_density, tissue_map
+from ..imaging import from_optical_density, optical_density, write_png
+from .composite import tissue_map
 from .crops import CROP_COLUMNS, component_circle
-from .data import split_slides, write_png
+from .data import split_slides
 from .sources import GlomerulusCrop, read_crop_set, read_tile_set, resize_mask, resize_rgb
 from .settings import OutlineCropSettings
 

@@ -15,13 +15,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..imaging import from_optical_density, optical_density
+from ..labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
 from ..model import ModelCard, build_model, load_model, save_checkpoint
 from ..progress import Progress
-from .composite import from_optical_density, optical_density
 from .data import load_patch
 from .harness import TrainingDevice, TrainingRun, choose_training_device, seed_training
 from .resident import ResidentPatches
-from ..labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
 from .metrics import dice, glomerulus_counts, known_class_counts, pixel_metrics
 from .settings import SegmentSettings
 
@@ -128,7 +128,7 @@ def jpeg_roundtrip(image: np.ndarray, quality: int, chroma_subsampling: bool = T
     store slides."""
     import pyvips
 
-    from ..slides import image_to_array
+    from ..imaging import image_to_array
 
     height, width = image.shape[:2]
     vips = pyvips.Image.new_from_memory(np.ascontiguousarray(image).tobytes(), width, height, 3, "uchar")

@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 import pyvips
 
+from ..imaging import equivalent_diameter
 from ..labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
-from ..slides import image_to_array
+from ..imaging import image_to_array
 
 TILE_GROUP_GAP = 5
 """Tiles whose numeric ids differ by at most this belong to one group (likely one slide)."""
@@ -58,7 +59,7 @@ class GlomerulusCrop:
 
     @property
     def equivalent_diameter_px(self) -> float:
-        return float(2.0 * np.sqrt(self.outline.sum() / np.pi))
+        return equivalent_diameter(float(self.outline.sum()))
 
 
 def glomerulus_mask(mask_rgb: np.ndarray) -> np.ndarray:

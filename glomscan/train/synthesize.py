@@ -35,10 +35,10 @@ from scipy import ndimage
 from scipy.signal import fftconvolve
 
 from ..config import TissueSettings
+from ..imaging import equivalent_diameter, saturated_pixels, write_png
 from ..labels import NORMAL, SCLEROSED
 from .crops import sclerosed_census, training_rows
-from .data import MANIFEST_COLUMNS, load_patch, write_png
-from .maskgan import equivalent_diameter
+from .data import MANIFEST_COLUMNS, load_patch
 from .settings import SynthesisSettings
 
 log = logging.getLogger(__name__)
@@ -100,10 +100,7 @@ class SynthesisSummary:
 
 def patch_tissue(image: np.ndarray, min_saturation: float = TissueSettings.min_saturation) -> np.ndarray:
     """Tissue pixels of a patch (see module doc)."""
-    rgb = image.astype(np.float32)
-    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
-    saturation = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0)
-    tissue = (saturation > min_saturation) & (mx > 20)
+    tissue = saturated_pixels(image, min_saturation)
     tissue = ndimage.binary_closing(tissue, structure=np.ones((3, 3)), iterations=2, border_value=1)
     return ndimage.binary_fill_holes(tissue)
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def make_tiles(folder, n=6, side=256, seed=1):
     """Pink tissue tiles, each with one outlined glomerulus in a corner."""
-    from glomscan.train.data import write_png
+    from glomscan.imaging import write_png
 
     rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True)

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from glomscan.train.composite import CompositeSettings, paste_glomeruli, scaled_crop, tissue_map
-from glomscan.train.data import PrepareSettings, load_patch, prepare_dataset, write_png
+from glomscan.imaging import write_png
+from glomscan.train.data import PrepareSettings, load_patch, prepare_dataset
 from glomscan.train.sources import (
     UNKNOWN_CLASS,
     GlomerulusCrop,

@@ -17,7 +17,8 @@ from glomscan.train.crops import (
     read_crops,
     split_crops,
 )
-from glomscan.train.data import MANIFEST_COLUMNS, write_png
+from glomscan.imaging import write_png
+from glomscan.train.data import MANIFEST_COLUMNS
 
 
 def brute_force_circle(points):

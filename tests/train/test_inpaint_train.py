@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from skimage.metrics import structural_similarity
 
 from glomscan.cli import main
-from glomscan.train.data import write_png
+from glomscan.imaging import write_png
 from glomscan.train.inpaint import (InpaintSettings, Inpainter, composite, images_to_tensor,
                                     inpainting_metrics, learning_rate_factor, load_inpainter, masks_to_tensor,
                                     sample_grid, save_generator, train_inpainting)

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from glomscan.train.crops import component_circle, read_crops
-from glomscan.train.data import split_slides, write_png
+from glomscan.imaging import write_png
+from glomscan.train.data import split_slides
 from glomscan.train.outline_crops import OutlineCropSettings, fit_scale, make_outline_crops
 
 from conftest import SHARED_DATA
@@ -82,7 +83,7 @@ def test_unscaled_crop_pixels_inside_the_outline_are_the_original_ones(tmp_path)
     settings = OutlineCropSettings(size=64, margin_px=4, classes="all", tiles_mpp=1.0)
     tiles = make_tile_set(tmp_path / "tiles")
     manifest = make_outline_crops(crop_set, tmp_path / "crops", settings, tiles_dir=tiles)
-    from glomscan.train.data import read_png
+    from glomscan.imaging import read_png
 
     assert len(manifest) == len(pd.read_csv(crop_set / "labels.csv"))  # classes="all"
     for row in manifest.itertuples():
