@@ -88,6 +88,21 @@ class AnalysisSettings:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def analysis_settings_for(card, tile: int | None = None, overlap: int | None = None, **options) -> AnalysisSettings:
+    """The one place where the user's options and a model card become analysis settings: the
+    tile (default: the card's; a multiple of what the card's encoder needs), the overlap
+    (default: half the tile), and every other ``AnalysisSettings`` field as given (the target
+    mpp stays None: the card's, resolved per slide by ``slides.analysis_resolution``). ``card``
+    is a ``model.ModelCard`` (anything with ``name``, ``tile`` and ``tile_multiple``). Raises
+    ValueError for settings that cannot run."""
+    tile = tile or card.tile
+    if tile % card.tile_multiple:
+        raise ValueError(f"tile {tile}: {card.name}'s encoder needs tiles that are multiples of {card.tile_multiple} px")
+    settings = AnalysisSettings(tile=tile, overlap=tile // 2 if overlap is None else overlap, **options)
+    settings.validate()
+    return settings
+
+
 def cpu_share() -> int:
     """CPUs this process may use: its CPU affinity, or OMP_NUM_THREADS when that is set and
     smaller (the share of the cores ``--cluster local`` gives each worker process)."""

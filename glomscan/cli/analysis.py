@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..config import BACKENDS, BLEND_WINDOWS, GPU_PRECISIONS, AnalysisSettings
+from ..config import BACKENDS, BLEND_WINDOWS, GPU_PRECISIONS, AnalysisSettings, analysis_settings_for
 from ..engines import EngineOptions
 from .common import attach_verifier_or_exit, default, is_quiet, load_model_or_exit, model_option, seed_option, \
     verbosity, verifier_options, warn_if_not_for_real_tissue
@@ -94,20 +94,14 @@ def analyze(slides_dir, out_dir, model_path, verifier_path, no_verifier, backend
         raise click.UsageError(f"--cluster {cluster!r}: use 'local' or a scheduler address such as tcp://host:8786")
     model = attach_verifier_or_exit(load_model_or_exit(model_path), model_path, verifier_path, no_verifier)
     # settings the model card owns are resolved here, once, and checked before any slide
-    tile = tile or model.card.tile
-    overlap = tile // 2 if overlap is None else overlap
-    if tile % model.card.tile_multiple:
-        raise click.UsageError(f"--tile {tile}: {model.card.name}'s encoder needs tiles that are multiples of "
-                               f"{model.card.tile_multiple} px")
-    settings = AnalysisSettings(target_mpp=target_mpp, downsample=downsample, mpp_override=mpp_override,
-                                tile=tile, overlap=overlap, batch_size=max(batch_size, 1), workers=readers,
-                                merge_workers=merge_workers,
-                                min_glomerulus_area_um2=min_area_um2, blend=blend, viewer=viewer,
-                                verify_candidates=not no_verifier)
     try:
-        settings.validate()
+        settings = analysis_settings_for(model.card, tile, overlap, target_mpp=target_mpp, downsample=downsample,
+                                         mpp_override=mpp_override, batch_size=max(batch_size, 1), workers=readers,
+                                         merge_workers=merge_workers, min_glomerulus_area_um2=min_area_um2,
+                                         blend=blend, viewer=viewer, verify_candidates=not no_verifier)
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise click.UsageError(f"--{exc}" if str(exc).startswith("tile ") else str(exc)) from exc
+    tile = settings.tile
     warn_if_not_for_real_tissue(model)
 
     from ..batch import OutputNotWritable, run_batch

@@ -11,7 +11,7 @@ import pandas as pd
 import pyvips
 from scipy import ndimage
 
-from ..config import AnalysisSettings
+from ..config import AnalysisSettings, analysis_settings_for
 from ..labels import NORMAL, SCLEROSED
 from ..model import LoadedModel
 from ..postprocess import EIGHT_CONNECTED, glomeruli_in_image
@@ -198,7 +198,8 @@ def evaluate_prepared_set(model: LoadedModel, dataset_dir: Path, out_dir: Path, 
         target = images / f"{row.patch_id}.png"
         if not target.exists():
             target.write_bytes((dataset_dir / row.image).read_bytes())
-    settings = settings or AnalysisSettings(mpp_override=info["target_mpp"], target_mpp=info["target_mpp"])
+    settings = settings or analysis_settings_for(model.card, mpp_override=info["target_mpp"],
+                                                 target_mpp=info["target_mpp"])
     analyse_folder(model, images, out_dir, backend, settings, quiet)
     return score_prepared_set(dataset_dir, manifest, out_dir)
 
@@ -583,7 +584,7 @@ def evaluate_graded_crops(model: LoadedModel, crops_dir: Path, out_dir: Path, mp
         if not target.exists():
             target.write_bytes((crops_dir / name).read_bytes())
     settings = (dataclasses.replace(settings, mpp_override=mpp) if settings is not None
-                else AnalysisSettings(mpp_override=mpp, viewer=False))
+                else analysis_settings_for(model.card, mpp_override=mpp, viewer=False))
     analyse_folder(model, images, out_dir, backend, settings, quiet)
     return score_graded_crops(out_dir, labels, mpp)
 
