@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .labels import CLASS_NAMES
 from .atomic import atomic_torch_save
+from .labels import CLASS_NAMES
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch only where a checkpoint is read or written
     from torch import nn
@@ -82,11 +85,22 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelCard":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("decoder_channels", "classes", "mean", "std"):
-            if k in known:
-                known[k] = tuple(known[k])
-        return cls(**known)
+        return cls(**card_fields(cls, d, ("decoder_channels", "classes", "mean", "std")))
+
+
+def card_fields(card_class, d: dict, tuple_fields: tuple[str, ...]) -> dict:
+    """The keys of a stored card that ``card_class`` knows, lists made tuples where the card
+    holds tuples. Keys this version of glomscan does not know (a card written by a newer one)
+    are named in a warning and ignored, never dropped silently."""
+    unknown = sorted(k for k in d if k not in card_class.__dataclass_fields__)
+    if unknown:
+        log.warning("%s %r has keys this version of glomscan does not know, ignored: %s (written by a newer "
+                    "glomscan?)", card_class.__name__, d.get("name", "?"), ", ".join(unknown))
+    known = {k: v for k, v in d.items() if k in card_class.__dataclass_fields__}
+    for k in tuple_fields:
+        if k in known:
+            known[k] = tuple(known[k])
+    return known
 
 
 def build_model(card: ModelCard) -> "nn.Module":

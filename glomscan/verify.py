@@ -60,11 +60,9 @@ class VerifierCard:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VerifierCard":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("mean", "std", "classes"):
-            if k in known:
-                known[k] = tuple(known[k])
-        return cls(**known)
+        from .model import card_fields
+
+        return cls(**card_fields(cls, d, ("mean", "std", "classes")))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -342,3 +342,20 @@ def test_mining_with_several_models_keeps_each_box_once(monkeypatch, tmp_path):
     mined = v.mine_with_models(models, tmp_path, pd.DataFrame(), VerifierSettings(), "onnxruntime", tmp_path)
     assert mined[["patch_id", "x0", "max_probability"]].values.tolist() == [["tile_1", 0, 0.9], ["tile_2", 5, 0.3]]
     assert [e.model.model_id for e in engines] == ["new", "old"] and all(e.closed for e in engines)
+
+
+def test_cards_name_keys_they_do_not_know_instead_of_dropping_them_silently(caplog):
+    from glomscan.model import ModelCard
+    from glomscan.verify import VerifierCard
+
+    with caplog.at_level("WARNING", logger="glomscan.model"):
+        card = ModelCard.from_dict({"name": "m", "tile": 512, "calibration": {"t": 1.2}})
+        verifier = VerifierCard.from_dict({"name": "v", "mean": [0.5, 0.5, 0.5], "new_rule": 1})
+    assert card.tile == 512 and verifier.mean == (0.5, 0.5, 0.5)
+    text = caplog.text
+    assert "ModelCard 'm'" in text and "calibration" in text
+    assert "VerifierCard 'v'" in text and "new_rule" in text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="glomscan.model"):
+        ModelCard.from_dict(ModelCard(name="m").__dict__)
+    assert not caplog.text  # a card of this version loads without a warning
