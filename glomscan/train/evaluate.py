@@ -748,7 +748,10 @@ def graded_crops_markdown(metrics: dict) -> str:
             lines.append(f"| {name} | {cls} | {n} | {metrics.get(f'{p}{cls}_called_sclerosed', 0)} "
                          f"| {metrics.get(f'{p}{cls}_called_normal', 0)} | {rejected} "
                          f"| {metrics.get(f'{p}{cls}_not_found', 0)} | {metrics.get(f'{p}{cls}_failed', 0)} |")
-    lines += ["", (f"The verifier ran on {metrics['verifier_ran']} of {metrics.get('crops', 0)} crops."
+    lines += ["", (f"The verifier ran on {metrics['verifier_ran']} of {metrics.get('crops', 0)} crops. The "
+                   "\"segmentation alone\" rows keep every candidate (none rejected) with the classes analyze "
+                   "wrote, which the verifier graded where it kept a candidate; the segmentation model's own "
+                   "grading is that of a run with --no-verifier."
                    if metrics.get("verifier_ran") else
                    "No verifier ran: both stages are the segmentation model's.")]
     return "\n".join(lines) + "\n"

@@ -247,6 +247,7 @@ def test_graded_crop_bookkeeping(tmp_path):
     assert "| with verifier | 0.333 (1/3) | 0.333 (1/3) |" in md
     assert "| with verifier | sclerosed | 3 | 1 | 0 | 1 | 1 | 0 |" in md
     assert "| segmentation alone | sclerosed | 3 | 2 | 0 | – | 1 | 0 |" in md
+    assert "grading is that of a run with --no-verifier" in md
 
 
 def test_crop_labels_are_checked(tmp_path):
