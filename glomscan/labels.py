@@ -16,7 +16,6 @@ supervise glomerulus vs background only."""
 CLASS_NAMES = ("normal", "sclerosed")
 """Model output channels, in order. Mask label value = channel index + 1 (0 is background)."""
 LABEL_OF_CLASS = {"normal": NORMAL, "sclerosed": SCLEROSED}
-CLASS_OF_LABEL = {NORMAL: "normal", SCLEROSED: "sclerosed"}
 
 QUPATH_CLASS_NAMES = {"normal": "Glomerulus normal", "sclerosed": "Glomerulus sclerosed"}
 """The QuPath classification names glomscan writes (GeoJSON, review page corrections)."""

@@ -46,7 +46,7 @@ without resolution tags, i.e. 1000 µm/px)."""
 
 TIFF_LAYOUT_VENDORS = {"aperio", "generic-tiff"}
 """OpenSlide vendors whose levels are pages of a TIFF: their pixels are read through libvips' own
-TIFF reader, which decodes the same JPEG tiles two to four times faster per core
+TIFF reader, which reads the same JPEG tiles three to seven times faster per core
 (benchmarks/scanner_layouts.py), once a probe shows it gives OpenSlide's pixels exactly (it does
 not for JPEG 2000 SVS files, which stay with OpenSlide)."""
 TIFF_PROBE_PX = 256
@@ -256,9 +256,9 @@ class Slide:
                 mpp = None
         self.mpp = _plausible(mpp)
         self._loader = "openslide"
-        self._tiff_pages = _tiff_pages_of_levels(self.path, self.levels) if self.vendor in TIFF_LAYOUT_VENDORS else None
-        if self._tiff_pages is not None:
-            self._loader = "openslide-tiff"
+        pages = _tiff_pages_of_levels(self.path, self.levels) if self.vendor in TIFF_LAYOUT_VENDORS else None
+        if pages is not None:  # OpenSlide's levels, decoded as the pages of a pyramidal TIFF are
+            self._pages, self._loader = pages, "tiff"
 
     def _open_dicom(self) -> None:
         reader = DicomSlideReader(self.path)
@@ -306,7 +306,7 @@ class Slide:
     def pixel_reader(self) -> str:
         """What decodes the pixels: openslide, tiff (libvips; for OpenSlide's aperio and
         generic-tiff files too, when it gives the same pixels), dicom or flat."""
-        return {"openslide-tiff": "tiff"}.get(self._loader, self._loader)
+        return self._loader
 
     # -- pixels ------------------------------------------------------------------------------
     def level_image(self, index: int) -> pyvips.Image:
@@ -316,8 +316,6 @@ class Slide:
                 try:
                     if self._loader == "openslide":
                         im = pyvips.Image.openslideload(str(self.path), level=index)
-                    elif self._loader == "openslide-tiff":
-                        im = pyvips.Image.tiffload(str(self.path), page=self._tiff_pages[index], access="random")
                     elif self._loader == "dicom":
                         im = self._dicom.level_image(index)
                     elif self._loader == "tiff":
@@ -382,22 +380,22 @@ def analysis_resolution(slide: Slide, target_mpp: float, fallback_downsample: fl
     return Resolution(target_mpp / slide.mpp, float(target_mpp), float(target_mpp))
 
 
-def _tiff_pages_of_levels(path: Path, levels: list[Level]) -> dict[int, int] | None:
-    """The TIFF page of each OpenSlide level (matched by size, one page per level) when libvips'
-    TIFF reader gives exactly OpenSlide's pixels on a probe region of the finest and the coarsest
-    level; else None (pixels stay with OpenSlide)."""
+def _tiff_pages_of_levels(path: Path, levels: list[Level]) -> list[int] | None:
+    """The TIFF page of each OpenSlide level, in level order (matched by size, one page per
+    level), when libvips' TIFF reader gives exactly OpenSlide's pixels on a probe region of the
+    finest and the coarsest level; else None (pixels stay with OpenSlide)."""
     try:
         first = pyvips.Image.tiffload(str(path), page=0)
         sizes: dict[tuple[int, int], list[int]] = {}
         for page in range(first.get("n-pages") if "n-pages" in first.get_fields() else 1):
             im = first if page == 0 else pyvips.Image.tiffload(str(path), page=page)
             sizes.setdefault((im.width, im.height), []).append(page)
-        pages = {}
+        pages = []
         for level in levels:
             found = sizes.get((level.width, level.height), [])
             if len(found) != 1:
                 return None
-            pages[level.index] = found[0]
+            pages.append(found[0])
         for level in {levels[0].index: levels[0], levels[-1].index: levels[-1]}.values():
             side_x, side_y = min(TIFF_PROBE_PX, level.width), min(TIFF_PROBE_PX, level.height)
             box = ((level.width - side_x) // 2, (level.height - side_y) // 2, side_x, side_y)

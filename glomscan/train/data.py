@@ -28,9 +28,8 @@ import pandas as pd
 import pyvips
 from skimage.draw import polygon as fill_polygon
 
-from ..imaging import read_png, write_png
+from ..imaging import image_to_array, read_png, write_png
 from ..labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
-from ..imaging import image_to_array
 from ..slides import Slide, TileReader, analysis_resolution, find_slides
 from ..tiling import TileGrid
 from .composite import paste_glomeruli
