@@ -1,39 +1,74 @@
-# glomscan GPU image: NVIDIA's PyTorch container (CUDA, cuDNN, PyTorch, TensorRT 10) plus libvips
-# with OpenSlide and the glomscan package. No model weights are downloaded at build or run time.
+# syntax=docker/dockerfile:1
+# glomscan images, all on Debian 12 slim with the distribution's libvips (built with OpenSlide):
 #
-#   docker build -t glomscan .
+#   gpu    (the default target) GPU analysis without torch: TensorRT and ONNX Runtime's CUDA
+#          provider, CUDA 12 user-space libraries from NVIDIA's wheels on PyPI, the driver from
+#          the host (NVIDIA container toolkit). TensorRT's libraries come from pypi.nvidia.com;
+#          --build-arg WITH_TENSORRT=0 leaves TensorRT out (ONNX Runtime CUDA only).
+#   cpu    analysis on CPUs: OpenVINO and ONNX Runtime, no CUDA, no torch.
+#   train  torch with CUDA and segmentation-models-pytorch, for `glomscan train`.
+#
+#   docker build -t glomscan .                      (or --target cpu / --target train)
 #   docker run --gpus all -v /slides:/slides:ro -v /results:/results -v glomscan-engines:/engines \
 #       glomscan analyze /slides --out /results
 #
-# nvcr.io/nvidia/pytorch:25.01-py3 = Ubuntu 24.04, Python 3.12, CUDA 12.8, PyTorch 2.6, TensorRT 10.7.
-ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.01-py3
-FROM ${BASE_IMAGE}
+# No model weights are downloaded at build or run time: the shipped model is in the package.
+# Behind an HTTPS-inspecting proxy, give pip its CA as a build secret (never stored in the image):
+#   docker build --secret id=pip_ca,src=/path/to/proxy-ca.pem ...
+# scripts/check-images.sh builds and checks these (docker, else buildah; docs/backends.md).
+ARG DEBIAN_IMAGE=debian:12-slim
 
+FROM ${DEBIAN_IMAGE} AS base
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
-    GLOMSCAN_ENGINE_DIR=/engines
-
-# Same installer as .ci/run (through scripts/test.sh): distribution libvips built with OpenSlide.
+    GLOMSCAN_ENGINE_DIR=/engines \
+    VIRTUAL_ENV=/opt/glomscan/venv \
+    PATH=/opt/glomscan/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# Same installer as .ci/run and the README's commands: python3 with venv, libvips with OpenSlide.
 COPY scripts/install-system-deps.sh /tmp/install-system-deps.sh
-RUN bash /tmp/install-system-deps.sh && rm -rf /var/lib/apt/lists/* /tmp/install-system-deps.sh
-
-WORKDIR /opt/glomscan
-COPY pyproject.toml README.md ./
-COPY glomscan ./glomscan
-# Keep the container's own torch, torchvision and TensorRT builds: pin pip to what is installed.
-RUN python -m pip list --format=freeze | grep -iE '^(torch|torchvision|tensorrt[a-z_-]*)==' > /tmp/keep.txt \
- && python -m pip install --no-cache-dir -c /tmp/keep.txt ".[analysis,train]" \
- && python -c "import pyvips; assert pyvips.type_find('VipsForeignLoad', 'openslideload'), 'libvips lacks OpenSlide'" \
- && glomscan --version
-
-# Non-root user; engines are cached on a volume so they are built once per GPU type.
-RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin glomscan \
- && mkdir -p /engines /results \
- && chown glomscan:glomscan /engines /results
-USER glomscan
+RUN bash /tmp/install-system-deps.sh && rm -rf /var/lib/apt/lists/* /tmp/install-system-deps.sh \
+ && python3 -m venv "$VIRTUAL_ENV" \
+ && useradd --create-home --uid 10001 --shell /usr/sbin/nologin glomscan \
+ && mkdir -p /engines /results && chown glomscan:glomscan /engines /results
+COPY pyproject.toml README.md /opt/glomscan/src/
+COPY glomscan /opt/glomscan/src/glomscan
+# Engines (ONNX exports, OpenVINO caches, TensorRT engines) on a volume: built once per GPU type.
 VOLUME ["/engines"]
 WORKDIR /results
-
+HEALTHCHECK CMD ["glomscan", "--version"]
 ENTRYPOINT ["glomscan"]
 CMD ["--help"]
+
+FROM base AS cpu
+RUN --mount=type=secret,id=pip_ca if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && pip install "/opt/glomscan/src[analysis]" \
+ && python -c "import importlib.util as u, sys; sys.exit('torch must not be in the analysis image' if u.find_spec('torch') else 0)" \
+ && python -c "import pyvips; assert pyvips.type_find('VipsForeignLoad', 'openslideload'), 'libvips lacks OpenSlide'" \
+ && glomscan --version
+USER glomscan
+
+FROM base AS train
+# torch, torchvision and segmentation-models-pytorch in one pip command, so pip never pulls a
+# second torch build (PyPI's Linux torch wheels carry CUDA 12).
+RUN --mount=type=secret,id=pip_ca if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && pip install torch==2.14.1 torchvision==0.29.1 "segmentation-models-pytorch>=0.3.3" \
+        "/opt/glomscan/src[analysis,train]" \
+ && python -c "import pyvips; assert pyvips.type_find('VipsForeignLoad', 'openslideload'), 'libvips lacks OpenSlide'" \
+ && glomscan --version
+USER glomscan
+
+FROM base AS gpu
+ARG WITH_TENSORRT=1
+ARG TENSORRT_INDEX=https://pypi.nvidia.com
+RUN --mount=type=secret,id=pip_ca if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && if [ "$WITH_TENSORRT" = 1 ]; then \
+        pip install --extra-index-url "$TENSORRT_INDEX" "/opt/glomscan/src[gpu]"; \
+    else \
+        pip install "/opt/glomscan/src[cuda]"; \
+    fi \
+ && python -c "import importlib.util as u, sys; sys.exit('torch must not be in the analysis image' if u.find_spec('torch') else 0)" \
+ && python -c "import pyvips; assert pyvips.type_find('VipsForeignLoad', 'openslideload'), 'libvips lacks OpenSlide'" \
+ && glomscan --version
+USER glomscan

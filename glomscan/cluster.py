@@ -84,17 +84,13 @@ class BackendEngine:
 # -- worker environments ------------------------------------------------------------------------
 def visible_gpus(environ: dict[str, str] | None = None) -> list[str]:
     """GPU ids this process may use: CUDA_VISIBLE_DEVICES when set (empty = none), else every
-    GPU torch sees (none without CUDA)."""
+    GPU the CUDA runtime sees (none without an NVIDIA driver; torch is not needed)."""
     environ = os.environ if environ is None else environ
     if "CUDA_VISIBLE_DEVICES" in environ:
         return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"]
-    from .engines.base import cuda_available
+    from .engines.base import cuda_device_count
 
-    if not cuda_available():  # also keeps torch out of CPU-only processes
-        return []
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())]
+    return [str(i) for i in range(cuda_device_count())]
 
 
 def default_slides_in_flight(gpus: list[str], cpu_count: int) -> int:

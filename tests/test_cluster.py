@@ -70,8 +70,8 @@ def test_compose_recipe_parses_and_uses_the_right_commands():
     assert len(devices) == len(workers), "one GPU each"
     client = services["analyze"]
     assert client["command"][:2] == ["analyze", "/slides"] and "tcp://scheduler:8786" in client["command"]
-    for s in [scheduler, client, *workers]:
-        assert s["image"] == workers[0]["image"], "same image everywhere"
+    assert {w["image"] for w in workers} == {"glomscan:gpu"}, "GPU workers run the GPU analysis image"
+    assert scheduler["image"] == client["image"] == "glomscan:cpu", "no GPU needed: the CPU analysis image"
 
 
 class OracleOnWorker:

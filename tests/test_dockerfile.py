@@ -22,25 +22,83 @@ def instructions():
     return out
 
 
-def test_base_image_is_a_pinned_nvidia_container():
+def stages():
+    """{stage name: [(keyword, rest), ...]} in order, the FROM line first."""
+    out, name = {}, None
+    for kw, rest in instructions():
+        if kw == "FROM":
+            name = rest.split(" AS ")[-1].strip() if " AS " in rest else rest
+            out[name] = []
+        if name is not None:
+            out[name].append((kw, rest))
+    return out
+
+
+def extra_requirements(extra: str) -> list[str]:
+    """The requirements of a pyproject extra, self-references (glomscan[x]) expanded."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    out = []
+    for requirement in extras[extra]:
+        match = re.fullmatch(r"glomscan\[([a-z,]+)\]", requirement)
+        out += [r for e in match.group(1).split(",") for r in extra_requirements(e)] if match else [requirement]
+    return out
+
+
+def test_targets_on_a_debian_12_slim_base_gpu_by_default():
     ins = instructions()
     args = {k.split("=")[0]: k.split("=", 1)[1] for kw, k in ins if kw == "ARG" and "=" in k}
-    froms = [rest for kw, rest in ins if kw == "FROM"]
-    assert len(froms) == 1
-    image = froms[0].replace("${BASE_IMAGE}", args.get("BASE_IMAGE", ""))
-    assert re.fullmatch(r"nvcr\.io/nvidia/(pytorch|tensorrt):\d\d\.\d\d-py3", image), image
+    assert args["DEBIAN_IMAGE"] == "debian:12-slim"
+    named = stages()
+    assert list(named) == ["base", "cpu", "train", "gpu"]  # the last stage is what `docker build .` makes
+    assert named["base"][0][1] == "${DEBIAN_IMAGE} AS base"
+    for target in ("cpu", "train", "gpu"):
+        assert named[target][0][1] == f"base AS {target}"
 
 
-def test_entrypoint_user_volume_and_engine_dir():
+def test_analysis_images_install_no_torch():
+    """The cpu and gpu targets install extras without torch (resolved from pyproject) and fail
+    their build if torch got in anyway; the train target pins torch with smp in one command."""
+    named = stages()
+    for target, extras in (("cpu", {"analysis"}), ("gpu", {"gpu", "cuda"})):
+        runs = " ".join(rest for kw, rest in named[target] if kw == "RUN")
+        installed = set(re.findall(r"/opt/glomscan/src\[([a-z,]+)\]", runs))
+        assert installed == extras, installed
+        for extra in installed:
+            names = [re.split(r"[<>=\[ ;~]", r)[0].lower() for r in extra_requirements(extra)]
+            assert "torch" not in names and "torchvision" not in names, (extra, names)
+        assert "torch must not be in the analysis image" in runs and "torch==" not in runs
+    assert [r.split("[")[0] for r in extra_requirements("gpu")] == ["onnxruntime-gpu", "cuda-bindings>=12.6,<13",
+                                                                      "tensorrt-cu12>=10.0,<11"]
+    gpu_runs = " ".join(rest for kw, rest in named["gpu"] if kw == "RUN")
+    assert "--extra-index-url \"$TENSORRT_INDEX\"" in gpu_runs  # TensorRT's libraries: pypi.nvidia.com
+    train_runs = " ".join(rest for kw, rest in named["train"] if kw == "RUN")
+    assert re.search(r"pip install torch==\S+ torchvision==\S+ \"segmentation-models-pytorch", train_runs)
+
+
+def test_entrypoint_user_volume_engine_dir_and_health_check():
     ins = instructions()
     entry = [rest for kw, rest in ins if kw == "ENTRYPOINT"]
     assert len(entry) == 1 and json.loads(entry[0]) == ["glomscan"]
-    users = [rest for kw, rest in ins if kw == "USER"]
-    assert users and users[-1] not in ("root", "0")
+    for target, lines in stages().items():
+        if target != "base":
+            users = [rest for kw, rest in lines if kw == "USER"]
+            assert users == ["glomscan"] and lines[-1] == ("USER", "glomscan"), target
+    base = stages()["base"]
+    assert any("useradd" in rest and "--uid 10001" in rest for kw, rest in base if kw == "RUN")
     volumes = [v for kw, rest in ins if kw == "VOLUME" for v in json.loads(rest)]
     assert "/engines" in volumes
     env = " ".join(rest for kw, rest in ins if kw == "ENV")
     assert "GLOMSCAN_ENGINE_DIR=/engines" in env
+    health = [rest for kw, rest in ins if kw == "HEALTHCHECK"]
+    assert health and json.loads(health[0].removeprefix("CMD ").strip()) == ["glomscan", "--version"]
+
+
+def test_pip_steps_take_a_proxy_ca_as_a_build_secret():
+    for kw, rest in instructions():
+        if kw == "RUN" and "pip install" in rest:
+            assert rest.startswith("--mount=type=secret,id=pip_ca ") and "PIP_CERT=/run/secrets/pip_ca" in rest
 
 
 def test_installs_like_ci_and_downloads_no_weights():

@@ -14,9 +14,16 @@ from pathlib import Path
 from ..config import BACKENDS
 from ..model import LoadedModel
 from .base import Engine, EngineChoice, cuda_available, default_engine_dir
+from .cuda_runtime import NO_GPU_HINT, NVIDIA_DRIVER_NODE, nvidia_driver_loaded
 
 log = logging.getLogger(__name__)
 
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ class EngineOptions:
 def create_engine(backend: str, model: LoadedModel, options: EngineOptions | None = None) -> tuple[Engine, EngineChoice]:
     """Instantiate ``backend`` for ``model``. Explicit backends fail loudly when unavailable;
     ``auto`` walks the order above and records why each earlier candidate was passed over."""
-    from .onnx import OnnxRuntimeEngine, cached_onnx, onnxruntime_providers
+    from .onnx import OnnxRuntimeEngine, cached_onnx, onnxruntime_providers, usable_onnxruntime_providers
     from .openvino import OpenVinoEngine, openvino_status
     from .tensorrt import prepare_tensorrt, tensorrt_status
 
@@ -91,9 +98,12 @@ def create_engine(backend: str, model: LoadedModel, options: EngineOptions | Non
             log.warning("TensorRT unusable, falling back: %s", exc)
             why = f"TensorRT failed: {exc}"
     passed_over.append(f"tensorrt ({why})")
-    if "CUDAExecutionProvider" in providers:
+    if not nvidia_driver_loaded() and ("CUDAExecutionProvider" in providers or _installed("tensorrt")):
+        log.warning("this installation is for a GPU but no NVIDIA GPU is visible (%s); analysing on the CPU. "
+                    "%s.", NVIDIA_DRIVER_NODE, NO_GPU_HINT[0].upper() + NO_GPU_HINT[1:])
+    if "CUDAExecutionProvider" in usable_onnxruntime_providers():
         return onnxruntime_engine(), EngineChoice("onnxruntime", f"auto: CUDA execution provider; passed over {', '.join(passed_over)}")
-    passed_over.append("onnxruntime-cuda (no CUDA execution provider)")
+    passed_over.append("onnxruntime-cuda (no CUDA execution provider, or no GPU)")
     if cuda_available():
         return torch_engine("cuda"), EngineChoice("torch", f"auto: torch CUDA {options.precision}; passed over {', '.join(passed_over)}")
     passed_over.append("torch-cuda (no CUDA GPU)")

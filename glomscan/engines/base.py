@@ -61,13 +61,33 @@ def normalise(tiles: np.ndarray, card: ModelCard) -> np.ndarray:
 def cuda_available() -> bool:
     """A CUDA GPU that torch can use. torch is asked only where an NVIDIA driver is loaded
     (``/dev/nvidiactl``), so a CPU-only analysis never imports torch (about 730 MiB per worker)."""
-    if not os.path.exists("/dev/nvidiactl"):
+    from .cuda_runtime import nvidia_driver_loaded
+
+    if not nvidia_driver_loaded():
         return False
     try:
         import torch
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def cuda_device_count() -> int:
+    """CUDA GPUs this process may use, without torch where the CUDA runtime bindings are
+    installed (the GPU analysis install), else through torch; 0 without an NVIDIA driver."""
+    from .cuda_runtime import CudaRuntime, CudaUnavailable, nvidia_driver_loaded
+
+    if not nvidia_driver_loaded():
+        return 0
+    try:
+        return CudaRuntime().device_count()
+    except CudaUnavailable:
+        pass
+    if not cuda_available():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def default_engine_dir() -> Path:

@@ -178,6 +178,16 @@ def onnxruntime_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def usable_onnxruntime_providers() -> list[str]:
+    """CUDA (where onnxruntime-gpu is installed and an NVIDIA GPU is visible: onnxruntime-gpu
+    lists its CUDA provider on any machine) then the CPU."""
+    from .cuda_runtime import nvidia_driver_loaded
+
+    available = onnxruntime_providers()
+    wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return wanted if nvidia_driver_loaded() else [p for p in wanted if p != "CUDAExecutionProvider"]
+
+
 class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
@@ -189,8 +199,9 @@ class OnnxRuntimeEngine(Engine):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
-        available = ort.get_available_providers()
-        wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        wanted = providers or usable_onnxruntime_providers()
+        if "CUDAExecutionProvider" in wanted and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels that onnxruntime-gpu[cuda,cudnn] installs
         self.session = ort.InferenceSession(str(onnx_path), options, providers=wanted)
         self.providers = self.session.get_providers()
 

@@ -1,8 +1,9 @@
 """TensorRT backend: ONNX -> serialized engine (cached in the engine folder) -> inference.
 
-Buffers are torch CUDA tensors and the engine runs on a torch CUDA stream, so there is one CUDA
-context (torch's) and no pycuda. Host tiles go through pinned memory with an asynchronous copy,
-and normalisation happens on the GPU.
+The engine runs without torch: GPU buffers, pinned host buffers and the stream come from the CUDA
+runtime bindings (``cuda_runtime``, ``pip install "glomscan[gpu]"``), tiles are normalised on the
+host into a pinned float32 buffer and copied asynchronously; the reference for the parity check
+is ONNX Runtime at fp32 on the same ONNX file.
 
 An engine is only valid for the model checksum, TensorRT version, GPU (name and compute
 capability), precision and batch profile it was built for. Each ``.engine`` file has a JSON
@@ -23,7 +24,7 @@ import numpy as np
 
 from ..model import LoadedModel
 from ..atomic import atomic_write_bytes, atomic_write_text
-from .base import Engine
+from .base import Engine, normalise
 from .onnx import INPUT_NAME, OUTPUT_NAME, _slug, cached_onnx
 from .parity import parity_check, parity_check_tiles
 
@@ -116,29 +117,30 @@ def find_other_engines(engine_dir: Path, model_sha256: str, wanted: EngineSpec) 
 # -- GPU side --------------------------------------------------------------------------------
 def tensorrt_status() -> tuple[bool, str]:
     """(available, reason)."""
-    from .base import cuda_available
-
-    if not cuda_available():
-        return False, "no CUDA GPU visible to torch"
-    import torch
+    from .cuda_runtime import CudaRuntime, CudaUnavailable
 
     try:
+        gpu = CudaRuntime().gpu()
+    except CudaUnavailable as exc:
+        return False, str(exc)
+    try:
         import tensorrt as trt
-    except ImportError:
-        return False, "the tensorrt Python package is not installed"
+    except ImportError as exc:
+        return False, f"the tensorrt Python package is not installed or not loadable ({exc})"
     major = int(trt.__version__.split(".")[0])
     if major < 10:
         return False, f"TensorRT {trt.__version__} found, 10 or newer is needed"
-    return True, f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(0)}"
+    return True, f"TensorRT {trt.__version__} on {gpu.name}"
 
 
 def current_spec(model: LoadedModel, precision: str, tile: int, max_batch: int, opt_batch: int | None = None) -> EngineSpec:
     import tensorrt as trt
-    import torch
 
-    major, minor = torch.cuda.get_device_capability(0)
+    from .cuda_runtime import CudaRuntime
+
+    gpu = CudaRuntime().gpu()
     return EngineSpec(model_sha256=model.sha256, tensorrt_version=trt.__version__,
-                      gpu_name=torch.cuda.get_device_name(0), compute_capability=f"{major}.{minor}",
+                      gpu_name=gpu.name, compute_capability=gpu.compute_capability,
                       precision=precision, tile=tile, min_batch=1, opt_batch=opt_batch or max_batch,
                       max_batch=max_batch)
 
@@ -181,43 +183,76 @@ def build_engine(onnx_path: Path, spec: EngineSpec, engine_path: Path, sidecar_p
     return sidecar
 
 
+def stream_handle(stream) -> int:
+    """The integer handle TensorRT takes for a CUDA runtime bindings stream."""
+    try:
+        return int(stream)
+    except TypeError:
+        return int(stream.getPtr())
+
+
 class TensorRTEngine(Engine):
     backend = "tensorrt"
 
-    def __init__(self, model: LoadedModel, engine_path: Path, max_batch: int):
-        import tensorrt as trt
-        import torch
+    def __init__(self, model: LoadedModel, engine_path: Path, max_batch: int, cuda=None, trt_module=None):
+        """``cuda`` (a ``CudaRuntime``) and ``trt_module`` default to the real ones; tests pass
+        stand-ins to check the buffer handling without a GPU."""
+        from .cuda_runtime import CudaRuntime
 
-        from .torch_engine import CudaTransfer
-
+        trt = trt_module
+        if trt is None:
+            import tensorrt as trt
         self.card = model.card
         self.max_batch = max_batch
-        self._torch = torch
+        self._cuda = cuda or CudaRuntime()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self._engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {engine_path}")
         self._context = self._engine.create_execution_context()
-        self._stream = torch.cuda.Stream()
-        self._transfer = CudaTransfer(self.card, "cuda")  # the torch engine's pinned copies and normalisation
+        self._stream = self._cuda.stream()
+        self._buffers: dict[str, object] = {}
+        self._batch = 0
+
+    def _ensure_buffers(self, batch: int, height: int, width: int) -> None:
+        """Pinned and device buffers for the largest batch seen so far at this tile size: a
+        smaller batch (a slide's last) is padded to it, so the engine always runs one shape."""
+        classes = len(self.card.classes)
+        current = self._buffers.get("host_in")
+        if current is not None and current.shape[0] >= batch and current.shape[2:] == (height, width):
+            return
+        for buffer in self._buffers.values():
+            buffer.free()
+        in_shape, out_shape = (batch, 3, height, width), (batch, classes, height, width)
+        self._buffers = {"host_in": self._cuda.pinned_array(in_shape), "host_out": self._cuda.pinned_array(out_shape)}
+        self._buffers["device_in"] = self._cuda.device_buffer(self._buffers["host_in"].nbytes)
+        self._buffers["device_out"] = self._cuda.device_buffer(self._buffers["host_out"].nbytes)
+        self._batch = batch
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         outputs = [self._predict_chunk(tiles[i:i + self.max_batch]) for i in range(0, len(tiles), self.max_batch)]
         return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
 
     def _predict_chunk(self, tiles: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        with torch.cuda.stream(self._stream):
-            image = self._transfer.to_device(tiles).contiguous()  # the engine's input is NCHW
-            b, _, h, w = image.shape
-            out = torch.empty((b, len(self.card.classes), h, w), dtype=torch.float32, device=image.device)
-            self._context.set_input_shape(INPUT_NAME, tuple(image.shape))
-            self._context.set_tensor_address(INPUT_NAME, image.data_ptr())
-            self._context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-            if not self._context.execute_async_v3(self._stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed")
-            return self._transfer.to_host(out, len(tiles))  # waits for this stream
+        n, height, width, _ = tiles.shape
+        self._ensure_buffers(n, height, width)
+        b = self._buffers
+        b["host_in"].array[:n] = normalise(tiles, self.card)
+        self._cuda.copy_to_device(b["device_in"], b["host_in"], self._stream)
+        self._context.set_input_shape(INPUT_NAME, (self._batch, 3, height, width))
+        self._context.set_tensor_address(INPUT_NAME, b["device_in"].address)
+        self._context.set_tensor_address(OUTPUT_NAME, b["device_out"].address)
+        if not self._context.execute_async_v3(stream_handle(self._stream)):
+            raise RuntimeError("TensorRT execution failed")
+        self._cuda.copy_to_host(b["host_out"], b["device_out"], self._stream)
+        self._cuda.synchronize(self._stream)
+        return b["host_out"].array[:n].copy()  # the caller may keep it while the next batch runs
+
+    def close(self) -> None:
+        for buffer in self._buffers.values():
+            buffer.free()
+        self._buffers = {}
 
     @property
     def description(self) -> str:
@@ -226,6 +261,14 @@ class TensorRTEngine(Engine):
     @property
     def preferred_batch_size(self) -> int:
         return self.max_batch
+
+    @property
+    def gpu_memory_peak_mib(self) -> float | None:
+        """The engine's activation memory plus the input and output buffers (the weights, held
+        by the deserialized engine, are not counted)."""
+        activation = getattr(self._engine, "device_memory_size_v2", None) or getattr(self._engine, "device_memory_size", 0)
+        buffers = sum(b.nbytes for name, b in self._buffers.items() if name.startswith("device"))
+        return round((int(activation) + buffers) / 2 ** 20, 1)
 
 
 def prepare_tensorrt(model: LoadedModel, engine_dir: Path, precision: str = "fp16", tile: int | None = None,
@@ -252,10 +295,10 @@ def prepare_tensorrt(model: LoadedModel, engine_dir: Path, precision: str = "fp1
     sidecar = build_engine(onnx_path, spec, engine_path, sidecar_path, workspace_gb,
                            timing_cache=engine_dir / f"timing-sm{spec.compute_capability.replace('.', '')}-trt{spec.tensorrt_version}.cache")
     engine = TensorRTEngine(model, engine_path, max_batch)
-    from .torch_engine import TorchEngine
+    from .onnx import OnnxRuntimeEngine
 
     if parity_tiles is None:
         parity_tiles, _ = parity_check_tiles(tile, model.card.analysis_mpp)
-    sidecar.parity_mask_dice = parity_check(engine, TorchEngine(model, "cuda", precision="fp32"), parity_tiles)
+    sidecar.parity_mask_dice = parity_check(engine, OnnxRuntimeEngine(model, onnx_path), parity_tiles)
     atomic_write_text(sidecar_path, sidecar.to_json())
     return engine, f"built engine {engine_path.name} in {sidecar.build_seconds:.0f} s"

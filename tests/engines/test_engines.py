@@ -199,23 +199,77 @@ def test_tensorrt_engine_builds_caches_and_matches_torch(tiny_checkpoint, tmp_pa
         prepare_tensorrt(model, tmp_path, "fp16", tile=256, max_batch=2, rebuild=False)
 
 
-def test_tensorrt_engine_buffers_with_a_stand_in_runtime(tiny_checkpoint, tmp_path, monkeypatch):
-    """TensorRTEngine's own code on the CPU: a stand-in for the tensorrt module whose execution
+class FakeCudart:
+    """The CUDA runtime bindings' calls as the engine makes them, on host memory: device and
+    pinned allocations are ctypes buffers, copies are memmoves, every call returns (error, ...)."""
+
+    class cudaError_t:
+        cudaSuccess = 0
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self, fail_malloc: bool = False):
+        self.blocks, self.copies, self.fail_malloc = {}, [], fail_malloc
+
+    def _allocate(self, nbytes):
+        import ctypes
+
+        if self.fail_malloc:
+            return 2, 0
+        block = ctypes.create_string_buffer(nbytes)
+        self.blocks[ctypes.addressof(block)] = block
+        return 0, ctypes.addressof(block)
+
+    cudaMalloc = cudaMallocHost = _allocate
+
+    def cudaFree(self, address):
+        del self.blocks[address]
+        return (0,)
+
+    cudaFreeHost = cudaFree
+
+    def cudaStreamCreate(self):
+        return 0, 7
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        import ctypes
+
+        ctypes.memmove(dst, src, nbytes)
+        self.copies.append(kind)
+        return (0,)
+
+    def cudaGetErrorString(self, error):
+        return 0, b"out of memory (stand-in)"
+
+    def cudaGetDeviceCount(self):
+        return 0, 1
+
+    def cudaGetDeviceProperties(self, device):
+        import types
+
+        return 0, types.SimpleNamespace(name=b"NVIDIA H200\x00\x00", major=9, minor=0, totalGlobalMem=141 * 2 ** 30)
+
+
+def test_tensorrt_engine_buffers_with_a_stand_in_runtime(tiny_checkpoint, tmp_path):
+    """TensorRTEngine's own code on the CPU: stand-ins for the tensorrt module, whose execution
     context reads the input at the address it is given, as TensorRT does, and writes the first
-    normalised channel into every class. Checks what TensorRT would see (NCHW contiguous input,
-    a batch padded to the largest seen, within max_batch) and what comes back (the caller's
-    rows, chunked by max_batch, in order)."""
-    import contextlib
+    normalised channel into every class, and for the CUDA runtime (host memory). Checks what
+    TensorRT would see (NCHW contiguous float32 input, a batch padded to the largest seen, within
+    max_batch) and what comes back (the caller's rows, chunked by max_batch, in order), and that
+    the buffers are freed."""
     import ctypes
-    import sys
     import types
 
     from glomscan.engines import tensorrt as trt_module
-    from glomscan.engines import torch_engine
+    from glomscan.engines.cuda_runtime import CudaRuntime
 
     class Context:
         def __init__(self):
-            self.shapes, self.addresses = [], {}
+            self.shapes, self.addresses, self.streams = [], {}, []
 
         def set_input_shape(self, name, shape):
             self.shapes.append(tuple(shape))
@@ -224,6 +278,7 @@ def test_tensorrt_engine_buffers_with_a_stand_in_runtime(tiny_checkpoint, tmp_pa
             self.addresses[name] = address
 
         def execute_async_v3(self, stream):
+            self.streams.append(stream)
             b, c, h, w = self.shapes[-1]
             k = len(card.classes)
             image = self.at(trt_module.INPUT_NAME, b * c * h * w).reshape(b, c, h, w)
@@ -234,25 +289,64 @@ def test_tensorrt_engine_buffers_with_a_stand_in_runtime(tiny_checkpoint, tmp_pa
             return np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.addresses[name]))
 
     context = Context()
-    engine_stub = types.SimpleNamespace(create_execution_context=lambda: context)
+    engine_stub = types.SimpleNamespace(create_execution_context=lambda: context, device_memory_size_v2=2 ** 20)
     runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda serialized: engine_stub)
-    fake = types.SimpleNamespace(Logger=type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None}),
-                                 Runtime=lambda logger: runtime)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: types.SimpleNamespace(cuda_stream=0))
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch_engine, "CudaTransfer", lambda card, device: CudaTransfer(card, "cpu"))
+    fake_trt = types.SimpleNamespace(Logger=type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None}),
+                                     Runtime=lambda logger: runtime)
+    cudart = FakeCudart()
     model = load_checkpoint(tiny_checkpoint)
     card = model.card
     (tmp_path / "x.engine").write_bytes(b"engine")
-    engine = trt_module.TensorRTEngine(model, tmp_path / "x.engine", max_batch=3)
+    engine = trt_module.TensorRTEngine(model, tmp_path / "x.engine", max_batch=3, cuda=CudaRuntime(cudart),
+                                       trt_module=fake_trt)
     tiles = np.random.default_rng(5).integers(0, 256, (5, 32, 48, 3), dtype=np.uint8)
     out = engine.predict(tiles)  # chunks of 3 and 2, the second padded to 3
-    assert context.shapes == [(3, 3, 32, 48), (3, 3, 32, 48)]
+    assert context.shapes == [(3, 3, 32, 48), (3, 3, 32, 48)] and context.streams == [7, 7]
     expected = np.repeat(normalise(tiles, card)[:, :1], len(card.classes), axis=1)
     assert out.shape == (5, len(card.classes), 32, 48)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    first = out.copy()
     np.testing.assert_allclose(engine.predict(tiles[:1]), expected[:1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out, first)  # a result stays as it was while the next batch goes through
+    assert cudart.copies[:2] == [1, 2] and len(cudart.blocks) == 4  # pinned in/out, device in/out
+    buffers = 3 * (3 + len(card.classes)) * 32 * 48 * 4
+    assert engine.gpu_memory_peak_mib == round((2 ** 20 + buffers) / 2 ** 20, 1)
+    engine.close()
+    assert cudart.blocks == {}
+
+
+def test_cuda_runtime_errors_and_gpu_info(monkeypatch):
+    """Without an NVIDIA driver the reason names --gpus all; a failed call raises CUDA's own
+    message; the GPU's name and compute capability come from the device properties."""
+    from glomscan.engines import cuda_runtime
+    from glomscan.engines.cuda_runtime import CudaRuntime, CudaUnavailable
+
+    monkeypatch.setattr(cuda_runtime, "nvidia_driver_loaded", lambda: False)
+    with pytest.raises(CudaUnavailable, match="--gpus all"):
+        CudaRuntime(FakeCudart()).gpu()
+    assert CudaRuntime(FakeCudart()).device_count() == 0
+    monkeypatch.setattr(cuda_runtime, "nvidia_driver_loaded", lambda: True)
+    gpu = CudaRuntime(FakeCudart()).gpu()
+    assert (gpu.name, gpu.compute_capability, gpu.memory_total_mib) == ("NVIDIA H200", "9.0", 141 * 1024)
+    with pytest.raises(CudaUnavailable, match="CUDA error 2: out of memory"):
+        CudaRuntime(FakeCudart(fail_malloc=True)).device_buffer(16)
+
+
+def test_no_gpu_visible_is_said_and_analysis_runs_on_the_cpu(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    """A GPU install (onnxruntime-gpu lists its CUDA provider on any machine) in a container
+    started without --gpus: TensorRT's reason and a warning say so, and the CPU backend runs."""
+    from glomscan.engines import cuda_runtime, onnx as onnx_module
+
+    if TRT_OK:
+        pytest.skip("a GPU is visible here")
+    monkeypatch.setattr(cuda_runtime, "nvidia_driver_loaded", lambda: False)
+    monkeypatch.setattr(onnx_module, "onnxruntime_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_module.usable_onnxruntime_providers() == ["CPUExecutionProvider"]
+    with caplog.at_level("WARNING", logger="glomscan.engines"):
+        engine, choice = create_engine("auto", load_checkpoint(tiny_checkpoint), EngineOptions(engine_dir=tmp_path))
+    assert choice.backend in ("openvino", "onnxruntime") and "CUDA" not in engine.description
+    assert "no NVIDIA GPU is visible" in caplog.text and "--gpus all" in caplog.text
+    assert "--gpus all" in tensorrt_status()[1] or "tensorrt" in tensorrt_status()[1]
 
 
 def test_gpu_normalisation_matches_the_cpu_one():
