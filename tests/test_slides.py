@@ -139,15 +139,20 @@ def test_real_tissue_slide_is_paved_with_the_sample_tiles(tmp_path):
 
 def test_generic_tiff_through_openslide_reads_its_pages_with_libvips(small_slide, tmp_path):
     """An OpenSlide-only name (.svs) on a generic tiled TIFF: OpenSlide describes the levels,
-    libvips' TIFF reader decodes them (same pixels, checked against OpenSlide's at every level)."""
+    libvips' TIFF reader decodes them (same pixels, checked against OpenSlide 4's at every level:
+    openslide-python with openslide-bin; Debian 12's OpenSlide 3.4.1 with libtiff 4.5.0-6+deb12u4
+    returns pixels that change between processes for the coarsest level, one partial tile)."""
+    import openslide
+
     link = tmp_path / "case01.svs"
     link.symlink_to(small_slide.path)
     slide = Slide(link)
     assert slide.vendor == "generic-tiff" and slide.pixel_reader == "tiff"
+    reference = openslide.OpenSlide(str(link))
     for level in slide.levels:
         ours = image_to_array(slide.level_image(level.index).crop(0, 0, 96, 96))
-        theirs = image_to_array(pyvips.Image.openslideload(str(link), level=level.index).flatten().crop(0, 0, 96, 96))
-        assert np.array_equal(ours, theirs)
+        theirs = np.asarray(reference.read_region((0, 0), level.index, (96, 96)))
+        assert (theirs[..., 3] == 255).all() and np.array_equal(ours, theirs[..., :3])
     assert Slide(small_slide.path).pixel_reader == "tiff"
 
 
