@@ -15,6 +15,8 @@
 # No model weights are downloaded at build or run time: the shipped model is in the package.
 # Behind an HTTPS-inspecting proxy, give pip its CA as a build secret (never stored in the image):
 #   docker build --secret id=pip_ca,src=/path/to/proxy-ca.pem ...
+# The package is installed from the build context mounted for that step only (PIP_INSTALL below),
+# so no source copy or build folder stays in the image.
 # scripts/check-images.sh builds and checks these (docker, else buildah; docs/backends.md).
 ARG DEBIAN_IMAGE=debian:12-slim
 
@@ -28,12 +30,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/glomscan/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # Same installer as .ci/run and the README's commands: python3 with venv, libvips with OpenSlide.
 COPY scripts/install-system-deps.sh /tmp/install-system-deps.sh
-RUN bash /tmp/install-system-deps.sh && rm -rf /var/lib/apt/lists/* /tmp/install-system-deps.sh \
+RUN bash /tmp/install-system-deps.sh && apt-get clean && rm -rf /var/lib/apt/lists/* /tmp/install-system-deps.sh \
  && python3 -m venv "$VIRTUAL_ENV" \
  && useradd --create-home --uid 10001 --shell /usr/sbin/nologin glomscan \
  && mkdir -p /engines /results && chown glomscan:glomscan /engines /results
-COPY pyproject.toml README.md /opt/glomscan/src/
-COPY glomscan /opt/glomscan/src/glomscan
 # Engines (ONNX exports, OpenVINO caches, TensorRT engines) on a volume: built once per GPU type.
 VOLUME ["/engines"]
 WORKDIR /results
@@ -42,33 +42,39 @@ ENTRYPOINT ["glomscan"]
 CMD ["--help"]
 
 FROM base AS cpu
-RUN --mount=type=secret,id=pip_ca if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
- && pip install "/opt/glomscan/src[analysis]" \
+RUN --mount=type=secret,id=pip_ca --mount=type=bind,target=/tmp/context \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && mkdir /tmp/src && cp -r /tmp/context/pyproject.toml /tmp/context/README.md /tmp/context/glomscan /tmp/src/ \
+ && pip install "/tmp/src[analysis]" \
  && python -c "import importlib.util as u, sys; sys.exit('torch must not be in the analysis image' if u.find_spec('torch') else 0)" \
  && python -c "import pyvips; assert pyvips.type_find('VipsForeignLoad', 'openslideload'), 'libvips lacks OpenSlide'" \
- && glomscan --version
+ && rm -rf /tmp/src && glomscan --version
 USER glomscan
 
 FROM base AS train
 # torch, torchvision and segmentation-models-pytorch in one pip command, so pip never pulls a
 # second torch build (PyPI's Linux torch wheels carry CUDA 12).
-RUN --mount=type=secret,id=pip_ca if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+RUN --mount=type=secret,id=pip_ca --mount=type=bind,target=/tmp/context \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && mkdir /tmp/src && cp -r /tmp/context/pyproject.toml /tmp/context/README.md /tmp/context/glomscan /tmp/src/ \
  && pip install torch==2.14.1 torchvision==0.29.1 "segmentation-models-pytorch>=0.3.3" \
-        "/opt/glomscan/src[analysis,train]" \
+        "/tmp/src[analysis,train]" \
  && python -c "import pyvips; assert pyvips.type_find('VipsForeignLoad', 'openslideload'), 'libvips lacks OpenSlide'" \
- && glomscan --version
+ && rm -rf /tmp/src && glomscan --version
 USER glomscan
 
 FROM base AS gpu
 ARG WITH_TENSORRT=1
 ARG TENSORRT_INDEX=https://pypi.nvidia.com
-RUN --mount=type=secret,id=pip_ca if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+RUN --mount=type=secret,id=pip_ca --mount=type=bind,target=/tmp/context \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && mkdir /tmp/src && cp -r /tmp/context/pyproject.toml /tmp/context/README.md /tmp/context/glomscan /tmp/src/ \
  && if [ "$WITH_TENSORRT" = 1 ]; then \
-        pip install --extra-index-url "$TENSORRT_INDEX" "/opt/glomscan/src[gpu]"; \
+        pip install --extra-index-url "$TENSORRT_INDEX" "/tmp/src[gpu]"; \
     else \
-        pip install "/opt/glomscan/src[cuda]"; \
+        pip install "/tmp/src[cuda]"; \
     fi \
  && python -c "import importlib.util as u, sys; sys.exit('torch must not be in the analysis image' if u.find_spec('torch') else 0)" \
  && python -c "import pyvips; assert pyvips.type_find('VipsForeignLoad', 'openslideload'), 'libvips lacks OpenSlide'" \
- && glomscan --version
+ && rm -rf /tmp/src && glomscan --version
 USER glomscan

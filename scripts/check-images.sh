@@ -51,11 +51,11 @@ build() {  # build TARGET TAG [build args...]
     fi
     say "built $tag (target $target) in $(( $(date +%s) - t0 )) s"
 }
-image_size_mb() {
+image_size() {
     if [ "$BUILDER" = docker ]; then
-        docker image inspect --format '{{.Size}}' "$1" | awk '{printf "%.0f", $1 / 1e6}'
+        docker image inspect --format '{{.Size}}' "$1" | awk '{printf "%.2f GB", $1 / 1e9}'
     else
-        "${BUILDAH[@]}" images --json "$1" | python3 -c "import json, sys; print(round(json.load(sys.stdin)[0]['size'] / 1e6))"
+        "${BUILDAH[@]}" images --format '{{.Size}}' "$1"
     fi
 }
 run_in() {  # run_in IMAGE [--ro SRC:DST] [--rw SRC:DST] -- COMMAND...   (as the image's user)
@@ -176,6 +176,6 @@ fi
 
 # -- sizes ------------------------------------------------------------------------------------------
 for tag in glomscan:cpu glomscan:gpu $([ "$TRAIN" = 1 ] && echo glomscan:train); do
-    say "size $tag: $(image_size_mb "$tag") MB"
+    say "size $tag: $(image_size "$tag")"
 done
 say "done: images built and checked with $BUILDER on $(date -u +%Y-%m-%d); not run here: anything on a GPU$([ "$WITH_TENSORRT" = 0 ] && echo ', TensorRT (not installed)')"

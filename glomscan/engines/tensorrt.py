@@ -117,8 +117,10 @@ def find_other_engines(engine_dir: Path, model_sha256: str, wanted: EngineSpec) 
 # -- GPU side --------------------------------------------------------------------------------
 def tensorrt_status() -> tuple[bool, str]:
     """(available, reason)."""
-    from .cuda_runtime import CudaRuntime, CudaUnavailable
+    from .cuda_runtime import NO_GPU_HINT, NVIDIA_DRIVER_NODE, CudaRuntime, CudaUnavailable, nvidia_driver_loaded
 
+    if not nvidia_driver_loaded():  # first: on a CPU machine this is the reason, not a missing package
+        return False, f"no NVIDIA GPU visible (no {NVIDIA_DRIVER_NODE}); {NO_GPU_HINT}"
     try:
         gpu = CudaRuntime().gpu()
     except CudaUnavailable as exc:
