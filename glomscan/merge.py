@@ -20,6 +20,7 @@ arithmetic, so the workers run on separate cores.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from itertools import groupby
@@ -71,7 +72,22 @@ class Band:
         return self.foreground is None
 
 
-class BlendingCanvas:
+class Merger(ABC):
+    """What turns tile predictions into the slide's probability map, a band of finished rows at
+    a time, top to bottom (after MONAI's ``Merger``): ``BlendingCanvas`` on the CPU; a GPU or an
+    on-disk merger plugs in here. Tiles come in row-major grid order; bands must come in order,
+    cover every row once, and may be ``empty`` where no tile was inferred."""
+
+    @abstractmethod
+    def add_batch(self, tiles: list[Tile], probabilities) -> list[Band]:
+        """Take tiles with their (C, T, T) probabilities; return the bands they made final."""
+
+    @abstractmethod
+    def finish(self) -> list[Band]:
+        """Return every remaining band (called once, after the last tile)."""
+
+
+class BlendingCanvas(Merger):
     def __init__(self, grid: TileGrid, n_classes: int, foreground_threshold: float = 0.5, window: str = "cosine",
                  pool: Executor | None = None, workers: int = 1):
         """``pool`` with ``workers`` > 1: blend and normalise on that many tasks of the pool at a

@@ -8,14 +8,14 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
 from . import __version__
 from .config import AnalysisSettings, cpu_share
 from .engines.base import Engine, EngineChoice
-from .merge import BlendingCanvas
+from .merge import BlendingCanvas, Merger
 from .model import LoadedModel
 from .postprocess import InstanceStream, glomerulus_class
 from .atomic import atomic_write_text
@@ -33,8 +33,8 @@ from .report import (
     write_overview,
 )
 from .imaging import image_to_array
-from .slides import Slide, SlideError, TileReader, analysis_resolution
-from .tiling import Tile, TileGrid
+from .slides import Slide, SlideError, analysis_resolution
+from .tiling import Tile, TileGrid, TileSource
 
 log = logging.getLogger(__name__)
 
@@ -145,46 +145,31 @@ def blank_image_reason(slide: Slide, downsample: float) -> str:
     return ""
 
 
-def predict_tiles(tiles: list[Tile], read: Callable[[int, int], np.ndarray], engine: Engine,
-                  batch_size: int, workers: int, on_batch: Callable[[list[Tile], np.ndarray], None],
-                  progress: Progress | None = None) -> float:
-    """Stream ``tiles`` through ``engine`` in order. Reader threads prefetch upcoming tiles and
-    one merge thread hands finished predictions to ``on_batch`` (a batch at a time, in order)
-    while the engine runs the next batch. Returns seconds spent inside ``engine.predict``."""
+def predict_tiles(source: TileSource, engine: Engine, batch_size: int,
+                  on_batch: Callable[[list[Tile], np.ndarray], None], progress: Progress | None = None) -> float:
+    """Stream the source's tiles through ``engine`` in order: the source reads upcoming tiles
+    while the engine runs, and one merge thread hands finished predictions to ``on_batch`` (a
+    batch at a time, in order) while the engine runs the next batch. Returns seconds spent
+    inside ``engine.predict``."""
     inference_s = 0.0
-    pending: deque = deque()
     merges: deque = deque()
-    remaining: Iterable[Tile] = iter(tiles)
-    max_in_flight = batch_size * (workers + 2)
-    readers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader")
     merger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-merge")  # one thread: order kept
-
+    batches = source.batches(batch_size)
     try:
-        def refill() -> None:
-            while len(pending) < max_in_flight:
-                tile = next(remaining, None)
-                if tile is None:
-                    return
-                pending.append((tile, readers.submit(read, tile.x, tile.y)))
-
-        refill()
-        while pending:
+        for tiles, pixels in batches:
             raise_if_interrupted()
-            batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
-            pixels = np.stack([future.result() for _, future in batch])
-            refill()
             t0 = time.perf_counter()
             probabilities = engine.predict(pixels)
             inference_s += time.perf_counter() - t0
-            merges.append(merger.submit(on_batch, [tile for tile, _ in batch], probabilities))
+            merges.append(merger.submit(on_batch, tiles, probabilities))
             while len(merges) > 2:  # bound the predictions waiting to be merged
                 merges.popleft().result()
             if progress is not None:
-                progress.update(len(batch))
+                progress.update(len(tiles))
         while merges:
             merges.popleft().result()
     finally:
-        readers.shutdown(wait=True, cancel_futures=True)
+        batches.close()  # stops the readers, also on an interrupt or an engine failure
         merger.shutdown(wait=True, cancel_futures=True)
     return inference_s
 
@@ -202,11 +187,12 @@ class SlideMerge:
     MAX_QUEUED = 2
 
     def __init__(self, grid: TileGrid, class_names: tuple[str, ...], settings: AnalysisSettings,
-                 min_area_px: float, row_sink, workers: int):
+                 min_area_px: float, row_sink, workers: int, merger: Merger | None = None):
+        """``merger``: another ``merge.Merger`` than the CPU blending canvas."""
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="merge-worker") if workers > 1 else None
         self.labeller = ThreadPoolExecutor(1, thread_name_prefix="band-label") if workers > 1 else None
-        self.canvas = BlendingCanvas(grid, len(class_names), settings.foreground_threshold, settings.blend,
-                                     pool=self.pool, workers=workers)
+        self.canvas = merger if merger is not None else BlendingCanvas(
+            grid, len(class_names), settings.foreground_threshold, settings.blend, pool=self.pool, workers=workers)
         self.stream = InstanceStream(grid.width, class_names, min_area_px=min_area_px, row_sink=row_sink,
                                      max_pending_rows=settings.max_pending_rows, pool=self.pool, workers=workers)
         self._queued: deque = deque()
@@ -320,7 +306,7 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     labels_file = StreamedLabelFile(out_dir / ".mask.pgm", image.width, image.height)
     merge = SlideMerge(grid, model.card.classes, settings, settings.min_glomerulus_area_um2 / assumed_mpp**2,
                        labels_file.write_rows, settings.merge_workers or cpu_share())
-    reader = TileReader(image, settings.tile)
+    source = TileSource(image, tiles, settings.tile, readers=settings.workers)
     overview_ds = max(1.0, max(image.width, image.height) / OVERVIEW_MAX_SIDE)
     # the slide's last outputs are made side by side: libvips encodes the mask, the review
     # page's tile pyramid (it needs no result) and reads the overview's pixels (GIL released)
@@ -329,8 +315,7 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     viewer_tiles = None
     try:
         with Progress(len(tiles), f"{name} tiles", quiet=quiet) as progress:
-            report.inference_s = round(predict_tiles(tiles, reader.read, engine, settings.batch_size,
-                                                     settings.workers, merge.add, progress), 3)
+            report.inference_s = round(predict_tiles(source, engine, settings.batch_size, merge.add, progress), 3)
         report.gpu_memory_peak_mib = engine.gpu_memory_peak_mib
         viewer_started = time.perf_counter()
         if settings.viewer:

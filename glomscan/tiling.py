@@ -1,12 +1,17 @@
-"""The overlapping tile grid at analysis resolution, and which tiles touch tissue."""
+"""The overlapping tile grid at analysis resolution, which tiles touch tissue, and the tile
+source that hands the engine those tiles with their pixels (after MONAI's ``Splitter``: the
+engine side never sees coordinates-to-pixels plumbing)."""
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 
-from .slides import TissueMask
+from .slides import TileReader, TissueMask
 
 
 @dataclass(frozen=True)
@@ -68,3 +73,44 @@ def _count(size: int, tile: int, stride: int) -> int:
     if size <= tile:
         return 1
     return int(np.ceil((size - tile) / stride)) + 1
+
+
+class TileSource:
+    """The chosen tiles of an analysis image with their pixels, in order, read ahead by
+    ``readers`` threads (one pyvips region each). ``batches`` yields (tiles, (N, tile, tile, 3)
+    uint8 pixels); past the image edge the pixels are mirrored (``TileReader``). ``read`` (x, y)
+    -> pixels replaces the image reader (tests, other sources)."""
+
+    def __init__(self, image, tiles: list[Tile], tile_px: int, readers: int = 2,
+                 read: Callable[[int, int], np.ndarray] | None = None):
+        self.tiles = tiles
+        self.readers = max(1, readers)
+        self._read = read if read is not None else TileReader(image, tile_px).read
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[list[Tile], np.ndarray]]:
+        """Batches of ``batch_size`` tiles (the last may be smaller). Reading runs ahead of the
+        consumer by at most ``batch_size * (readers + 2)`` tiles, so memory stays bounded."""
+        pending: deque = deque()
+        remaining = iter(self.tiles)
+        max_in_flight = batch_size * (self.readers + 2)
+        pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="tile-reader")
+
+        def refill() -> None:
+            while len(pending) < max_in_flight:
+                tile = next(remaining, None)
+                if tile is None:
+                    return
+                pending.append((tile, pool.submit(self._read, tile.x, tile.y)))
+
+        try:
+            refill()
+            while pending:
+                batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+                pixels = np.stack([future.result() for _, future in batch])
+                refill()  # the next tiles are read while the consumer runs this batch
+                yield [tile for tile, _ in batch], pixels
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -159,3 +159,43 @@ def test_blending_is_bit_identical_to_in_order_sums_with_any_number_of_workers(w
         y += b.height
     assert y == grid.height
     assert canvas.peak_cells <= 3 * grid.n_cols
+
+
+def test_another_merger_plugs_into_the_slide_merge():
+    """The merger seam: a Merger that is not the blending canvas (here one that delegates to it
+    and counts) drives the glomerulus finding the same way."""
+    from glomscan.config import AnalysisSettings
+    from glomscan.merge import Merger
+    from glomscan.pipeline import SlideMerge
+
+    grid = TileGrid(300, 260, tile=128, stride=64)
+    rng = np.random.default_rng(2)
+    probabilities = np.zeros((len(grid.tiles()), 2, 128, 128), np.float32)
+    probabilities[:, 0, 30:90, 30:90] = 0.9  # a normal glomerulus seen by every tile
+    probabilities += rng.random(probabilities.shape, dtype=np.float32) * 0.05
+
+    class CountingMerger(Merger):
+        def __init__(self):
+            self.inner, self.calls = BlendingCanvas(grid, 2), 0
+
+        def add_batch(self, tiles, probs):
+            self.calls += 1
+            return self.inner.add_batch(tiles, probs)
+
+        def finish(self):
+            return self.inner.finish()
+
+    def glomeruli(merger):
+        merge = SlideMerge(grid, ("normal", "sclerosed"), AnalysisSettings(tile=128, overlap=64), 10, None, 1, merger)
+        tiles = grid.tiles()
+        for i in range(0, len(tiles), 3):
+            merge.add(tiles[i:i + 3], probabilities[i:i + 3])
+        found = merge.finish()
+        merge.close()
+        return [(g.bbox, g.class_name, g.area_px) for g in found]
+
+    counting = CountingMerger()
+    assert glomeruli(counting) == glomeruli(None) != []
+    assert counting.calls == -(-len(grid.tiles()) // 3)
+    with pytest.raises(TypeError):
+        Merger()
