@@ -53,7 +53,7 @@ USER glomscan
 
 FROM base AS train
 # torch, torchvision and segmentation-models-pytorch in one pip command, so pip never pulls a
-# second torch build (PyPI's Linux torch wheels carry CUDA 12).
+# second torch build (PyPI's Linux torch 2.14 wheels carry CUDA 13: NVIDIA driver 580 or newer).
 RUN --mount=type=secret,id=pip_ca --mount=type=bind,target=/tmp/context \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
  && mkdir /tmp/src && cp -r /tmp/context/pyproject.toml /tmp/context/README.md /tmp/context/glomscan /tmp/src/ \
