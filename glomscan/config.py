@@ -88,16 +88,26 @@ class AnalysisSettings:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class SettingError(ValueError):
+    """A setting that cannot run; ``setting`` names it (an ``AnalysisSettings`` field), so a
+    front end can point at its own option for it."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+
 def analysis_settings_for(card, tile: int | None = None, overlap: int | None = None, **options) -> AnalysisSettings:
     """The one place where the user's options and a model card become analysis settings: the
     tile (default: the card's; a multiple of what the card's encoder needs), the overlap
     (default: half the tile), and every other ``AnalysisSettings`` field as given (the target
     mpp stays None: the card's, resolved per slide by ``slides.analysis_resolution``). ``card``
     is a ``model.ModelCard`` (anything with ``name``, ``tile`` and ``tile_multiple``). Raises
-    ValueError for settings that cannot run."""
+    ValueError for settings that cannot run (``SettingError`` naming the setting where one is at fault)."""
     tile = tile or card.tile
     if tile % card.tile_multiple:
-        raise ValueError(f"tile {tile}: {card.name}'s encoder needs tiles that are multiples of {card.tile_multiple} px")
+        raise SettingError("tile", f"{tile} px: {card.name}'s encoder needs tiles that are multiples of "
+                                   f"{card.tile_multiple} px")
     settings = AnalysisSettings(tile=tile, overlap=tile // 2 if overlap is None else overlap, **options)
     settings.validate()
     return settings

@@ -23,8 +23,9 @@ def test_tile_and_overlap_come_from_the_card_unless_given():
 
 def test_settings_that_cannot_run_are_refused():
     card = ModelCard(name="m", tile=1024)
-    with pytest.raises(ValueError, match="multiples of"):
+    with pytest.raises(ValueError, match="multiples of") as refused:
         analysis_settings_for(card, card.tile + card.tile_multiple // 2)
+    assert refused.value.setting == "tile"  # a front end points at its own option (the CLI: --tile)
     with pytest.raises(ValueError, match="overlap"):
         analysis_settings_for(card, 512, 512)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..config import BACKENDS, BLEND_WINDOWS, GPU_PRECISIONS, AnalysisSettings, analysis_settings_for
+from ..config import BACKENDS, BLEND_WINDOWS, GPU_PRECISIONS, AnalysisSettings, SettingError, analysis_settings_for
 from ..engines import EngineOptions
 from .common import attach_verifier_or_exit, default, is_quiet, load_model_or_exit, model_option, seed_option, \
     verbosity, verifier_options, warn_if_not_for_real_tissue
@@ -99,8 +99,10 @@ def analyze(slides_dir, out_dir, model_path, verifier_path, no_verifier, backend
                                          mpp_override=mpp_override, batch_size=max(batch_size, 1), workers=readers,
                                          merge_workers=merge_workers, min_glomerulus_area_um2=min_area_um2,
                                          blend=blend, viewer=viewer, verify_candidates=not no_verifier)
+    except SettingError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"--{exc.setting.replace('_', '-')}") from exc
     except ValueError as exc:
-        raise click.UsageError(f"--{exc}" if str(exc).startswith("tile ") else str(exc)) from exc
+        raise click.UsageError(str(exc)) from exc
     tile = settings.tile
     warn_if_not_for_real_tissue(model)
 
