@@ -15,8 +15,8 @@ import numpy as np
 from glomscan.engines.torch_engine import TorchEngine
 from glomscan.model import load_model
 from glomscan.shipped import default_model_path
-from glomscan.train.segment import jpeg_roundtrip
-from glomscan.train.sources import read_tile_set
+from glomscan.train.fit.segment import jpeg_roundtrip
+from glomscan.train.dataset.sources import read_tile_set
 
 CASES = [("lossless", None, None), ("Q95 4:4:4", 95, False), ("Q85 4:4:4", 85, False), ("Q85 4:2:0", 85, True),
          ("Q70 4:2:0", 70, True)]

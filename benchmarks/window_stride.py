@@ -36,8 +36,8 @@ from glomscan.config import AnalysisSettings
 from glomscan.model import load_model
 from glomscan.shipped import default_model_path, default_verifier_path
 from glomscan.imaging import write_png
-from glomscan.train.data import load_patch
-from glomscan.train.evaluate import evaluate_prepared_set, read_report
+from glomscan.train.dataset.data import load_patch
+from glomscan.train.evaluation.evaluate import evaluate_prepared_set, read_report
 from glomscan.verify import load_verifier
 
 

@@ -12,7 +12,7 @@ In the page a pathologist can step through the glomeruli, change a class, mark a
 detection or a missed glomerulus (point or outline), see the counts and percent global
 glomerulosclerosis with its 95 % Wilson interval follow, and download the corrections as
 ``<slide stem>.geojson``: a QuPath-compatible FeatureCollection that ``glomscan prepare
---annotations`` and ``glomscan evaluate results --truth`` read (``glomscan.train.data``).
+--annotations`` and ``glomscan evaluate results --truth`` read (``glomscan.train.dataset.data``).
 
 Candidates the verifier rejected (``rejected.geojson``, when analyze wrote one) are on the page
 too, marked ``rejected_by: "verifier"``: drawn and listed as rejected and not counted until the

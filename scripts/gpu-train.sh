@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Both stages trained on one GPU in one time-boxed run, the training set held on the GPU:
-#   1. unpack the compact training set (python -m glomscan.train.compact pack DATASET PACK.tar,
+#   1. unpack the compact training set (python -m glomscan.train.dataset.compact pack DATASET PACK.tar,
 #      about 37 MB for the AIDPATH set: tiles and masks whole, composites as their pasted boxes);
 #   2. train segment --data-on-device (crops, flips, rotations, stain and JPEG augmentation cut
 #      on the GPU; no loader processes), bf16; pack-model;
@@ -41,7 +41,7 @@ status=0
 glomscan() { "$PYTHON" -m glomscan "$@"; }
 
 log "1. unpack $PACK"
-[ -f "$WORK/dataset/manifest.csv" ] || "$PYTHON" -m glomscan.train.compact unpack "$PACK" "$WORK/dataset" || exit 1
+[ -f "$WORK/dataset/manifest.csv" ] || "$PYTHON" -m glomscan.train.dataset.compact unpack "$PACK" "$WORK/dataset" || exit 1
 
 log "2. train segment on $DEVICE: ${EPOCHS}x${STEPS} steps of ${BATCH}x${CROP} px, data on the device"
 timeout "${SEGMENT_TIMEOUT_S:-270}" "$PYTHON" -m glomscan train segment --data "$WORK/dataset" --out "$WORK/model.pt" \

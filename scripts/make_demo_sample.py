@@ -19,8 +19,8 @@ from scipy import ndimage
 
 from glomscan.postprocess import EIGHT_CONNECTED, outer_contour
 from glomscan.slides import image_to_array
-from glomscan.train.data import split_slides
-from glomscan.train.sources import glomerulus_mask, tile_groups
+from glomscan.train.dataset.data import split_slides
+from glomscan.train.dataset.sources import glomerulus_mask, tile_groups
 
 TILE_MPP = 0.5
 PREFIX = "aidpath_"

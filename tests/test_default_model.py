@@ -13,9 +13,9 @@ from glomscan.model import load_model
 from glomscan.shipped import SAMPLE_DIR, SHIPPED_MODEL, default_model_path, default_verifier_path
 from glomscan.imaging import image_to_array
 from glomscan.imaging import write_png
-from glomscan.train.data import split_slides
-from glomscan.train.metrics import instance_matches
-from glomscan.train.sources import read_tile_set
+from glomscan.train.dataset.data import split_slides
+from glomscan.train.evaluation.metrics import instance_matches
+from glomscan.train.dataset.sources import read_tile_set
 
 from conftest import SHARED_DATA
 
@@ -143,7 +143,7 @@ def test_shipped_model_is_not_fooled_by_scanner_jpeg_compression():
     """Scanners store slides as JPEG with 4:2:0 chroma subsampling; the model must see the same
     glomeruli there as in the lossless image (a model trained without it painted most tissue)."""
     from glomscan.engines.torch_engine import TorchEngine
-    from glomscan.train.segment import jpeg_roundtrip
+    from glomscan.train.fit.segment import jpeg_roundtrip
 
     engine = TorchEngine(load_model(SHIPPED_MODEL), "cpu")
     tiles = read_tile_set(TILES, tile_mpp=0.5, analysis_mpp=1.0)[::3]
@@ -164,7 +164,7 @@ def test_demo_sample_glomeruli_found_through_its_jpeg_pyramid(tmp_path):
     must be found at IoU >= 0.5 (what `make demo` shows)."""
     import pyvips
 
-    from glomscan.train.data import DEFAULT_CLASS_MAP, rasterise_polygons, read_qupath_geojson
+    from glomscan.train.dataset.data import DEFAULT_CLASS_MAP, rasterise_polygons, read_qupath_geojson
 
     res = CliRunner().invoke(main, ["analyze", str(SAMPLE_DIR), "--out", str(tmp_path / "out"), "--quiet"])
     assert res.exit_code == 0, res.output
@@ -188,7 +188,7 @@ def test_shipped_pair_makes_no_more_false_detections_than_segmentation_alone(tmp
     model alone and makes no more false detections."""
     import pyvips
 
-    from glomscan.train.evaluate import false_detections
+    from glomscan.train.evaluation.evaluate import false_detections
 
     tiles = _validation_tiles()
     slides = tmp_path / "slides"

@@ -16,7 +16,7 @@ from glomscan.model import ModelCard
 from glomscan.postprocess import glomerulus_class
 from glomscan.imaging import image_to_array
 from glomscan.imaging import write_png
-from glomscan.train.evaluate import predicted_labels
+from glomscan.train.evaluation.evaluate import predicted_labels
 
 from conftest import ConstantEngine, oracle_model
 

@@ -66,7 +66,7 @@ def test_the_lazy_slide_crop_equals_the_array_crop():
 
 
 def test_mined_negatives_never_overlap_an_outlined_glomerulus():
-    from glomscan.train.verifier import box_is_clear, jittered_boxes, mine_candidates, random_tissue_boxes
+    from glomscan.train.fit.verifier import box_is_clear, jittered_boxes, mine_candidates, random_tissue_boxes
 
     labels = np.zeros((256, 256), np.uint8)
     labels[40:100, 40:100] = 3  # an outlined glomerulus
@@ -92,7 +92,7 @@ def test_mined_negatives_never_overlap_an_outlined_glomerulus():
 def test_unknown_class_glomeruli_supervise_glomerulus_versus_not_only():
     import torch
 
-    from glomscan.train.verifier import verifier_loss
+    from glomscan.train.fit.verifier import verifier_loss
 
     targets = torch.tensor([3, 3])
     weights = torch.ones(2)
@@ -201,7 +201,7 @@ def test_no_verifier_flag_and_the_verifier_are_part_of_the_resume_fingerprint(sm
 def verifier_file(tmp_path_factory) -> Path:
     import torch
 
-    from glomscan.train.verifier import build_verifier_network, export_verifier
+    from glomscan.train.fit.verifier import build_verifier_network, export_verifier
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("verifier") / "verifier.onnx"
@@ -212,7 +212,7 @@ def verifier_file(tmp_path_factory) -> Path:
 def test_verifier_file_carries_its_card_and_runs_like_the_network(verifier_file, tmp_path):
     import torch
 
-    from glomscan.train.verifier import VerifierProbabilities, build_verifier_network
+    from glomscan.train.fit.verifier import VerifierProbabilities, build_verifier_network
     from glomscan.verify import load_verifier, normalise_crops
 
     verifier = load_verifier(verifier_file)
@@ -284,7 +284,7 @@ def test_analyze_pairs_the_shipped_verifier_only_with_the_shipped_model(tmp_path
 
 
 def test_crossval_folds_cover_the_training_groups_once_and_pool_counts():
-    from glomscan.train.crossval import pooled, tile_folds
+    from glomscan.train.evaluation.crossval import pooled, tile_folds
 
     manifest = pd.DataFrame({"kind": ["tile"] * 6 + ["composite"], "split": ["train"] * 5 + ["val", "train"],
                              "slide": ["a", "b", "c", "d", "d", "v", "a"]})
@@ -319,7 +319,7 @@ def test_mining_with_several_models_keeps_each_box_once(monkeypatch, tmp_path):
     import pandas as pd
 
     import glomscan.engines
-    from glomscan.train import verifier as v
+    from glomscan.train.fit import verifier as v
     from glomscan.train.settings import VerifierSettings
 
     columns = ["patch_id", "split", "x0", "y0", "x1", "y1", "max_probability"]
@@ -359,3 +359,4 @@ def test_cards_name_keys_they_do_not_know_instead_of_dropping_them_silently(capl
     with caplog.at_level("WARNING", logger="glomscan.model"):
         ModelCard.from_dict(ModelCard(name="m").__dict__)
     assert not caplog.text  # a card of this version loads without a warning
+

@@ -22,7 +22,7 @@ from glomscan.config import AnalysisSettings
 from glomscan.pipeline import sclerosis_summary
 from glomscan.labels import QUPATH_CLASS_NAMES
 from glomscan.imaging import read_png
-from glomscan.train.data import DEFAULT_CLASS_MAP, read_qupath_geojson, read_qupath_points
+from glomscan.train.dataset.data import DEFAULT_CLASS_MAP, read_qupath_geojson, read_qupath_points
 from glomscan.viewer import CORRECTION_CLASS_NAMES, REJECTED_COLOUR, VIEWER_DIR, VIEWER_PAGE
 
 from conftest import ORACLE_CHOICE, TEST_GLOMERULI, OracleEngine, copy_slide, oracle_model
@@ -270,7 +270,7 @@ def test_corrections_file_feeds_prepare_and_evaluate(out, small_slide, tmp_path)
 
 
 def test_evaluate_matches_a_point_inside_a_detection():
-    from glomscan.train.metrics import instance_matches, sclerosis_percent
+    from glomscan.train.evaluation.metrics import instance_matches, sclerosis_percent
 
     pred = np.zeros((40, 40), np.uint8)
     pred[5:15, 5:15] = 2

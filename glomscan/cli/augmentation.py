@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..train.settings import CropSettings, MaskGenerationSettings, OutlineCropSettings, SynthesisSettings
+from ..augment.settings import CropSettings, MaskGenerationSettings, OutlineCropSettings, SynthesisSettings
 from .common import default, fail_on, seed_option, verbosity
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -40,12 +40,12 @@ def augment():
 @fail_on(ValueError)
 def crops(dataset_dir, crop_set_dir, tiles_dir, tiles_mpp, classes, out_dir, size, test_fraction, seed, split):
     """Crop every sclerosed glomerulus (centred on its minimum enclosing circle) with its mask."""
-    from ..train.crops import CropSettings, make_crops
+    from ..augment.crops import CropSettings, make_crops
 
     if (dataset_dir is None) == (crop_set_dir is None):
         raise click.UsageError("give --data (a prepared set) or --from-crop-set (a crop set with outlines)")
     if crop_set_dir is not None:
-        from ..train.outline_crops import OutlineCropSettings, make_outline_crops
+        from ..augment.outline_crops import OutlineCropSettings, make_outline_crops
 
         manifest = make_outline_crops(crop_set_dir, out_dir, OutlineCropSettings(
             size=size, classes=classes, validation_fraction=test_fraction, seed=seed, tiles_mpp=tiles_mpp),
@@ -80,7 +80,7 @@ def crops(dataset_dir, crop_set_dir, tiles_dir, tiles_mpp, classes, out_dir, siz
 @fail_on(ValueError)
 def masks(model_path, count, out_dir, size, threshold, min_island_px, diameter_range, seed):
     """Sample masks, threshold, keep one main contour, spread sizes evenly over a range, save PNGs + masks.csv."""
-    from ..train.maskgan import MaskGenerationSettings, generate_masks, load_mask_generator, write_masks
+    from ..augment.maskgan import MaskGenerationSettings, generate_masks, load_mask_generator, write_masks
 
     generator, _, info = load_mask_generator(model_path)
     default = (info["diameter_min_px"], info["diameter_max_px"])
@@ -113,10 +113,10 @@ def masks(model_path, count, out_dir, size, threshold, min_island_px, diameter_r
 @fail_on(ValueError)
 def synthesize(dataset_dir, generator_path, mask_dir, out_dir, amount, feather_px, min_distance_px, seed):
     """Inpaint synthetic sclerosed glomeruli into training patches; writes a dataset 'train segment' reads."""
-    from ..train.data import synthetic_rows
-    from ..train.inpaint import load_inpainter
-    from ..train.maskgan import read_masks
-    from ..train.synthesize import SynthesisSettings, synthesize as paint
+    from ..augment.inpaint import load_inpainter
+    from ..augment.maskgan import read_masks
+    from ..augment.synthesize import SynthesisSettings, synthesize as paint
+    from ..train.dataset.data import synthetic_rows
 
     summary = paint(dataset_dir, out_dir, load_inpainter(generator_path), read_masks(mask_dir),
                     SynthesisSettings(amount, feather_px, min_distance_px, seed))

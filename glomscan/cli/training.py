@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..train.settings import (GENERATOR_UPSAMPLING, InpaintSettings, MaskGanSettings, PrepareSettings,
-                              SegmentSettings, VerifierSettings)
+from ..augment.settings import GENERATOR_UPSAMPLING, InpaintSettings, MaskGanSettings
+from ..train.settings import PrepareSettings, SegmentSettings, VerifierSettings
 from .common import default, fail_on, is_quiet, load_model_or_exit, model_option, seed_option, verbosity
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -67,8 +67,8 @@ def prepare(slides_dir, annotations_dir, tiles_dir, tiles_mpp, crops_dir, compos
             target_mpp, downsample, val_fraction, class_map, seed):
     """Build a training set (patches + label masks + manifest.csv) from annotated slides, tile sets
     with glomerulus masks, and graded glomerulus crops composited into tissue."""
-    from ..train.data import AnnotationError, parse_class_map, prepare_dataset
-    from ..train.sources import SourceError
+    from ..train.dataset.data import AnnotationError, parse_class_map, prepare_dataset
+    from ..train.dataset.sources import SourceError
 
     try:
         settings = PrepareSettings(target_mpp=target_mpp, downsample=downsample, tile=tile, stride=stride,
@@ -148,7 +148,7 @@ def train_verifier(dataset_dir, model_path, out_dir, epochs, batch_size, lr, min
     (not a glomerulus, normal, globally sclerosed), from the outlined glomeruli of a prepared set,
     random tissue boxes and the segmentation model's mined false candidates (hard negatives).
     Resumes from OUT/verifier.last.pt."""
-    from ..train.verifier import make_verifier
+    from ..train.fit.verifier import make_verifier
     from ..verify import VerifierCard
 
     settings = VerifierSettings(epochs=epochs, batch_size=batch_size, lr=lr, mining_threshold=mining_threshold,
@@ -212,7 +212,7 @@ def train_segment(dataset_dir, out_path, epochs, batch_size, lr, min_lr, crop, e
                   max_steps_per_epoch, bn_recalibration_steps, name, precision, device, card_tile, stain_jitter,
                   jpeg_min_quality, init_path, workers, data_on_device, scale_jitter, seed):
     """Train the U-Net (0.5*BCE + Dice, Adam, cosine LR); resumes from OUT.last.pt if present."""
-    from ..train.segment import train_segmentation
+    from ..train.fit.segment import train_segmentation
 
     settings = SegmentSettings(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, crop=crop, encoder=encoder,
                                encoder_weights=encoder_weights, max_steps_per_epoch=max_steps_per_epoch,
@@ -265,7 +265,7 @@ def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, lr_decay_after_ep
                   max_steps_per_epoch, device, seed):
     """Train the inpainting GAN (AOT generator, global + local LSGAN discriminators); resumes
     from OUT.last.pt if present."""
-    from ..train.inpaint import train_inpainting
+    from ..augment.inpaint import train_inpainting
 
     settings = InpaintSettings(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_after_epoch=lr_decay_after_epoch,
                                size=size, base_channels=base_channels,
@@ -306,8 +306,8 @@ def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, lr_decay_after_ep
 def train_masks(crops_dir, out_path, epochs, batch_size, image_size, latent, base_channels, lr, max_steps_per_epoch,
                 split, device, seed):
     """Train the mask DCGAN on the crops' glomerulus masks; resumes from OUT.last.pt if present."""
-    from ..train.crops import read_crops
-    from ..train.maskgan import train_mask_gan
+    from ..augment.crops import read_crops
+    from ..augment.maskgan import train_mask_gan
 
     masks = [m for _, m in read_crops(crops_dir, None if split == "all" else split)]
     settings = MaskGanSettings(epochs=epochs, batch_size=batch_size, image_size=int(image_size), latent=latent,

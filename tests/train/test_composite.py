@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from glomscan.train.composite import CompositeSettings, paste_glomeruli, scaled_crop, tissue_map
+from glomscan.train.dataset.composite import CompositeSettings, paste_glomeruli, scaled_crop, tissue_map
 from glomscan.imaging import write_png
-from glomscan.train.data import PrepareSettings, load_patch, prepare_dataset
-from glomscan.train.sources import (
+from glomscan.train.dataset.data import PrepareSettings, load_patch, prepare_dataset
+from glomscan.train.dataset.sources import (
     UNKNOWN_CLASS,
     GlomerulusCrop,
     glomerulus_mask,
@@ -159,7 +159,7 @@ def test_prepare_tiles_and_crops_splits_by_slide_and_tile_group(tmp_path):
 
 
 def test_crops_without_tiles_are_refused(tmp_path):
-    from glomscan.train.data import AnnotationError
+    from glomscan.train.dataset.data import AnnotationError
 
     _make_sets(tmp_path)
     with pytest.raises(AnnotationError, match="needs a tile set"):
@@ -178,7 +178,7 @@ def _write_masks(out_dir, dataset_dir, manifest, transform):
 
 
 def test_scoring_of_a_prepared_set_counts_what_analyze_wrote(tmp_path):
-    from glomscan.train.evaluate import real_metrics_markdown, score_prepared_set
+    from glomscan.train.evaluation.evaluate import real_metrics_markdown, score_prepared_set
 
     _make_sets(tmp_path)
     settings = PrepareSettings(validation_fraction=0.4, composite_uses=1,
@@ -242,7 +242,7 @@ def test_compact_training_set_rebuilds_the_prepared_set(tmp_path, monkeypatch, p
     same patches: exactly with PNG boxes, within JPEG's error with JPEG boxes."""
     import shutil
 
-    from glomscan.train.compact import pack_training_set, unpack_training_set
+    from glomscan.train.dataset.compact import pack_training_set, unpack_training_set
 
     if python_without_tar_filters:  # Debian 12's Python 3.11.2 has no tarfile extraction filters
         import tarfile

@@ -46,8 +46,8 @@ def _square(shape, r0, c0, size, value, out=None):
 def test_false_detections_counts_unmatched_components_and_their_class():
     import numpy as np
 
-    from glomscan.train.evaluate import false_detections
-    from glomscan.train.metrics import instance_matches
+    from glomscan.train.evaluation.evaluate import false_detections
+    from glomscan.train.evaluation.metrics import instance_matches
 
     truth = _square((40, 60), 2, 2, 10, 3)          # one outlined glomerulus of unknown class
     _square((40, 60), 25, 45, 10, 3, truth)         # a second one, only grazed by a prediction

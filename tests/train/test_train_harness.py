@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from glomscan.train import harness
-from glomscan.train.harness import TrainingRun, choose_training_device, seed_training
+from glomscan.train.fit import harness
+from glomscan.train.fit.harness import TrainingRun, choose_training_device, seed_training
 
 
 class Crash(Exception):

@@ -13,7 +13,7 @@ from glomscan.engines.torch_engine import TorchEngine
 from glomscan.engines.base import EngineChoice
 from glomscan.model import load_checkpoint
 from glomscan.synthetic import SyntheticGlomerulus, write_synthetic_slide
-from glomscan.train.data import (
+from glomscan.train.dataset.data import (
     PolygonAnnotation,
     PrepareSettings,
     load_patch,
@@ -23,8 +23,8 @@ from glomscan.train.data import (
     read_qupath_geojson,
     split_slides,
 )
-from glomscan.train.metrics import instance_matches, pixel_metrics, sclerosis_percent
-from glomscan.train.segment import PartialLabelLoss, SegmentSettings, targets_from_labels, train_segmentation
+from glomscan.train.evaluation.metrics import instance_matches, pixel_metrics, sclerosis_percent
+from glomscan.train.fit.segment import PartialLabelLoss, SegmentSettings, targets_from_labels, train_segmentation
 from glomscan.labels import UNKNOWN_CLASS
 
 TINY = dict(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8))
@@ -237,8 +237,8 @@ def test_a_crash_between_the_csv_and_the_resume_state_leaves_one_row_per_epoch(d
 def test_batchnorm_recalibration_gives_exact_statistics():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from glomscan.train.harness import TrainingDevice
-    from glomscan.train.segment import recalibrate_batchnorm
+    from glomscan.train.fit.harness import TrainingDevice
+    from glomscan.train.fit.segment import recalibrate_batchnorm
 
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(3, momentum=0.01)
@@ -288,7 +288,7 @@ def test_evaluate_patch_set_cli(dataset, tiny_checkpoint, tmp_path):
 
 
 def test_training_device_choice(monkeypatch):
-    from glomscan.train import harness
+    from glomscan.train.fit import harness
 
     monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(harness, "cpu_supports_bf16", lambda: True)
@@ -314,7 +314,7 @@ def test_unknown_class_outlines_rasterise_below_graded_ones():
 
 
 def test_edge_patch_labels_are_mirrored_like_their_pixels():
-    from glomscan.train.data import mirror_past_edge
+    from glomscan.train.dataset.data import mirror_past_edge
 
     labels = np.zeros((8, 8), np.uint8)
     labels[4:6, 1:3] = 2
@@ -326,7 +326,7 @@ def test_edge_patch_labels_are_mirrored_like_their_pixels():
 
 
 def test_jpeg_augmentation_compresses_with_chroma_subsampling():
-    from glomscan.train.segment import jpeg_roundtrip
+    from glomscan.train.fit.segment import jpeg_roundtrip
 
     image = np.zeros((64, 64, 3), np.uint8)
     image[:, 32:] = (200, 40, 160)  # a sharp colour edge: 4:2:0 smears the colour over 2 px
@@ -340,7 +340,7 @@ def test_patch_loader_processes_draw_different_augmentations(dataset):
     from torch.utils.data import DataLoader
 
     from glomscan.model import ModelCard
-    from glomscan.train.segment import PatchDataset, seed_worker
+    from glomscan.train.fit.segment import PatchDataset, seed_worker
 
     out, manifest, _ = dataset
     rows = pd.concat([manifest[manifest.split == "train"].head(1)] * 4)  # the same patch four times
@@ -376,7 +376,7 @@ def test_training_starts_from_a_glomscan_checkpoint(dataset, tmp_path, tiny_chec
 
 def test_resident_batches_keep_pixels_and_labels_aligned(dataset):
     """Crops, flips and rotations cut on the training device move labels with their pixels."""
-    from glomscan.train.resident import ResidentPatches
+    from glomscan.train.dataset.resident import ResidentPatches
 
     out, manifest, _ = dataset
     rows = manifest[manifest.split == "train"].head(3)
@@ -394,7 +394,7 @@ def test_resident_batches_keep_pixels_and_labels_aligned(dataset):
 
 
 def test_resident_jpeg_and_stain_change_pixels_not_labels(dataset):
-    from glomscan.train.resident import ResidentPatches, jpeg_batch
+    from glomscan.train.dataset.resident import ResidentPatches, jpeg_batch
 
     out, manifest, _ = dataset
     rows = manifest[manifest.split == "train"].head(2)
@@ -421,7 +421,7 @@ def test_training_with_the_data_on_the_device(dataset, tmp_path):
 def test_resident_scale_augmentation_keeps_labels_on_their_pixels(dataset):
     from scipy import ndimage
 
-    from glomscan.train.resident import ResidentPatches
+    from glomscan.train.dataset.resident import ResidentPatches
 
     out, manifest, _ = dataset
     rows = manifest[(manifest.split == "train") & (manifest.n_normal_px + manifest.n_sclerosed_px > 0)].head(3)
@@ -442,7 +442,7 @@ def test_resident_scale_augmentation_keeps_labels_on_their_pixels(dataset):
 def test_device_jpeg_subsamples_chroma_like_a_scanner():
     """The device JPEG smears a sharp colour edge over 2 px as 4:2:0 does, and keeps flat areas
     (nvJPEG through torchvision encodes 4:4:4 only, so the chroma is subsampled before it)."""
-    from glomscan.train.resident import jpeg_batch, subsample_chroma
+    from glomscan.train.dataset.resident import jpeg_batch, subsample_chroma
 
     image = np.zeros((64, 64, 3), np.uint8)
     image[:, 33:] = (200, 40, 160)  # an edge at an odd column: inside a 2 x 2 chroma block
