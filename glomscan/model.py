@@ -45,6 +45,15 @@ ONNX_FLOAT16_SUFFIX = ".float16"
 ``.float16`` appended where it is stored as float16 (``engines.onnx.export_onnx``)."""
 
 
+CARD_VERSION = 2
+"""Version of the model cards' keys (segmentation and verifier): 1 is a card stored before cards
+carried a version (no ``card_version`` key); 2 adds ``card_version`` and ``outputs``. A stored card
+of a newer version, or with keys this version does not know, is read with a warning naming them."""
+SEGMENTATION_OUTPUTS = (
+    "(N, C, H, W) probabilities in [0, 1], C = len(classes): an independent sigmoid per class (not a "
+    "softmax); channel c is the probability that the pixel belongs to a glomerulus of class classes[c]")
+
+
 class CheckpointError(Exception):
     """The model file is missing or is not a usable glomscan checkpoint."""
 
@@ -77,6 +86,10 @@ class ModelCard:
     licence: str = ""
     """Terms the weights inherit from their training data."""
     metrics: dict = field(default_factory=dict)
+    card_version: int = CARD_VERSION
+    """Version of this card's keys (``CARD_VERSION``; 1 for a stored card without the key)."""
+    outputs: str = SEGMENTATION_OUTPUTS
+    """What the network's outputs mean."""
 
     @property
     def tile_multiple(self) -> int:
@@ -96,7 +109,12 @@ def card_fields(card_class, d: dict, tuple_fields: tuple[str, ...]) -> dict:
     if unknown:
         log.warning("%s %r has keys this version of glomscan does not know, ignored: %s (written by a newer "
                     "glomscan?)", card_class.__name__, d.get("name", "?"), ", ".join(unknown))
+    version = d.get("card_version", 1)
+    if not isinstance(version, int) or version > CARD_VERSION:
+        log.warning("%s %r is card version %r; this glomscan reads up to version %d: what the newer version "
+                    "changed is not known here", card_class.__name__, d.get("name", "?"), version, CARD_VERSION)
     known = {k: v for k, v in d.items() if k in card_class.__dataclass_fields__}
+    known["card_version"] = version
     for k in tuple_fields:
         if k in known:
             known[k] = tuple(known[k])

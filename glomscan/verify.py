@@ -22,8 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .model import CARD_VERSION
+
 VERIFIER_CLASSES = ("not_glomerulus", "normal", "sclerosed")
 """Output columns of a verifier, in order."""
+VERIFIER_OUTPUTS = ("(N, 3) probabilities summing to 1 (a softmax) over classes for each candidate's crop: "
+                    "not a glomerulus, normal glomerulus, globally sclerosed glomerulus")
 VERIFIER_CARD_KEY = "glomscan.verifier_card"
 VERIFIER_SHA256_KEY = "glomscan.verifier_sha256"
 """ONNX metadata of a verifier file: its card (JSON) and the sha256 of the weights it was exported from."""
@@ -57,6 +61,10 @@ class VerifierCard:
     licence: str = ""
     notes: str = ""
     metrics: dict = field(default_factory=dict)
+    card_version: int = CARD_VERSION
+    """Version of this card's keys (``model.CARD_VERSION``; 1 for a stored card without the key)."""
+    outputs: str = VERIFIER_OUTPUTS
+    """What the network's outputs mean."""
 
     @classmethod
     def from_dict(cls, d: dict) -> "VerifierCard":

@@ -360,3 +360,22 @@ def test_cards_name_keys_they_do_not_know_instead_of_dropping_them_silently(capl
         ModelCard.from_dict(ModelCard(name="m").__dict__)
     assert not caplog.text  # a card of this version loads without a warning
 
+
+def test_cards_carry_a_version_and_say_what_their_outputs_mean(caplog):
+    """A card written now is version CARD_VERSION and states its outputs; a stored card without
+    the key is version 1 (the cards before versioning, e.g. the shipped ones); a newer version is
+    read with a warning."""
+    from glomscan.model import CARD_VERSION, ModelCard
+    from glomscan.verify import VerifierCard
+
+    assert ModelCard(name="m").card_version == VerifierCard(name="v").card_version == CARD_VERSION >= 2
+    assert "sigmoid per class" in ModelCard(name="m").outputs and "softmax" in VerifierCard(name="v").outputs
+    with caplog.at_level("WARNING", logger="glomscan.model"):
+        assert ModelCard.from_dict({"name": "old"}).card_version == 1
+        assert VerifierCard.from_dict({"name": "old"}).card_version == 1
+        assert ModelCard.from_dict(ModelCard(name="now").__dict__).card_version == CARD_VERSION
+    assert not caplog.text
+    with caplog.at_level("WARNING", logger="glomscan.model"):
+        newer = ModelCard.from_dict({"name": "new", "card_version": CARD_VERSION + 1})
+    assert newer.card_version == CARD_VERSION + 1
+    assert f"card version {CARD_VERSION + 1}" in caplog.text and f"up to version {CARD_VERSION}" in caplog.text
