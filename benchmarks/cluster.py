@@ -22,7 +22,7 @@ import torch
 
 from glomscan.batch import run_batch
 from glomscan.cluster import BackendEngine, run_cluster_batch, start_local_cluster, worker_environments
-from glomscan.config import AnalysisSettings
+from glomscan.config import analysis_settings_for
 from glomscan.engines import EngineOptions, create_engine
 from glomscan.model import ModelCard, build_model, load_model, save_checkpoint
 from glomscan.shipped import default_model_path
@@ -46,7 +46,7 @@ def main() -> None:
         else:
             model_path, tile = default_model_path(), 1024
         model = load_model(model_path)
-        settings = AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=1)
+        settings = analysis_settings_for(model.card, tile, batch_size=1)
         options = EngineOptions(engine_dir=tmp / "engines", tile=tile)
         slides = tmp / "slides"
         slides.mkdir()
@@ -56,7 +56,7 @@ def main() -> None:
             write_synthetic_slide(slides / f"s{i:02d}.tif", s, s, scatter_glomeruli(tissue, 8, (80, 150), 0.3, seed=i),
                                   tissue, mpp=0.5, seed=i, compression="jpeg")
         print(f"{args.slides} synthetic slides {s}x{s} px at 0.5 µm/px, model {model.model_id} "
-              f"({model.card.encoder}, {tile} px tiles, stride {tile // 2}), onnxruntime CPU, {cores} cores", flush=True)
+              f"({model.card.encoder}, {tile} px tiles, stride {settings.stride}), onnxruntime CPU, {cores} cores", flush=True)
 
         warm = tmp / "warm"
         warm.mkdir()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from glomscan.batch import run_batch
-from glomscan.config import AnalysisSettings
+from glomscan.config import AnalysisSettings, analysis_settings_for
 from glomscan.engines.base import Engine, EngineChoice
 from glomscan.engines.parity import mask_dice, parity_check_tiles
 from glomscan.engines.torch_engine import TorchEngine
@@ -179,7 +179,7 @@ def main() -> None:
     w, h = (6000, 4000) if args.quick else (16000, 12000)
     results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cpu_count": os.cpu_count(),
                      "tile": tile, "batch": batch, "model": str(model_path)}
-    settings = AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=batch, workers=max(4, min(readers)))
+    settings = analysis_settings_for(load_model(model_path).card, tile, batch_size=batch, workers=max(4, min(readers)))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -236,7 +236,7 @@ def main() -> None:
         results["cpu_side_tiles_per_s"] = {}
         for r in readers if "cpu-side" not in skip else []:
             seconds, _ = analyse(slides, tmp / f"out-replay-{r}", model, replay,
-                                 AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=batch, workers=r))
+                                 analysis_settings_for(model.card, tile, batch_size=batch, workers=r))
             results["cpu_side_tiles_per_s"][r] = round(n / seconds, 2)
             print(f"CPU side (replay engine), {r:2d} reader threads: {n / seconds:.1f} tiles/s", flush=True)
 

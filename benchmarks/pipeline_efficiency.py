@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from glomscan.batch import run_batch
-from glomscan.config import AnalysisSettings
+from glomscan.config import analysis_settings_for
 from glomscan.engines import EngineOptions, create_engine
 from glomscan.model import load_model
 from glomscan.shipped import default_model_path
@@ -112,8 +112,7 @@ def main() -> None:
         tmp = Path(tmp)
         engine, choice = create_engine(args.backend, model, EngineOptions(engine_dir=tmp / "engines", tile=tile))
         slide_path = make_slide(tmp / "slides", args.slide, size)
-        settings = AnalysisSettings(tile=tile, overlap=tile // 2, batch_size=args.batch_size, workers=args.readers,
-                                    viewer=False)
+        settings = analysis_settings_for(model.card, tile, batch_size=args.batch_size, workers=args.readers, viewer=False)
 
         # the tiles analyze will infer, read once into memory for the model-only timing
         slide = Slide(slide_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from glomscan.batch import run_batch
-from glomscan.config import AnalysisSettings
+from glomscan.config import analysis_settings_for
 from glomscan.engines import EngineOptions, create_engine
 from glomscan.model import ModelCard, build_model, load_model, save_checkpoint
 from glomscan.synthetic import scatter_glomeruli, write_synthetic_slide
@@ -34,7 +34,7 @@ def main() -> None:
         save_checkpoint(tmp / "m.pt", build_model(card), card)
         model = load_model(tmp / "m.pt")
         engine, choice = create_engine("onnxruntime", model, EngineOptions(engine_dir=tmp / "engines", tile=tile))
-        settings = AnalysisSettings(tile=tile, overlap=tile // 2)
+        settings = analysis_settings_for(model.card, tile)
         cases = []
         base = 12_000
         for n_islands, size in ((1, base), (2, base), (4, base), (1, 4 * base)):

@@ -49,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from glomscan.config import AnalysisSettings
+from glomscan.config import AnalysisSettings, analysis_settings_for
+from glomscan.model import ModelCard
 from glomscan.slides import Slide, TileReader
 from glomscan.synthetic import needle_biopsy_slide
 from glomscan.tiling import TileGrid
@@ -59,6 +60,8 @@ from cpu_side import cpu_model  # noqa: E402
 from gpu import ReplayEngine, analyse  # noqa: E402
 
 TILE = 1024
+NULL_CARD = ModelCard(name="null", tile=TILE)
+"""The null engine's card: its tile is what the settings resolve from."""
 ANALYSIS_MPP = 1.0
 LAYOUTS = {  # name: (level-0 mpp, pyramid)
     "20x pyramid": (0.5, True),
@@ -69,8 +72,8 @@ READERS = ("openslide", "tiff")
 
 
 def settings_for(mpp: float) -> AnalysisSettings:
-    return AnalysisSettings(tile=TILE, overlap=TILE // 2, batch_size=8, workers=1, merge_workers=1, viewer=False,
-                            target_mpp=ANALYSIS_MPP, mpp_override=mpp)
+    return analysis_settings_for(NULL_CARD, batch_size=8, workers=1, merge_workers=1, viewer=False,
+                                 target_mpp=ANALYSIS_MPP, mpp_override=mpp)
 
 
 def write_layouts(folder: Path, quick: bool) -> None:
@@ -92,14 +95,14 @@ def tissue_tiles(slide: Slide, settings: AnalysisSettings):
 def child(slides: Path, mpp: float, reader: str) -> None:
     """One measurement (pinned to one CPU by the parent): prints a JSON line."""
     from glomscan import slides as slides_module
-    from glomscan.model import LoadedModel, ModelCard
+    from glomscan.model import LoadedModel
 
     if reader == "openslide":
         slides_module.TIFF_LAYOUT_VENDORS = set()
 
     path = next(slides.iterdir())
     settings = settings_for(mpp)
-    model = LoadedModel(module=None, card=ModelCard(name="null", tile=TILE), sha256="0" * 64, path=None)
+    model = LoadedModel(module=None, card=NULL_CARD, sha256="0" * 64, path=None)
     engine = ReplayEngine(model.card, np.zeros((2, TILE, TILE), np.float32))
     slide = Slide(path, mpp_override=mpp)
     assert slide.pixel_reader == reader, slide.pixel_reader
