@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from glomscan.config import AnalysisSettings
+from glomscan.config import analysis_settings_for
 from glomscan.model import load_model
 from glomscan.shipped import default_model_path, default_verifier_path
 from glomscan.imaging import write_png
@@ -85,9 +85,9 @@ def needle_timing(model, backend: str, overlaps: list[int], rounds: int) -> dict
         try:
             for r in range(rounds + 1):  # round 0 warms the engine up, untimed
                 for overlap in overlaps:
-                    settings = AnalysisSettings(tile=model.card.tile, overlap=overlap, viewer=False,
-                                                batch_size=engine.preferred_batch_size,
-                                                verify_candidates=model.verifier is not None)
+                    settings = analysis_settings_for(model.card, None, overlap, viewer=False,
+                                                     batch_size=engine.preferred_batch_size,
+                                                     verify_candidates=model.verifier is not None)
                     t0 = time.perf_counter()
                     report = run_batch(tmp / "needle", tmp / f"out-{overlap}", model, engine, choice, settings,
                                        force=True, quiet=True).reports[0]
@@ -144,8 +144,8 @@ def main() -> None:
               f"{args.mosaic} validation composites ({len(b1)} graded glomeruli), {len(m2)} mosaic of "
               f"{int(math.isqrt(len(tiles))) ** 2} outlined tiles", flush=True)
         for overlap in overlaps:
-            settings = AnalysisSettings(tile=model.card.tile, overlap=overlap, mpp_override=1.0, target_mpp=1.0,
-                                        viewer=False, verify_candidates=model.verifier is not None)
+            settings = analysis_settings_for(model.card, None, overlap, mpp_override=1.0, target_mpp=1.0,
+                                             viewer=False, verify_candidates=model.verifier is not None)
             out = Path(tmp) / f"out-{overlap}"
             t0 = time.perf_counter()
             metrics = evaluate_prepared_set(model, data, out, args.backend, settings=settings, quiet=True)
