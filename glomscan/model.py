@@ -121,6 +121,49 @@ def card_fields(card_class, d: dict, tuple_fields: tuple[str, ...]) -> dict:
     return known
 
 
+CARD_DOC_BEGIN = "<!-- glomscan model-card: begin (generated from the embedded card; do not edit) -->"
+CARD_DOC_END = "<!-- glomscan model-card: end -->"
+"""Markers around the generated part of docs/model-card.md and docs/verifier-card.md
+(``glomscan model-card --update``)."""
+
+
+def card_markdown(card, model_id: str, file_name: str) -> str:
+    """A model or verifier card as markdown: a table of every key in the card's order (lists
+    joined, text as written), then the metrics stored in it, flattened, numbers to 3 decimals."""
+
+    def cell(value) -> str:
+        if isinstance(value, (tuple, list)):
+            return ", ".join(str(v) for v in value)
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return str(value).replace("|", "\\|").replace("\n", " ") if value != "" else "(none)"
+
+    def flat(prefix: str, value) -> list[tuple[str, str]]:
+        if isinstance(value, dict):
+            return [row for k, v in value.items() for row in flat(f"{prefix}.{k}" if prefix else str(k), v)]
+        if isinstance(value, float):
+            return [(prefix, f"{value:.3f}")]
+        return [(prefix, cell(value))]
+
+    values = {f: getattr(card, f) for f in card.__dataclass_fields__}
+    lines = [f"| `{model_id}` | `{file_name}` |", "|---|---|"]
+    lines += [f"| {key} | {cell(value)} |" for key, value in values.items() if key != "metrics"]
+    metrics = flat("", values.get("metrics") or {})
+    if metrics:
+        lines += ["", "| metric stored in the card | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in metrics]
+    return "\n".join(lines) + "\n"
+
+
+def replace_card_section(document: str, section: str) -> str:
+    """``document`` with the text between ``CARD_DOC_BEGIN`` and ``CARD_DOC_END`` replaced by
+    ``section``; ValueError when the markers are missing."""
+    begin, end = document.find(CARD_DOC_BEGIN), document.find(CARD_DOC_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"the document has no generated section (lines {CARD_DOC_BEGIN!r} ... {CARD_DOC_END!r})")
+    return document[:begin + len(CARD_DOC_BEGIN)] + "\n" + section + document[end:]
+
+
 def build_model(card: ModelCard) -> "nn.Module":
     """The U-Net described by ``card``, randomly initialised (no weights are downloaded)."""
     import segmentation_models_pytorch as smp

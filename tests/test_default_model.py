@@ -3,6 +3,7 @@ models not meant for real tissue, and regressions on real AIDPATH data it never 
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -211,3 +212,31 @@ def test_shipped_pair_makes_no_more_false_detections_than_segmentation_alone(tmp
         scores[name] = total
     assert scores["pair"]["matched"] >= scores["segmentation"]["matched"], scores
     assert scores["pair"]["false"] <= scores["segmentation"]["false"], scores
+
+
+def test_card_docs_hold_the_shipped_files_embedded_cards_and_the_command_rewrites_them(tmp_path):
+    """docs/model-card.md and docs/verifier-card.md embed `glomscan model-card`'s table of the
+    shipped files' cards (so they cannot drift from the files); --update rewrites that section
+    only, and a document without the markers is refused."""
+    from click.testing import CliRunner
+
+    from glomscan.cli import main
+    from glomscan.model import CARD_DOC_BEGIN, CARD_DOC_END
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for doc, args in (("model-card.md", []), ("verifier-card.md", ["--verifier"])):
+        printed = CliRunner().invoke(main, ["model-card", *args])
+        assert printed.exit_code == 0, printed.output
+        text = (docs / doc).read_text()
+        assert f"{CARD_DOC_BEGIN}\n{printed.output}{CARD_DOC_END}" in text, f"regenerate: glomscan model-card {' '.join(args)} --update docs/{doc}"
+        assert "| card_version |" in printed.output and "| outputs |" in printed.output
+    target = tmp_path / "card.md"
+    target.write_text(f"# title\n\n{CARD_DOC_BEGIN}\nstale\n{CARD_DOC_END}\n\nafter\n")
+    res = CliRunner().invoke(main, ["model-card", "--update", str(target)])
+    assert res.exit_code == 0, res.output
+    updated = target.read_text()
+    assert "stale" not in updated and updated.startswith("# title") and updated.endswith("after\n")
+    assert "| name | glomscan-aidpath-pas |" in updated
+    (tmp_path / "plain.md").write_text("no markers\n")
+    res = CliRunner().invoke(main, ["model-card", "--update", str(tmp_path / "plain.md")])
+    assert res.exit_code == 2 and "no generated section" in res.output

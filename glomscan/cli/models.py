@@ -1,5 +1,5 @@
-"""For the people who look after models: ``init-model``, ``pack-model``, ``export-onnx``,
-``build-engine``."""
+"""For the people who look after models: ``init-model``, ``pack-model``, ``pack-verifier``,
+``model-card``, ``export-onnx``, ``build-engine``."""
 
 from __future__ import annotations
 
@@ -84,6 +84,39 @@ def pack_verifier(verifier_path, out_path, trained_on, intended_use, licence, gr
                f"min p(glomerulus) {card.min_glomerulus_probability})")
 
 
+@click.command("model-card", short_help="Print a model's or verifier's embedded card as markdown.")
+@click.argument("model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
+@click.option("--verifier", "is_verifier", is_flag=True, help="MODEL_PATH is a verifier file.")
+@click.option("--update", "doc_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Replace the generated section of this markdown file instead of printing.")
+@verbosity
+def model_card(model_path, is_verifier, doc_path):
+    """Print the card embedded in MODEL_PATH (default: the shipped model, or with --verifier the
+    shipped verifier) as a markdown table, or write it into DOC's generated section."""
+    from ..model import card_markdown, replace_card_section
+    from ..shipped import SHIPPED_MODEL, SHIPPED_VERIFIER
+
+    path = model_path or (SHIPPED_VERIFIER if is_verifier else SHIPPED_MODEL)
+    if is_verifier:
+        from ..verify import VerifierError, load_verifier
+
+        try:
+            loaded = load_verifier(path)
+        except VerifierError as exc:
+            raise click.UsageError(str(exc)) from exc
+    else:
+        loaded = load_model_or_exit(path)
+    section = card_markdown(loaded.card, loaded.model_id, Path(path).name)
+    if doc_path is None:
+        click.echo(section, nl=False)
+        return
+    try:
+        doc_path.write_text(replace_card_section(doc_path.read_text(), section))
+    except ValueError as exc:
+        raise click.UsageError(f"{doc_path}: {exc}") from exc
+    click.echo(f"updated the card section of {doc_path} from {path}")
+
+
 @click.command("export-onnx", short_help="Export the U-Net to an ONNX model file (runs without torch).")
 @model_option()
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -143,4 +176,4 @@ def build_engine(model_path, precision, max_batch, tile, workspace_gb, engine_di
     click.echo(how)
 
 
-COMMANDS = (init_model, pack_model, pack_verifier, export_onnx, build_engine)
+COMMANDS = (init_model, pack_model, pack_verifier, model_card, export_onnx, build_engine)
