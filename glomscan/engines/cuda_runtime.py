@@ -102,16 +102,19 @@ class CudaRuntime:
                                                 self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
 
 
-class DeviceBuffer:
-    """``nbytes`` of GPU memory, freed by ``free`` (or when collected)."""
+class _Allocation:
+    """``nbytes`` of memory from the CUDA runtime (``_allocate`` / ``_release`` name the calls),
+    freed by ``free`` or when collected."""
+
+    _allocate = _release = ""
 
     def __init__(self, runtime: CudaRuntime, nbytes: int):
         self.runtime, self.nbytes = runtime, int(nbytes)
-        self.address = int(runtime._check(runtime.cudart.cudaMalloc(self.nbytes)))
+        self.address = int(runtime._check(getattr(runtime.cudart, self._allocate)(self.nbytes)))
 
     def free(self) -> None:
         if self.address:
-            self.runtime._check(self.runtime.cudart.cudaFree(self.address))
+            self.runtime._check(getattr(self.runtime.cudart, self._release)(self.address))
             self.address = 0
 
     def __del__(self):  # pragma: no cover - best effort at interpreter exit
@@ -121,26 +124,24 @@ class DeviceBuffer:
             pass
 
 
-class PinnedArray:
+class DeviceBuffer(_Allocation):
+    """``nbytes`` of GPU memory."""
+
+    _allocate, _release = "cudaMalloc", "cudaFree"
+
+
+class PinnedArray(_Allocation):
     """A numpy array in page-locked host memory (``.array``), so copies to and from the GPU run
     asynchronously at full bus speed."""
 
+    _allocate, _release = "cudaMallocHost", "cudaFreeHost"
+
     def __init__(self, runtime: CudaRuntime, shape: tuple[int, ...], dtype=np.float32):
-        self.runtime = runtime
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
-        self.address = int(runtime._check(runtime.cudart.cudaMallocHost(self.nbytes)))
+        super().__init__(runtime, int(np.prod(self.shape)) * self.dtype.itemsize)
         raw = (ctypes.c_byte * self.nbytes).from_address(self.address)
         self.array = np.frombuffer(raw, dtype=self.dtype).reshape(self.shape)
 
     def free(self) -> None:
-        if self.address:
-            self.array = None
-            self.runtime._check(self.runtime.cudart.cudaFreeHost(self.address))
-            self.address = 0
-
-    def __del__(self):  # pragma: no cover - best effort at interpreter exit
-        try:
-            self.free()
-        except Exception:
-            pass
+        self.array = None  # no view of freed memory stays reachable
+        super().free()
