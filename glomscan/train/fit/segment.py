@@ -204,6 +204,44 @@ class ResidentBatches:
             yield self.patches.batch(s.batch_size, s.crop, s.stain_jitter, s.jpeg_min_quality, s.scale_jitter)
 
 
+class Batches:
+    """Batches drawn from a loader without end: an epoch of a fixed number of steps takes up
+    where the last one stopped, and the loader starts over when it runs out."""
+
+    def __init__(self, loader):
+        self.loader, self._iterator = loader, iter(())
+
+    def next(self):
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self._iterator = iter(self.loader)
+            return next(self._iterator)
+
+
+def train_one_epoch(model: nn.Module, batches: Batches, steps: int, loss_fn: nn.Module, optimiser, scaler,
+                    device: TrainingDevice, on_step=None) -> float:
+    """``steps`` optimiser steps on ``batches`` (images, labels) in training mode, under the
+    device's autocast and gradient scaler; returns the mean loss (after torchvision's reference
+    scripts: ``train_one_epoch``, with ``evaluate_model`` as the validation)."""
+    model.train()
+    losses = []
+    for _ in range(steps):
+        x, labels = batches.next()
+        x, labels = device.prepare(x), labels.to(device.device)
+        optimiser.zero_grad(set_to_none=True)
+        with device.autocast():
+            logits = model(x)
+        loss = loss_fn(logits.float(), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step()
+    return float(np.mean(losses))
+
+
 def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSettings, quiet: bool = False) -> dict:
     """Train; writes ``out_path`` (best validation selection score, fp32, glomscan checkpoint),
     ``<out>.last.pt`` (resume state) and ``<out>.metrics.csv``. Returns the best metrics.
@@ -272,32 +310,16 @@ def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSetti
     val_loader = DataLoader(PatchDataset(dataset_dir, val_rows, card, False), batch_size=settings.batch_size,
                             num_workers=settings.workers, pin_memory=pin_memory, multiprocessing_context=context)
     best = {}
-    batches = iter(())
+    batches = Batches(train_loader)
     for epoch in range(start_epoch, settings.epochs):
-        model.train()
-        t0, losses = time.perf_counter(), []
+        t0 = time.perf_counter()
         steps = len(train_loader) if settings.max_steps_per_epoch is None else settings.max_steps_per_epoch
         with Progress(steps, f"epoch {epoch + 1}/{settings.epochs}", quiet=quiet, unit="step") as progress:
-            for _ in range(steps):
-                try:
-                    x, labels = next(batches)
-                except StopIteration:
-                    batches = iter(train_loader)
-                    x, labels = next(batches)
-                x, labels = device.prepare(x), labels.to(device.device)
-                optimiser.zero_grad(set_to_none=True)
-                with device.autocast():
-                    logits = model(x)
-                loss = loss_fn(logits.float(), labels)
-                scaler.scale(loss).backward()
-                scaler.step(optimiser)
-                scaler.update()
-                losses.append(loss.item())
-                progress.update()
+            train_loss = train_one_epoch(model, batches, steps, loss_fn, optimiser, scaler, device, progress.update)
         scheduler.step()
         recalibrate_batchnorm(model, train_loader, device, settings.bn_recalibration_steps)
         val = evaluate_model(model, val_loader, device)
-        metrics = {"train_loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"],
+        metrics = {"train_loss": train_loss, "lr": optimiser.param_groups[0]["lr"],
                    "seconds": round(time.perf_counter() - t0, 1), **{f"val_{k}": v for k, v in val.items()}}
         log.info("epoch %d: loss %.4f, val Dice normal %.4f sclerosed %.4f glomerulus %.4f", epoch + 1,
                  metrics["train_loss"], val["dice_normal"], val["dice_sclerosed"], val["dice_glomerulus"])
