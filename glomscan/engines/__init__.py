@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 from ..config import BACKENDS
@@ -39,82 +40,114 @@ class EngineOptions:
     """ONNX Runtime CPU threads (default: all cores; a Dask worker sharing the CPU sets its share)."""
 
 
-def create_engine(backend: str, model: LoadedModel, options: EngineOptions | None = None) -> tuple[Engine, EngineChoice]:
-    """Instantiate ``backend`` for ``model``. Explicit backends fail loudly when unavailable;
-    ``auto`` walks the order above and records why each earlier candidate was passed over."""
-    from .onnx import OnnxRuntimeEngine, cached_onnx, onnxruntime_providers, usable_onnxruntime_providers
-    from .openvino import OpenVinoEngine, openvino_status
+@dataclass(frozen=True)
+class _Candidate:
+    """One way to run the model: whether it can here (and why), and how to build it."""
+
+    backend: str
+    status: Callable[[], tuple[bool, str]]
+    """(available, what it is or why it is not)."""
+    build: Callable[[], tuple[Engine, str]]
+    """The engine and what to say about it beyond the status."""
+
+
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "openvino", "onnxruntime", "torch-cpu")
+"""What ``auto`` tries, in order (the names in its 'passed over' list)."""
+
+
+def _candidates(model: LoadedModel, options: EngineOptions) -> dict[str, _Candidate]:
+    """Every way to run ``model`` with ``options``, by name; nothing is imported or built until asked."""
+    from .onnx import cached_onnx, onnxruntime_providers, usable_onnxruntime_providers
+    from .openvino import openvino_status
     from .tensorrt import prepare_tensorrt, tensorrt_status
 
-    options = options or EngineOptions()
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    providers = onnxruntime_providers()
+    def torch_engine(device: str | None):
+        def build():
+            from .torch_engine import TorchEngine
 
-    def torch_engine(device: str | None = None, precision: str = options.precision):
-        from .torch_engine import TorchEngine
+            engine = TorchEngine(model, device, options.precision)
+            return engine, f"torch on {engine.device} ({engine.precision})"
+        return build
 
-        return TorchEngine(model, device, precision)
+    def onnxruntime_engine():
+        from .onnx import OnnxRuntimeEngine
 
-    def onnxruntime_engine() -> OnnxRuntimeEngine:
-        return OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir), threads=options.cpu_threads)
+        engine = OnnxRuntimeEngine(model, cached_onnx(model, options.engine_dir), threads=options.cpu_threads)
+        return engine, f"providers {engine.providers}"
 
-    def openvino_engine() -> OpenVinoEngine:
-        return OpenVinoEngine(model, cached_onnx(model, options.engine_dir), options.engine_dir,
-                              precision="f32" if options.precision == "fp32" else "auto", threads=options.cpu_threads)
+    def openvino_engine():
+        from .openvino import OpenVinoEngine
+
+        engine = OpenVinoEngine(model, cached_onnx(model, options.engine_dir), options.engine_dir,
+                                precision="f32" if options.precision == "fp32" else "auto", threads=options.cpu_threads)
+        return engine, f"{engine.precision} ({engine.reason})"
 
     def tensorrt_engine():
         return prepare_tensorrt(model, options.engine_dir, options.precision, options.tile, options.max_batch,
                                 options.workspace_gb)
 
-    if backend == "torch":
-        engine = torch_engine()
-        return engine, EngineChoice("torch", f"requested; torch on {engine.device} ({engine.precision})")
-    if backend == "onnxruntime":
-        if not providers:
-            raise RuntimeError("--backend onnxruntime: the onnxruntime package is not installed (pip install onnxruntime)")
-        engine = onnxruntime_engine()
-        return engine, EngineChoice("onnxruntime", f"requested; providers {engine.providers}")
-    if backend == "openvino":
-        ok, why = openvino_status()
-        if not ok:
-            raise RuntimeError(f"--backend openvino is not available here: {why}")
-        engine = openvino_engine()
-        return engine, EngineChoice("openvino", f"requested; {why}, {engine.precision} ({engine.reason})")
-    if backend == "tensorrt":
-        ok, why = tensorrt_status()
-        if not ok:
-            raise RuntimeError(f"--backend tensorrt is not available here: {why}")
-        engine, how = tensorrt_engine()
-        return engine, EngineChoice("tensorrt", f"requested; {why}; {how}")
+    def torch_status(device: str) -> Callable[[], tuple[bool, str]]:
+        def status():
+            if not _installed("torch"):
+                return False, "torch is not installed (pip install \"glomscan[train]\")"
+            if device == "cuda":
+                return (True, "torch CUDA") if cuda_available() else (False, "no CUDA GPU")
+            return True, "torch"
+        return status
 
-    passed_over = []
-    ok, why = tensorrt_status()
-    if ok:
-        try:
-            engine, how = tensorrt_engine()
-            return engine, EngineChoice("tensorrt", f"auto: {why}; {how}")
-        except Exception as exc:  # a failed build must not stop the batch: fall back, loudly
-            log.warning("TensorRT unusable, falling back: %s", exc)
-            why = f"TensorRT failed: {exc}"
-    passed_over.append(f"tensorrt ({why})")
-    if not nvidia_driver_loaded() and ("CUDAExecutionProvider" in providers or _installed("tensorrt")):
+    def onnxruntime_status() -> tuple[bool, str]:
+        return (True, "onnxruntime") if onnxruntime_providers() else \
+            (False, "the onnxruntime package is not installed (pip install onnxruntime)")
+
+    def onnxruntime_cuda_status() -> tuple[bool, str]:
+        return (True, "CUDA execution provider") if "CUDAExecutionProvider" in usable_onnxruntime_providers() else \
+            (False, "no CUDA execution provider, or no GPU")
+
+    return {
+        "tensorrt": _Candidate("tensorrt", tensorrt_status, tensorrt_engine),
+        "onnxruntime-cuda": _Candidate("onnxruntime", onnxruntime_cuda_status, onnxruntime_engine),
+        "torch-cuda": _Candidate("torch", torch_status("cuda"), torch_engine("cuda")),
+        "openvino": _Candidate("openvino", openvino_status, openvino_engine),
+        "onnxruntime": _Candidate("onnxruntime", onnxruntime_status, onnxruntime_engine),
+        "torch-cpu": _Candidate("torch", torch_status("cpu"), torch_engine("cpu")),
+        "torch": _Candidate("torch", torch_status("any"), torch_engine(None)),  # explicit: its GPU if it has one
+    }
+
+
+def create_engine(backend: str, model: LoadedModel, options: EngineOptions | None = None) -> tuple[Engine, EngineChoice]:
+    """Instantiate ``backend`` for ``model``. Explicit backends fail loudly when unavailable;
+    ``auto`` walks ``AUTO_ORDER`` and records why each earlier candidate was passed over (a
+    TensorRT engine that fails to build is passed over too, with a warning: a batch goes on)."""
+    from .onnx import onnxruntime_providers
+
+    options = options or EngineOptions()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    candidates = _candidates(model, options)
+    if backend != "auto":
+        candidate = candidates[backend]
+        ok, why = candidate.status()
+        if not ok:
+            raise RuntimeError(f"--backend {backend} is not available here: {why}")
+        engine, how = candidate.build()
+        return engine, EngineChoice(candidate.backend, f"requested; {why}; {how}")
+    if not nvidia_driver_loaded() and ("CUDAExecutionProvider" in onnxruntime_providers() or _installed("tensorrt")):
         log.warning("this installation is for a GPU but no NVIDIA GPU is visible (%s); analysing on the CPU. "
                     "%s.", NVIDIA_DRIVER_NODE, NO_GPU_HINT[0].upper() + NO_GPU_HINT[1:])
-    if "CUDAExecutionProvider" in usable_onnxruntime_providers():
-        return onnxruntime_engine(), EngineChoice("onnxruntime", f"auto: CUDA execution provider; passed over {', '.join(passed_over)}")
-    passed_over.append("onnxruntime-cuda (no CUDA execution provider, or no GPU)")
-    if cuda_available():
-        return torch_engine("cuda"), EngineChoice("torch", f"auto: torch CUDA {options.precision}; passed over {', '.join(passed_over)}")
-    passed_over.append("torch-cuda (no CUDA GPU)")
-    ok, why = openvino_status()
-    if ok:
-        engine = openvino_engine()
-        return engine, EngineChoice("openvino", f"auto: {why} on the CPU, {engine.precision} ({engine.reason}); "
-                                                f"passed over {', '.join(passed_over)}")
-    passed_over.append(f"openvino ({why})")
-    if providers:
-        return onnxruntime_engine(), EngineChoice("onnxruntime", f"auto: onnxruntime CPU; passed over {', '.join(passed_over)}")
-    passed_over.append("onnxruntime (not installed)")
-    return torch_engine("cpu"), EngineChoice("torch", f"auto: torch CPU; passed over {', '.join(passed_over)}")
-
+    passed_over = []
+    for name in AUTO_ORDER:
+        candidate = candidates[name]
+        ok, why = candidate.status()
+        if ok:
+            try:
+                engine, how = candidate.build()
+            except Exception as exc:
+                if name != "tensorrt":
+                    raise
+                log.warning("TensorRT unusable, falling back: %s", exc)  # a failed build must not stop the batch
+                why = f"TensorRT failed: {exc}"
+            else:
+                skipped = f"; passed over {', '.join(passed_over)}" if passed_over else ""
+                return engine, EngineChoice(candidate.backend, f"auto: {why}; {how}{skipped}")
+        passed_over.append(f"{name} ({why})")
+    raise RuntimeError("no inference backend can run here: " + ", ".join(passed_over))
