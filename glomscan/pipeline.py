@@ -21,13 +21,13 @@ from .postprocess import InstanceStream, glomerulus_class
 from .atomic import atomic_write_text
 from .interrupts import raise_if_interrupted
 from .progress import Progress
+from .qupath import write_geojson
 from .report import (
     REJECTED_FILE,
     StreamedLabelFile,
     glomeruli_geojson,
     glomeruli_table,
     wilson_interval,
-    write_geojson,
     write_glomeruli_csv,
     write_mask_tiff,
     write_overview,

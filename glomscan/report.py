@@ -6,7 +6,6 @@ slide in QuPath. ``mask.tif`` is at analysis resolution with its resolution tags
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import uuid
@@ -21,6 +20,7 @@ from .atomic import atomic_write_bytes, atomic_write_text
 from .imaging import equivalent_diameter
 from .labels import QUPATH_CLASS_NAMES
 from .postprocess import Glomerulus
+from .qupath import feature_collection, polygon_feature
 
 CLASS_COLOURS = {"normal": (0, 90, 255), "sclerosed": (230, 30, 30)}
 """Blue normal, red sclerosed (overview and QuPath classification colours)."""
@@ -102,31 +102,16 @@ def glomeruli_geojson(instances: list[Glomerulus], table: pd.DataFrame, scale: f
         ring = [[round(x * scale, 2), round(y * scale, 2)] for x, y in g.contour]
         measurements = {c: float(row[c]) for c in measurement_columns if pd.notna(row[c])}
         if g.rejected:
-            name, classification = f"rejected candidate {g.id}", {"name": REJECTED_CLASS_NAME,
-                                                                    "color": list(REJECTED_COLOUR)}
+            name, class_name, colour = f"rejected candidate {g.id}", REJECTED_CLASS_NAME, REJECTED_COLOUR
         else:
-            name, classification = f"glomerulus {g.id}", {"name": QUPATH_CLASS_NAMES[g.class_name],
-                                                          "color": list(CLASS_COLOURS[g.class_name])}
-        properties = {
-            "objectType": "detection",
-            "name": name,
-            "classification": classification,
-            "isLocked": False,
-            "measurements": {"glomscan id": g.id, **measurements},
-        }
+            name, class_name, colour = f"glomerulus {g.id}", QUPATH_CLASS_NAMES[g.class_name], CLASS_COLOURS[g.class_name]
+        properties = {"isLocked": False, "measurements": {"glomscan id": g.id, **measurements}}
         if g.rejected:
             properties["glomscan"] = {"candidate_class": g.class_name, "rejected_by": "verifier"}
-        features.append({
-            "type": "Feature",
-            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"glomscan/{g.id}/{ring[:1]}")),
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": properties,
-        })
-    return {"type": "FeatureCollection", "features": features}
-
-
-def write_geojson(collection: dict, path: Path) -> None:
-    atomic_write_text(path, json.dumps(collection))
+        features.append(polygon_feature([ring], class_name, object_type="detection", colour=colour, name=name,
+                                        feature_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"glomscan/{g.id}/{ring[:1]}")),
+                                        properties=properties))
+    return feature_collection(features)
 
 
 # -- label mask ------------------------------------------------------------------------------

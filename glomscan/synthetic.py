@@ -19,6 +19,7 @@ import numpy as np
 import pyvips
 
 from .labels import QUPATH_CLASS_NAMES
+from .qupath import feature_collection, polygon_feature
 
 GLASS = (246, 244, 247)
 TISSUE = (222, 168, 196)
@@ -58,10 +59,9 @@ class SyntheticSlide:
             a = np.linspace(0, 2 * np.pi, 65)
             ring = np.stack([g.x + g.radius * np.cos(a), g.y + g.radius * np.sin(a)], axis=1)
             ring[-1] = ring[0]
-            features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring.round(2).tolist()]},
-                             "properties": {"objectType": "annotation", "classification": {
-                                 "name": QUPATH_CLASS_NAMES["sclerosed" if g.sclerosed else "normal"]}}})
-        return {"type": "FeatureCollection", "features": features}
+            features.append(polygon_feature([ring.round(2).tolist()],
+                                            QUPATH_CLASS_NAMES["sclerosed" if g.sclerosed else "normal"]))
+        return feature_collection(features)
 
     def label_image(self, downsample: float = 1.0) -> np.ndarray:
         """Ground-truth labels (0/1 normal/2 sclerosed) at level-0 / downsample."""

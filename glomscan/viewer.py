@@ -35,6 +35,7 @@ import pyvips
 
 from .atomic import OUTPUT_ERRNOS, atomic_write_text
 from .labels import QUPATH_CLASS_NAMES
+from .qupath import classification_name
 from .report import CLASS_COLOURS, REJECTED_CLASS_NAME, REJECTED_COLOUR, REJECTED_FILE, Z_95
 from .slides import Slide
 
@@ -71,7 +72,7 @@ def glomeruli_for_page(geojson: dict, rejected_by: str | None = None) -> list[di
         props = feature.get("properties", {})
         m = dict(props.get("measurements", {}))
         if rejected_by is None:
-            cls = by_name.get((props.get("classification") or {}).get("name", ""), "normal")
+            cls = by_name.get(classification_name(feature), "normal")
         else:
             cls = (props.get("glomscan") or {}).get("candidate_class", "normal")
             cls = cls if cls in QUPATH_CLASS_NAMES else "normal"

@@ -165,7 +165,8 @@ def test_demo_sample_glomeruli_found_through_its_jpeg_pyramid(tmp_path):
     must be found at IoU >= 0.5 (what `make demo` shows)."""
     import pyvips
 
-    from glomscan.train.dataset.data import DEFAULT_CLASS_MAP, rasterise_polygons, read_qupath_geojson
+    from glomscan.qupath import read_qupath_geojson
+    from glomscan.train.dataset.data import DEFAULT_CLASS_MAP, rasterise_polygons
 
     res = CliRunner().invoke(main, ["analyze", str(SAMPLE_DIR), "--out", str(tmp_path / "out"), "--quiet"])
     assert res.exit_code == 0, res.output

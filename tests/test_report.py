@@ -141,3 +141,37 @@ def test_polygon_fill_of_a_slide_sized_outline():
     assert abs(int(inside.sum()) - np.pi * 700 * 900) < 0.01 * np.pi * 700 * 900
     assert inside[800, 1000] and not inside[5, 5] and not inside[800, 1950]
     assert not polygon_mask([1.0, 2.0], [1.0, 2.0], (5, 5)).any()  # fewer than 3 vertices
+
+
+def test_qupath_geojson_written_and_read_in_one_module(tmp_path):
+    """What glomscan writes QuPath reads back the same way: a polygon feature with its class
+    name (and colour), a FeatureCollection, a list or a single feature on disk; class names from
+    the classification (object or old string form) else the name; unmapped classes counted,
+    background-mapped ones left out on purpose, points read apart."""
+    import json
+
+    from glomscan.qupath import (classification_name, feature_collection, polygon_feature, read_features,
+                                 read_qupath_geojson, read_qupath_points, write_geojson)
+
+    square = [[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]
+    written = feature_collection([
+        polygon_feature([square], "Glomerulus (normal)", colour=(1, 2, 3), object_type="detection", name="g1",
+                        properties={"measurements": {"area": 100.0}}),
+        polygon_feature([square], "Tubule"),
+        polygon_feature([square], "Not glomerulus"),
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 6]},
+         "properties": {"classification": "Glomerulus (sclerosed)"}},
+    ])
+    write_geojson(written, tmp_path / "a.geojson")
+    features = read_features(tmp_path / "a.geojson")
+    assert features == written["features"]
+    assert [classification_name(f) for f in features] == ["Glomerulus (normal)", "Tubule", "Not glomerulus",
+                                                           "Glomerulus (sclerosed)"]
+    assert features[0]["properties"]["classification"] == {"name": "Glomerulus (normal)", "color": [1, 2, 3]}
+    class_map = {"glomerulus (normal)": 1, "glomerulus (sclerosed)": 2, "not glomerulus": 0}
+    polygons, skipped = read_qupath_geojson(tmp_path / "a.geojson", class_map)
+    assert [p.label for p in polygons] == [1] and skipped == {"Tubule": 1}
+    assert [(p.label, p.x, p.y) for p in read_qupath_points(tmp_path / "a.geojson", class_map)] == [(2, 5.0, 6.0)]
+    (tmp_path / "list.geojson").write_text(json.dumps(written["features"][:1]))
+    (tmp_path / "one.geojson").write_text(json.dumps(written["features"][0]))
+    assert read_features(tmp_path / "list.geojson") == read_features(tmp_path / "one.geojson") == features[:1]

@@ -22,7 +22,8 @@ from glomscan.config import AnalysisSettings
 from glomscan.pipeline import sclerosis_summary
 from glomscan.labels import QUPATH_CLASS_NAMES
 from glomscan.imaging import read_png
-from glomscan.train.dataset.data import DEFAULT_CLASS_MAP, read_qupath_geojson, read_qupath_points
+from glomscan.qupath import read_qupath_geojson, read_qupath_points
+from glomscan.train.settings import DEFAULT_CLASS_MAP
 from glomscan.viewer import CORRECTION_CLASS_NAMES, REJECTED_COLOUR, VIEWER_DIR, VIEWER_PAGE
 
 from conftest import ORACLE_CHOICE, TEST_GLOMERULI, OracleEngine, copy_slide, oracle_model

@@ -20,7 +20,8 @@ from glomscan.config import AnalysisSettings
 from glomscan.pipeline import sclerosis_summary
 from glomscan.synthetic import NORMAL, SCLEROSED
 from glomscan.labels import QUPATH_CLASS_NAMES
-from glomscan.train.dataset.data import DEFAULT_CLASS_MAP, read_qupath_geojson
+from glomscan.qupath import read_qupath_geojson
+from glomscan.train.settings import DEFAULT_CLASS_MAP
 from glomscan.viewer import CORRECTION_CLASS_NAMES, REJECTED_COLOUR, VIEWER_PAGE
 
 from conftest import ORACLE_CHOICE, TEST_GLOMERULI, OracleEngine, copy_slide, oracle_model

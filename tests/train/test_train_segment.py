@@ -13,14 +13,13 @@ from glomscan.engines.torch_engine import TorchEngine
 from glomscan.engines.base import EngineChoice
 from glomscan.model import load_checkpoint
 from glomscan.synthetic import SyntheticGlomerulus, write_synthetic_slide
+from glomscan.qupath import PolygonAnnotation, read_qupath_geojson
 from glomscan.train.dataset.data import (
-    PolygonAnnotation,
     PrepareSettings,
     load_patch,
     parse_class_map,
     prepare_dataset,
     rasterise_polygons,
-    read_qupath_geojson,
     split_slides,
 )
 from glomscan.train.evaluation.metrics import instance_matches, pixel_metrics, sclerosis_percent

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,8 @@ import pyvips
 from skimage.draw import polygon as fill_polygon
 
 from ...imaging import image_to_array, read_png, write_png
-from ...labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
+from ...labels import BACKGROUND, NORMAL, SCLEROSED, UNKNOWN_CLASS
+from ...qupath import PointAnnotation, PolygonAnnotation, read_qupath_geojson, read_qupath_points
 from ...slides import Slide, TileReader, analysis_resolution, find_slides
 from ...tiling import TileGrid
 from .composite import paste_glomeruli
@@ -66,70 +67,9 @@ def parse_class_map(text: str | None) -> dict[str, int]:
         cls = cls.strip().lower()
         if cls not in ("normal", "sclerosed", "unknown", "ignore"):
             raise ValueError(f"class map entry {item!r}: class must be normal, sclerosed, unknown or ignore")
-        mapping[name.strip().lower()] = {"normal": 1, "sclerosed": 2, "unknown": 3, "ignore": 0}[cls]
+        mapping[name.strip().lower()] = {"normal": NORMAL, "sclerosed": SCLEROSED, "unknown": UNKNOWN_CLASS,
+                                         "ignore": BACKGROUND}[cls]
     return mapping
-
-
-@dataclass
-class PolygonAnnotation:
-    label: int
-    rings: list[np.ndarray]
-    """First ring is the outline, the others holes; (n, 2) arrays of level-0 (x, y)."""
-
-
-def read_qupath_geojson(path: Path, class_map: dict[str, int]) -> tuple[list[PolygonAnnotation], dict[str, int]]:
-    """Polygons (and MultiPolygons) with a mapped classification. Returns them and the count of
-    features skipped per unmapped classification name, so nothing is dropped silently."""
-    data = json.loads(Path(path).read_text())
-    features = data.get("features", []) if isinstance(data, dict) and data.get("type") == "FeatureCollection" else (
-        data if isinstance(data, list) else [data])
-    polygons, skipped = [], {}
-    for f in features:
-        name = _classification(f)
-        label = class_map.get(name.strip().lower())
-        geometry = f.get("geometry") or {}
-        if label is None:
-            skipped[name or "<unclassified>"] = skipped.get(name or "<unclassified>", 0) + 1
-            continue
-        if label == 0:
-            continue
-        parts = ([geometry["coordinates"]] if geometry.get("type") == "Polygon"  # points: read_qupath_points
-                 else geometry.get("coordinates", []) if geometry.get("type") == "MultiPolygon" else [])
-        for rings in parts:
-            polygons.append(PolygonAnnotation(label, [np.asarray(r, np.float64)[:, :2] for r in rings]))
-    return polygons, skipped
-
-
-@dataclass
-class PointAnnotation:
-    label: int
-    x: float
-    y: float
-    """Level-0 pixels: a glomerulus marked by its centre only (a missed one added in the review page)."""
-
-
-def read_qupath_points(path: Path, class_map: dict[str, int]) -> list[PointAnnotation]:
-    """Point (and MultiPoint) features with a mapped glomerulus classification (label 1, 2 or 3)."""
-    data = json.loads(Path(path).read_text())
-    features = data.get("features", []) if isinstance(data, dict) and data.get("type") == "FeatureCollection" else (
-        data if isinstance(data, list) else [data])
-    points = []
-    for f in features:
-        geometry = f.get("geometry") or {}
-        coordinates = ([geometry.get("coordinates")] if geometry.get("type") == "Point"
-                       else geometry.get("coordinates", []) if geometry.get("type") == "MultiPoint" else [])
-        if not coordinates:
-            continue
-        label = class_map.get(_classification(f).strip().lower())
-        if label in (1, 2, 3):
-            points += [PointAnnotation(label, float(c[0]), float(c[1])) for c in coordinates]
-    return points
-
-
-def _classification(feature: dict) -> str:
-    props = feature.get("properties") or {}
-    cls = props.get("classification") or {}
-    return (cls.get("name") if isinstance(cls, dict) else str(cls)) or props.get("name") or ""
 
 
 def near_points(points: list[PointAnnotation], x0: float, y0: float, size: float, margin: float) -> int:

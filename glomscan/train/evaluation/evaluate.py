@@ -18,8 +18,8 @@ from ...postprocess import EIGHT_CONNECTED, glomeruli_in_image
 from ...report import REJECTED_FILE, polygon_mask
 from ...engines.torch_engine import TorchEngine
 from ...imaging import image_to_array
-from ..dataset.data import (DEFAULT_CLASS_MAP, label_image_from_masks, load_patch, rasterise_polygons, read_qupath_geojson,
-                   read_qupath_points)
+from ...qupath import read_qupath_geojson, read_qupath_points
+from ..dataset.data import DEFAULT_CLASS_MAP, label_image_from_masks, load_patch, rasterise_polygons
 from .metrics import (dice, glomerulus_counts, instance_matches, known_class_counts, match_components,
                       pixel_metrics, sclerosis_percent)
 
