@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
-from .labels import QUPATH_CLASS_NAMES
+from .labels import LABEL_OF_CLASS, QUPATH_CLASS_NAMES
 from .qupath import feature_collection, polygon_feature
 
 GLASS = (246, 244, 247)
@@ -70,7 +70,7 @@ class SyntheticSlide:
         labels = np.zeros((h, w), np.uint8)
         for g in self.glomeruli:
             inside = ((xx + 0.5) * downsample - g.x) ** 2 + ((yy + 0.5) * downsample - g.y) ** 2 <= g.radius**2
-            labels[inside] = 2 if g.sclerosed else 1
+            labels[inside] = LABEL_OF_CLASS["sclerosed" if g.sclerosed else "normal"]
         return labels
 
 

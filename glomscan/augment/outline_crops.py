@@ -44,6 +44,7 @@ import pandas as pd
 from scipy import ndimage
 
 from ..imaging import from_optical_density, optical_density, write_png
+from ..labels import NORMAL, SCLEROSED
 from ..train.dataset.composite import tissue_map
 from .crops import CROP_COLUMNS, component_circle
 from ..train.dataset.data import split_slides
@@ -182,7 +183,7 @@ def make_outline_crops(crop_set_dir: Path, out_dir: Path, settings: OutlineCropS
     out_dir = Path(out_dir)
     crops = read_crop_set(Path(crop_set_dir))
     split = split_slides([c.slide for c in crops], settings.validation_fraction, settings.seed)
-    wanted = {"sclerosed": (2,), "normal": (1,), "all": (1, 2)}[settings.classes]
+    wanted = {"sclerosed": (SCLEROSED,), "normal": (NORMAL,), "all": (NORMAL, SCLEROSED)}[settings.classes]
     chosen = [c for c in crops if c.label in wanted]
     if not chosen:
         raise ValueError(f"{crop_set_dir}: no {settings.classes} glomeruli in labels.csv")

@@ -85,7 +85,7 @@ class PatchCanvas:
     def paint(self, window: tuple[slice, slice], pixels: np.ndarray, mask: np.ndarray) -> None:
         """Put the composited crop in ``window`` and label the mask sclerosed."""
         self.image[window] = pixels
-        self.labels[window][mask] = 2
+        self.labels[window][mask] = SCLEROSED
         self.touched = True
         self._update_forbidden()
 

@@ -126,7 +126,7 @@ def sclerosis_percent(labels: np.ndarray, points=()) -> float:
     for i, sl in enumerate(ndimage.find_objects(cc), start=1):
         values = labels[sl][cc[sl] == i]
         majority = int(np.bincount(values, minlength=4)[1:].argmax()) + 1
-        if majority in (1, 2):
+        if majority in (NORMAL, SCLEROSED):
             graded += 1
-            scl += int(majority == 2)
+            scl += int(majority == SCLEROSED)
     return 100.0 * scl / graded if graded else float("nan")
