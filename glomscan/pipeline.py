@@ -241,22 +241,20 @@ def verify_candidates(candidates: list, image, verifier, labels_file: StreamedLa
     return accepted, rejected
 
 
-def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engine: Engine,
-                  choice: EngineChoice, settings: AnalysisSettings, fingerprint: dict,
-                  quiet: bool = False, report: SlideReport | None = None) -> SlideReport:
-    """Analyse one slide, writing every output file into ``out_dir`` (report.json last).
-    Raises SlideError (or pyvips/OS errors) on failure; the caller records them. ``report``,
-    when given, is filled in as the slide is learnt about, so a caller still holds what was
-    known when a failure came."""
-    started = time.perf_counter()
-    report = report or SlideReport(slide=name, path=str(path))
+def _describe_models(report: SlideReport, model: LoadedModel, choice: EngineChoice, fingerprint: dict,
+                     verifier) -> None:
     report.backend, report.backend_reason, report.fingerprint = choice.backend, choice.reason, fingerprint
     report.model_id, report.model_sha256 = model.model_id, model.sha256
     report.model_intended_use, report.model_licence = model.card.intended_use, model.card.licence
-    verifier = model.verifier if settings.verify_candidates else None
     if verifier is not None:
         report.verifier_id, report.verifier_sha256 = verifier.model_id, verifier.sha256
         report.verifier_licence = verifier.card.licence
+
+
+def _open_slide(path: Path, name: str, model: LoadedModel, settings: AnalysisSettings, report: SlideReport):
+    """The slide, its image at the analysis resolution (the one resolution rule), that level
+    and the resolution; the report learns the slide's size, levels, mpp and reader. SlideError
+    for slides that cannot be analysed (colours, too small)."""
     slide = Slide(path, mpp_override=settings.mpp_override)
     level0 = slide.levels[0]
     report.width, report.height, report.n_levels = level0.width, level0.height, len(slide.levels)
@@ -267,29 +265,36 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
     if slide.colour_problem:
         raise SlideError(slide.colour_problem)
     resolution = analysis_resolution(slide, settings.target_mpp or model.card.analysis_mpp, settings.downsample)
-    downsample, analysis_mpp, assumed_mpp = resolution.downsample, resolution.analysis_mpp, resolution.assumed_mpp
-    if analysis_mpp is None:
+    if resolution.analysis_mpp is None:
         log.warning("%s: no mpp in metadata and no --mpp given; analysing at level-0 / %.3g, "
-                    "areas in pixels only", name, downsample)
-    image, level = slide.image_at(downsample)
-    report.analysis_mpp, report.analysis_downsample, report.pyramid_level = analysis_mpp, downsample, level.index
-
+                    "areas in pixels only", name, resolution.downsample)
+    image, level = slide.image_at(resolution.downsample)
+    report.analysis_mpp, report.analysis_downsample = resolution.analysis_mpp, resolution.downsample
+    report.pyramid_level = level.index
     if max(image.width, image.height) < MIN_IMAGE_SIDE_PX:
         raise SlideError(f"image too small to hold a glomerulus: {image.width} x {image.height} px at the analysis "
                          f"resolution ({level0.width} x {level0.height} px as stored; a glomerulus is about "
                          "100-250 µm across)")
+    return slide, image, level, resolution
+
+
+def _tiles_to_infer(slide: Slide, image, resolution, settings: AnalysisSettings, report: SlideReport
+                    ) -> tuple[TileGrid, list[Tile]]:
+    """The tile grid and the tiles to infer: those on tissue, or every tile of a small image (an
+    ROI or crop a pathologist exported is tissue or nearly); the report learns the tissue area.
+    SlideError for a slide without tissue or a blank image."""
+    downsample, analysis_mpp = resolution.downsample, resolution.analysis_mpp
     small = is_small_image(image.width, image.height, settings.tile)
     tissue_settings = settings.tissue
     if small:  # a thumbnail 16x coarser than a crop would be a few pixels: detect finer
         tissue_settings = replace(tissue_settings, thumbnail_downsample=max(
             1.0, min(tissue_settings.thumbnail_downsample, max(image.width, image.height) / 256)))
-    tissue = slide.tissue(downsample, assumed_mpp, tissue_settings)
+    tissue = slide.tissue(downsample, resolution.assumed_mpp, tissue_settings)
     report.tissue_area_px = int(round(tissue.area_px() * downsample**2))
     if analysis_mpp is not None:
         report.tissue_area_mm2 = round(tissue.area_px() * analysis_mpp**2 / 1e6, 4)
     grid = TileGrid(image.width, image.height, settings.tile, settings.stride)
     if small:
-        # ROIs and crops exported by pathologists are all tissue or nearly: infer all of it.
         reason = blank_image_reason(slide, downsample)
         if reason:
             raise SlideError(reason)
@@ -299,6 +304,36 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
             raise SlideError("no tissue detected")
         tiles = grid.tissue_tiles(tissue)
     report.tiles_total, report.tiles_tissue = grid.n_rows * grid.n_cols, len(tiles)
+    return grid, tiles
+
+
+def _count(report: SlideReport, instances: list, rejected: list, verified: bool, dropped_small: int) -> None:
+    """Counts, %GS and its interval: accepted glomeruli only (rejected candidates count nowhere)."""
+    report.n_normal = sum(g.class_name == "normal" for g in instances)
+    report.n_sclerosed = sum(g.class_name == "sclerosed" for g in instances)
+    report.n_glomeruli = len(instances)
+    report.dropped_small_components = dropped_small
+    report.n_candidates = len(instances) + len(rejected)
+    report.n_rejected = len(rejected) if verified else None
+    (report.percent_global_glomerulosclerosis, report.ci95_low,
+     report.ci95_high) = sclerosis_summary(report.n_normal, report.n_sclerosed)
+
+
+def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engine: Engine,
+                  choice: EngineChoice, settings: AnalysisSettings, fingerprint: dict,
+                  quiet: bool = False, report: SlideReport | None = None) -> SlideReport:
+    """Analyse one slide, writing every output file into ``out_dir`` (report.json last).
+    Raises SlideError (or pyvips/OS errors) on failure; the caller records them. ``report``,
+    when given, is filled in as the slide is learnt about, so a caller still holds what was
+    known when a failure came."""
+    started = time.perf_counter()
+    report = report or SlideReport(slide=name, path=str(path))
+    verifier = model.verifier if settings.verify_candidates else None
+    _describe_models(report, model, choice, fingerprint, verifier)
+    slide, image, level, resolution = _open_slide(path, name, model, settings, report)
+    downsample, analysis_mpp, assumed_mpp = resolution.downsample, resolution.analysis_mpp, resolution.assumed_mpp
+    grid, tiles = _tiles_to_infer(slide, image, resolution, settings, report)
+    level0 = slide.levels[0]
     log.info("%s: %dx%d level 0, level %d, analysis %dx%d px at %s µm/px, %d of %d tiles on tissue",
              name, level0.width, level0.height, level.index, image.width, image.height,
              f"{analysis_mpp:.3g}" if analysis_mpp else "unknown", len(tiles), report.tiles_total)
@@ -344,14 +379,7 @@ def analyze_slide(path: Path, name: str, out_dir: Path, model: LoadedModel, engi
         labels_file.close()
     labels_file.path.unlink()
 
-    report.n_normal = sum(g.class_name == "normal" for g in instances)
-    report.n_sclerosed = sum(g.class_name == "sclerosed" for g in instances)
-    report.n_glomeruli = len(instances)
-    report.dropped_small_components = merge.stream.dropped_small
-    report.n_candidates = len(instances) + len(rejected)
-    report.n_rejected = len(rejected) if verifier is not None else None
-    (report.percent_global_glomerulosclerosis, report.ci95_low,
-     report.ci95_high) = sclerosis_summary(report.n_normal, report.n_sclerosed)
+    _count(report, instances, rejected, verifier is not None, merge.stream.dropped_small)
     report.status, report.reason = "ok", ""
     if viewer_tiles is not None:
         from .viewer import finish_viewer
