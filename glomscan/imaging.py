@@ -60,3 +60,14 @@ def from_optical_density(od: np.ndarray) -> np.ndarray:
 def equivalent_diameter(area: float) -> float:
     """Diameter of the disc of this area (same unit as the area's square root)."""
     return math.sqrt(4 * area / math.pi)
+
+
+def dihedral(x, k: int, flip: bool, dims: tuple[int, int] = (0, 1)):
+    """``x`` turned by ``k`` quarter turns in the plane of ``dims`` (as ``numpy.rot90``), then
+    mirrored along ``dims[1]`` when ``flip``: the eight symmetries of a square, for numpy arrays
+    and torch tensors alike (the augmentation of every trainer)."""
+    if isinstance(x, np.ndarray):
+        x = np.rot90(x, k, axes=dims)
+        return np.flip(x, axis=dims[1]) if flip else x
+    x = x.rot90(k, dims) if k % 4 else x  # a torch tensor (not imported here)
+    return x.flip(dims[1]) if flip else x

@@ -167,3 +167,4 @@ def test_openslide_keeps_decoding_when_the_tiff_reader_differs(small_slide, tmp_
     assert slide.pixel_reader == "openslide"
     ours = image_to_array(slide.level_image(1).crop(0, 0, 64, 64))
     assert np.array_equal(ours, image_to_array(pyvips.Image.openslideload(str(link), level=1).flatten().crop(0, 0, 64, 64)))
+

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_torch_save
-from ..imaging import write_png
+from ..imaging import dihedral, write_png
 from ..progress import Progress
 from .inpaint_losses import (GeneratorLoss, InpaintLossWeights, load_segmentation_features, load_vgg19_features,
                              lsgan_discriminator_loss)
@@ -226,10 +226,8 @@ def sample_grid(images: np.ndarray, masks: np.ndarray, generated: np.ndarray) ->
 def _augment(x: torch.Tensor, m: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ms = [], []
     for xi, mi in zip(x, m):
-        k = int(rng.integers(4))
-        xi, mi = torch.rot90(xi, k, (1, 2)), torch.rot90(mi, k, (1, 2))
-        if rng.random() < 0.5:
-            xi, mi = xi.flip(2), mi.flip(2)
+        k, flip = int(rng.integers(4)), rng.random() < 0.5
+        xi, mi = dihedral(xi, k, flip, dims=(1, 2)), dihedral(mi, k, flip, dims=(1, 2))
         xs.append(xi)
         ms.append(mi)
     return torch.stack(xs), torch.stack(ms)

@@ -23,7 +23,7 @@ from skimage.transform import resize
 from torch import nn
 
 from ..atomic import atomic_torch_save
-from ..imaging import equivalent_diameter, read_png, write_png
+from ..imaging import dihedral, equivalent_diameter, read_png, write_png
 from ..train.fit.harness import TrainingRun, choose_training_device, seed_training
 from .settings import MaskGanSettings, MaskGenerationSettings
 
@@ -105,10 +105,7 @@ def augment_dihedral(batch: torch.Tensor, generator: torch.Generator) -> torch.T
     out = []
     for x in batch:
         k = int(torch.randint(4, (1,), generator=generator))
-        x = torch.rot90(x, k, (1, 2))
-        if torch.rand(1, generator=generator) < 0.5:
-            x = torch.flip(x, (2,))
-        out.append(x)
+        out.append(dihedral(x, k, bool(torch.rand(1, generator=generator) < 0.5), dims=(1, 2)))
     return torch.stack(out)
 
 

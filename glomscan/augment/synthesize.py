@@ -35,7 +35,7 @@ from scipy import ndimage
 from scipy.signal import fftconvolve
 
 from ..config import TissueSettings
-from ..imaging import equivalent_diameter, saturated_pixels, write_png
+from ..imaging import dihedral, equivalent_diameter, saturated_pixels, write_png
 from ..labels import NORMAL, SCLEROSED
 from .crops import sclerosed_census, training_rows
 from ..train.dataset.data import MANIFEST_COLUMNS, load_patch
@@ -208,9 +208,8 @@ def synthesize(dataset_dir: Path, out_dir: Path, inpainter: Callable, masks: lis
         mask_index = i % len(masks)
         mask = masks[mask_index]
         if i >= len(masks):  # reused shape: a random flip/rotation
-            mask = np.rot90(mask, int(rng.integers(4)))
-            mask = mask[:, ::-1] if rng.random() < 0.5 else mask
-            mask = np.ascontiguousarray(mask)
+            k = int(rng.integers(4))
+            mask = np.ascontiguousarray(dihedral(mask, k, rng.random() < 0.5))
         shapes.append((i, mask_index, mask))
     # largest first: big glomeruli find room while the patches are empty, small ones fill the gaps
     shapes.sort(key=lambda shape: -int(shape[2].sum()))

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ...imaging import dihedral
 from .data import load_patch
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,10 @@ def dihedral_batch(images: torch.Tensor, labels: torch.Tensor, generator: torch.
     turns = torch.randint(0, 4, (n,), generator=generator, device=device)
     flips = torch.rand(n, generator=generator, device=device) < 0.5
     images, labels = images.clone(), labels.clone()
-    images[flips], labels[flips] = images[flips].flip(-1), labels[flips].flip(-1)
+    images[flips], labels[flips] = (dihedral(t[flips], 0, True, dims=(-2, -1)) for t in (images, labels))
     for k in (1, 2, 3):
         chosen = turns == k
-        images[chosen] = torch.rot90(images[chosen], k, dims=(-2, -1))
-        labels[chosen] = torch.rot90(labels[chosen], k, dims=(-2, -1))
+        images[chosen], labels[chosen] = (dihedral(t[chosen], k, False, dims=(-2, -1)) for t in (images, labels))
     return images, labels
 
 

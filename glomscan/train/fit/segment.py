@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ...imaging import from_optical_density, optical_density
+from ...imaging import dihedral, from_optical_density, optical_density
 from ...labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
 from ...model import ModelCard, build_model, load_model, save_checkpoint
 from ...progress import Progress
@@ -103,9 +103,8 @@ class PatchDataset(Dataset):
             image, labels = image[y:y + self.crop, x:x + self.crop], labels[y:y + self.crop, x:x + self.crop]
         if self.augment:
             k = int(self.rng.integers(4))
-            image, labels = np.rot90(image, k), np.rot90(labels, k)
-            if self.rng.random() < 0.5:
-                image, labels = image[:, ::-1], labels[:, ::-1]
+            flip = self.rng.random() < 0.5
+            image, labels = dihedral(image, k, flip), dihedral(labels, k, flip)
             if self.rng.random() < 0.5:
                 image, labels = image[::-1], labels[::-1]
             if self.stain_jitter > 0:
