@@ -73,8 +73,7 @@ class CudaRuntime:
         """Device 0, or CudaUnavailable saying why there is none."""
         if not nvidia_driver_loaded():
             raise CudaUnavailable(f"no NVIDIA GPU visible (no {NVIDIA_DRIVER_NODE}); {NO_GPU_HINT}")
-        count = self._check(self.cudart.cudaGetDeviceCount())
-        if count < 1:
+        if self.device_count() < 1:
             raise CudaUnavailable(f"the NVIDIA driver reports no CUDA device; {NO_GPU_HINT}")
         props = self._check(self.cudart.cudaGetDeviceProperties(0))
         name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
