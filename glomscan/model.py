@@ -1,11 +1,8 @@
 """The segmentation network, its card and its two file formats.
 
-A glomscan checkpoint (``.pt``) is a ``torch.save``d dict::
-
-    {"format": "glomscan-checkpoint", "version": 1, "card": {...ModelCard...}, "state_dict": {...}}
-
-loaded with ``weights_only=True`` (no pickled code runs). The card carries everything analyze
-needs: architecture, classes, input normalisation, analysis mpp, tile size.
+A glomscan checkpoint (``.pt``) is :mod:`glomscan.checkpoint`'s file of kind ``segmentation``,
+its card a :class:`ModelCard`. The card carries everything analyze needs: architecture, classes,
+input normalisation, analysis mpp, tile size.
 
 A glomscan ONNX model (``.onnx``, written by ``export-onnx``) carries the same card and the
 sha256 of the checkpoint it was exported from in its metadata; the ONNX Runtime and OpenVINO
@@ -15,14 +12,13 @@ fingerprints). torch is imported only where a checkpoint is read or written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .atomic import atomic_torch_save
+from .checkpoint import CheckpointError, cpu_state, read_checkpoint_file, save_checkpoint_file, sha256_file
 from .labels import CLASS_NAMES
 
 log = logging.getLogger(__name__)
@@ -32,8 +28,6 @@ if TYPE_CHECKING:  # torch only where a checkpoint is read or written
 
     from .verify import Verifier
 
-CHECKPOINT_FORMAT = "glomscan-checkpoint"
-CHECKPOINT_VERSION = 1
 ONNX_CARD_KEY = "glomscan.card"
 ONNX_SHA256_KEY = "glomscan.model_sha256"
 """ONNX metadata: the card (JSON) and the sha256 of the checkpoint the graph was exported from."""
@@ -52,10 +46,6 @@ of a newer version, or with keys this version does not know, is read with a warn
 SEGMENTATION_OUTPUTS = (
     "(N, C, H, W) probabilities in [0, 1], C = len(classes): an independent sigmoid per class (not a "
     "softmax); channel c is the probability that the pixel belongs to a glomerulus of class classes[c]")
-
-
-class CheckpointError(Exception):
-    """The model file is missing or is not a usable glomscan checkpoint."""
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -213,14 +203,7 @@ class LoadedModel:
 def save_checkpoint(path: Path, module: "nn.Module", card: ModelCard, half: bool = False) -> str:
     """Write atomically; returns the file's sha256. ``half`` stores fp16 weights (smaller file,
     converted back to fp32 on load)."""
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in module.state_dict().items()}
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "card": asdict(card),
-               "state_dict": state}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(path, payload)
-    return sha256_file(path)
+    return save_checkpoint_file(path, "segmentation", asdict(card), cpu_state(module.state_dict(), half))
 
 
 def write_random_checkpoint(path: Path, encoder: str = "efficientnet-b3", seed: int = 0,
@@ -248,28 +231,16 @@ def repack_checkpoint(model: LoadedModel, path: Path, card_edits: dict, validati
 
 def load_checkpoint(path: Path) -> LoadedModel:
     """Load and validate; raises CheckpointError with a reason a person can act on."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
+    payload = read_checkpoint_file(path, "segmentation")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a damaged file
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a glomscan checkpoint (no 'format': '{CHECKPOINT_FORMAT}' key); "
-            "write one with `glomscan init-model` or `glomscan train segment`"
-        )
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not supported")
-    try:
-        card = ModelCard.from_dict(payload["card"])
+        card = ModelCard.from_dict(payload.card)
         if card.classes != CLASS_NAMES:
             raise CheckpointError(f"{path}: classes {card.classes} != expected {CLASS_NAMES}")
         module = build_model(card)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+        state = {k: v.float() if v.is_floating_point() else v for k, v in payload.state_dict.items()}
         module.load_state_dict(state, strict=True)
     except CheckpointError:
         raise
@@ -335,11 +306,3 @@ def module_from_onnx(path: Path, card: ModelCard) -> "nn.Module":
                               "`glomscan export-onnx --model-file`")
     module.load_state_dict(state, strict=True)
     return module.eval()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from glomscan.checkpoint import read_checkpoint_file
 from glomscan.augment.crops import crop_ids, read_crops
 from glomscan.augment.inpaint import PAPER_METRICS, InpaintSettings, evaluate_crops_dir, train_inpainting
 from glomscan.augment.inpaint_baselines import FILLS, fill_metrics
@@ -88,7 +89,7 @@ def bootstrap_differences(generator: pd.DataFrame, fill: pd.DataFrame, draws: in
 def evaluate(work: Path, crops_dir: Path, generator: Path, report: Path | None) -> pd.DataFrame:
     test = read_crops(crops_dir, "test")
     table, summary = evaluate_crops_dir(generator, crops_dir, "test")
-    info = torch.load(generator, map_location="cpu", weights_only=True)["info"]
+    info = read_checkpoint_file(generator, "inpaint-generator").card["info"]
     decay = info["settings"].get("ema_decay", 0.0)
     name = f"generator average (decay {decay})" if decay else "generator"
     decay_after = info["settings"].get("lr_decay_after_epoch")

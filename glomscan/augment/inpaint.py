@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_torch_save
+from ..checkpoint import read_checkpoint_file, save_checkpoint_file
 from ..imaging import dihedral, write_png
 from ..progress import Progress
 from .inpaint_losses import (GeneratorLoss, InpaintLossWeights, load_segmentation_features, load_vgg19_features,
@@ -40,7 +40,6 @@ from .settings import InpaintSettings
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "glomscan-inpaint-generator"
 PAPER_METRICS = {"mae": 0.0152, "psnr": 22.69, "ssim": 0.809}
 """He et al. 2024, inside the generated region."""
 
@@ -86,13 +85,10 @@ def save_generator(path: Path, generator: InpaintGenerator, info: dict) -> None:
     side it was trained at) atomically to ``path``."""
     if "size" not in info:
         raise ValueError("save_generator: info must give the training crop 'size'")
-    payload = {"format": CHECKPOINT_FORMAT, "version": 1,
-               "architecture": {"base_channels": generator.base_channels, "n_aot_blocks": generator.n_aot_blocks,
-                                "upsampling": generator.upsampling},
-               "state_dict": {k: v.detach().float().cpu() for k, v in generator.state_dict().items()},
-               "info": dict(info)}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(Path(path), payload)
+    architecture = {"base_channels": generator.base_channels, "n_aot_blocks": generator.n_aot_blocks,
+                    "upsampling": generator.upsampling}
+    save_checkpoint_file(path, "inpaint-generator", {"architecture": architecture, "info": dict(info)},
+                         {k: v.detach().float().cpu() for k, v in generator.state_dict().items()})
 
 
 class Inpainter:
@@ -133,16 +129,11 @@ def load_inpainter(path: Path, device: str = "cpu") -> Inpainter:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such generator file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable generator file ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a glomscan inpainting generator (made by 'glomscan train inpaint')")
+    saved = read_checkpoint_file(path, "inpaint-generator")
     # files written before the upsampling choice existed have transposed convolutions
-    generator = InpaintGenerator(**{"upsampling": "transposed", **payload["architecture"]})
-    generator.load_state_dict(payload["state_dict"])
-    return Inpainter(generator, payload["info"]["size"], device, payload["info"])
+    generator = InpaintGenerator(**{"upsampling": "transposed", **saved.card["architecture"]})
+    generator.load_state_dict(saved.state_dict)
+    return Inpainter(generator, saved.card["info"]["size"], device, saved.card["info"])
 
 
 # --- metrics -------------------------------------------------------------------------------------------

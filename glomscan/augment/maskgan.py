@@ -22,14 +22,12 @@ from scipy import ndimage
 from skimage.transform import resize
 from torch import nn
 
-from ..atomic import atomic_torch_save
+from ..checkpoint import cpu_state, read_checkpoint_file, save_checkpoint_file
 from ..imaging import dihedral, equivalent_diameter, read_png, write_png
 from ..train.fit.harness import TrainingRun, choose_training_device, seed_training
 from .settings import MaskGanSettings, MaskGenerationSettings
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "glomscan-maskgan"
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -151,7 +149,7 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, settings: MaskGanSet
                    quiet: bool = False, info: dict | None = None) -> list[dict]:
     """Train on binary masks; writes ``out_path`` (generator + settings + the real masks'
     diameter range), ``<out>.last.pt`` (resume state: rerun with more epochs),
-    ``<out>.losses.csv`` (per epoch) and ``<out>.samples.png`` (a grid of samples). Returns
+    ``<out>.metrics.csv`` (per epoch) and ``<out>.samples.png`` (a grid of samples). Returns
     the rows of the CSV."""
     if not masks:
         raise ValueError("no masks to train on")
@@ -170,7 +168,7 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, settings: MaskGanSet
     rng = torch.Generator().manual_seed(settings.seed)
     fixed_z = torch.randn(64, settings.latent, generator=torch.Generator().manual_seed(settings.seed + 1))
     run = TrainingRun(out_path, {"generator": generator, "discriminator": discriminator, "opt_g": opt_g,
-                                 "opt_d": opt_d}, _architecture(settings), metrics_suffix=".losses.csv")
+                                 "opt_d": opt_d}, _architecture(settings), earlier_metrics_suffix=".losses.csv")
     resumed = run.resume()
     if resumed:
         rng.set_state(resumed["rng"])
@@ -221,18 +219,16 @@ def write_grid(path: Path, samples: np.ndarray, columns: int = 8) -> None:
 
 
 def save_mask_generator(path: Path, generator: MaskGenerator, settings: MaskGanSettings, info: dict) -> None:
-    atomic_torch_save(Path(path), {"format": CHECKPOINT_FORMAT, "version": 1, "config": asdict(settings),
-                                   "info": dict(info), "state_dict": generator.state_dict()})
+    save_checkpoint_file(path, "mask-generator", {"config": asdict(settings), "info": dict(info)},
+                         cpu_state(generator.state_dict()))
 
 
 def load_mask_generator(path: Path) -> tuple[MaskGenerator, MaskGanSettings, dict]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a mask GAN made by 'glomscan train masks'")
-    settings = MaskGanSettings(**state["config"])
+    saved = read_checkpoint_file(path, "mask-generator")
+    settings = MaskGanSettings(**saved.card["config"])
     generator = MaskGenerator(settings.latent, settings.image_size, settings.base_channels)
-    generator.load_state_dict(state["state_dict"])
-    return generator.eval(), settings, dict(state["info"])
+    generator.load_state_dict(saved.state_dict)
+    return generator.eval(), settings, dict(saved.card["info"])
 
 
 # --- samples -> masks -------------------------------------------------------------------------------

@@ -285,7 +285,7 @@ def train_inpaint(crops_dir, out_path, epochs, batch_size, lr, lr_decay_after_ep
 @train.command("masks", short_help="Train the mask DCGAN on glomerulus outlines.")
 @click.option("--crops", "crops_dir", type=EXISTING_DIR, required=True,
               help="Crops folder made by 'glomscan augment crops' (their outlines are the training masks).")
-@_out_option("Generator file (samples in OUT.samples.png)", metrics="OUT.losses.csv")
+@_out_option("Generator file (samples in OUT.samples.png)", metrics="OUT.metrics.csv")
 @_epochs_option(default(MaskGanSettings, "epochs"))
 @_batch_size_option(default(MaskGanSettings, "batch_size"))
 @click.option("--image-size", type=click.Choice(["64", "128"]), default=str(default(MaskGanSettings, "image_size")), show_default=True,
@@ -316,7 +316,7 @@ def train_masks(crops_dir, out_path, epochs, batch_size, image_size, latent, bas
     history = train_mask_gan(masks, out_path, settings, quiet=is_quiet(), info={"crops": str(crops_dir)})
     last = history[-1] if history else {}
     click.echo(f"trained on {len(masks)} masks, epoch {last.get('epoch', 0)}: loss D {last.get('loss_d', float('nan')):.4f}, "
-        f"G {last.get('loss_g', float('nan')):.4f} -> {out_path} (losses {out_path.with_suffix('.losses.csv')}, "
+        f"G {last.get('loss_g', float('nan')):.4f} -> {out_path} (metrics {out_path.with_suffix('.metrics.csv')}, "
         f"samples {out_path.with_suffix('.samples.png')})")
 
 

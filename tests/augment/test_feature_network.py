@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from glomscan.checkpoint import read_checkpoint_file
 from glomscan.model import ModelCard, build_model, save_checkpoint
 from glomscan.augment.inpaint import InpaintSettings, train_inpainting
 from glomscan.augment.inpaint_losses import (GeneratorLoss, InpaintLossWeights, SegmentationEncoderFeatures,
@@ -93,7 +94,7 @@ def test_train_inpaint_with_segmentation_features(tmp_path, tiny_model, precisio
     row = pd.read_csv(out.with_suffix(".metrics.csv")).iloc[-1]
     assert row.vgg.startswith("enabled: resnet18 encoder of tiny-features")
     assert math.isfinite(row.perceptual) and math.isfinite(row["style"]) and row.perceptual > 0
-    info = torch.load(out, weights_only=True)["info"]
+    info = read_checkpoint_file(out, "inpaint-generator").card["info"]
     assert info["vgg"] == row.vgg and info["settings"]["feature_model"] == str(tiny_model[0])
 
 
@@ -116,4 +117,4 @@ def test_loss_weights_reach_the_total(tmp_path, tiny_model):
     r = pd.read_csv(out.with_suffix(".metrics.csv")).iloc[-1]
     expected = (0.02 * (r.adv_global + r.adv_local) + r.l1_global + r.l1_local + 0.3 * r.perceptual + 7.0 * r["style"])
     assert r.total == pytest.approx(expected, rel=1e-5)
-    assert torch.load(out, weights_only=True)["info"]["settings"]["style_weight"] == 7.0
+    assert read_checkpoint_file(out, "inpaint-generator").card["info"]["settings"]["style_weight"] == 7.0

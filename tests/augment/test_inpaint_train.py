@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from skimage.metrics import structural_similarity
 
+from glomscan.checkpoint import read_checkpoint_file
 from glomscan.cli import main
 from glomscan.imaging import write_png
 from glomscan.augment.inpaint import (InpaintSettings, Inpainter, composite, images_to_tensor,
@@ -88,9 +89,11 @@ def test_generator_files_from_before_the_upsampling_choice_load_as_transposed(tm
     old = InpaintGenerator(base_channels=4, n_aot_blocks=1, upsampling="transposed").eval()
     save_generator(tmp_path / "old.pt", old, {"size": 64})
     payload = torch.load(tmp_path / "old.pt", weights_only=True)
-    assert payload["architecture"]["upsampling"] == "transposed"
-    del payload["architecture"]["upsampling"]  # as files written before the choice existed
-    torch.save(payload, tmp_path / "old.pt")
+    assert payload["card"]["architecture"]["upsampling"] == "transposed"
+    del payload["card"]["architecture"]["upsampling"]  # as files written before the choice existed,
+    torch.save({"format": "glomscan-inpaint-generator", "version": 1,  # in the generator's format of then
+                "architecture": payload["card"]["architecture"], "info": payload["card"]["info"],
+                "state_dict": payload["state_dict"]}, tmp_path / "old.pt")
     loaded = load_inpainter(tmp_path / "old.pt").generator
     assert loaded.upsampling == "transposed" and isinstance(loaded.dec2[0], torch.nn.ConvTranspose2d)
     save_generator(tmp_path / "new.pt", InpaintGenerator(base_channels=4, n_aot_blocks=1), {"size": 64})
@@ -267,7 +270,7 @@ def test_a_crash_between_the_csv_and_the_resume_state_leaves_one_row_per_epoch(t
     out = tmp_path / "g.pt"
     settings = InpaintSettings(epochs=1, batch_size=2, size=64, base_channels=4, n_aot_blocks=1, max_steps_per_epoch=1)
     first = train_inpainting(crops, out, settings, quiet=True)
-    crash_on_next(monkeypatch, "atomic_torch_save")
+    crash_on_next(monkeypatch, "save_checkpoint_file")
     with pytest.raises(Crash):  # killed after epoch 2's CSV row, before its resume state
         train_inpainting(crops, out, InpaintSettings(**{**settings.__dict__, "epochs": 3}), quiet=True)
     assert list(pd.read_csv(out.with_suffix(".metrics.csv")).epoch) == [1, 2]
@@ -306,7 +309,7 @@ def test_a_run_with_a_generator_average_saves_it_and_resumes_it_exactly(tmp_path
     settings = InpaintSettings(epochs=2, batch_size=2, size=64, base_channels=4, n_aot_blocks=1, ema_decay=0.5)
     whole = tmp_path / "whole" / "g.pt"
     train_inpainting(crops, whole, settings, quiet=True)
-    state = torch.load(whole.with_suffix(".last.pt"), weights_only=True)
+    state = read_checkpoint_file(whole.with_suffix(".last.pt"), "training-state").state_dict
     saved = load_inpainter(whole).generator.state_dict()
     averaged = {k.removeprefix("module."): v for k, v in state["generator_average"].items() if k != "n_averaged"}
     assert int(state["generator_average"]["n_averaged"]) == 4  # two steps per epoch
@@ -330,7 +333,7 @@ def test_a_run_with_a_generator_average_saves_it_and_resumes_it_exactly(tmp_path
     train_inpainting(crops, plain, settings, quiet=True)
     csv = pd.read_csv(plain.with_suffix(".metrics.csv"))
     assert csv.raw_test_mae.isna().tolist() == [True, False]
-    assert int(torch.load(plain.with_suffix(".last.pt"), weights_only=True)["generator_average"]["n_averaged"]) == 2
+    assert int(read_checkpoint_file(plain.with_suffix(".last.pt"), "training-state").state_dict["generator_average"]["n_averaged"]) == 2
 
 
 def test_resuming_an_averaged_run_without_the_average_says_so(tmp_path, caplog):
@@ -371,7 +374,7 @@ def test_a_decaying_run_logs_its_rates_and_resumes_on_the_same_schedule(tmp_path
     expected = [1e-3 * learning_rate_factor(e, 1, 2, 3, 1) for e in range(3)]
     assert csv.lr.tolist() == pytest.approx(expected)
     assert expected[0] == 1e-3 and expected[0] > expected[1] > expected[2] > 0
-    state = torch.load(whole.with_suffix(".last.pt"), weights_only=True)
+    state = read_checkpoint_file(whole.with_suffix(".last.pt"), "training-state").state_dict
     assert state["g_optimiser"]["param_groups"][0]["lr"] == pytest.approx(expected[-1])
     assert state["d_optimiser"]["param_groups"][0]["lr"] == pytest.approx(expected[-1])
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
+from glomscan.checkpoint import read_checkpoint_file
 from glomscan.augment.maskgan import (
     MaskDiscriminator,
     MaskGanSettings,
@@ -110,7 +111,7 @@ def test_train_generate_round_trip(tmp_path):
     config = MaskGanSettings(epochs=2, batch_size=4, image_size=32, latent=8, base_channels=8, steps_per_epoch=2)
     history = train_mask_gan(masks, tmp_path / "gan.pt", config, quiet=True)
     assert [h["epoch"] for h in history] == [1, 2]
-    assert (tmp_path / "gan.losses.csv").read_text().count("\n") == 3
+    assert (tmp_path / "gan.metrics.csv").read_text().count("\n") == 3
     assert (tmp_path / "gan.samples.png").is_file()
     # resumable: more epochs continue from the last state
     history = train_mask_gan(masks, tmp_path / "gan.pt", MaskGanSettings(**{**config.__dict__, "epochs": 3}), quiet=True)
@@ -148,13 +149,13 @@ def test_a_crash_between_the_csv_and_the_resume_state_leaves_one_row_per_epoch(t
     masks = [ellipse(64, 32, 32, rng.uniform(8, 20), rng.uniform(8, 20)) for _ in range(4)]
     config = MaskGanSettings(epochs=1, batch_size=4, image_size=32, latent=8, base_channels=8, steps_per_epoch=1)
     first = train_mask_gan(masks, tmp_path / "gan.pt", config, quiet=True)
-    crash_on_next(monkeypatch, "atomic_torch_save")
+    crash_on_next(monkeypatch, "save_checkpoint_file")
     with pytest.raises(Crash):  # killed after epoch 2's CSV row, before its resume state
         train_mask_gan(masks, tmp_path / "gan.pt", MaskGanSettings(**{**config.__dict__, "epochs": 3}), quiet=True)
-    assert list(pd.read_csv(tmp_path / "gan.losses.csv").epoch) == [1, 2]
+    assert list(pd.read_csv(tmp_path / "gan.metrics.csv").epoch) == [1, 2]
     history = train_mask_gan(masks, tmp_path / "gan.pt", MaskGanSettings(**{**config.__dict__, "epochs": 3}), quiet=True)
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    losses = pd.read_csv(tmp_path / "gan.losses.csv")
+    losses = pd.read_csv(tmp_path / "gan.metrics.csv")
     assert list(losses.epoch) == [1, 2, 3]
     assert losses.loss_d.iloc[0] == first[0]["loss_d"]  # the finished epoch's row is kept as it was
 
@@ -187,3 +188,18 @@ def test_a_resumed_run_trains_what_an_uninterrupted_one_would(tmp_path, monkeypa
     resumed = load_mask_generator(tmp_path / "resumed.pt")[0].state_dict()
     for name, value in straight.items():
         assert torch.equal(value, resumed[name]), name
+
+
+def test_a_run_written_before_the_one_checkpoint_format_resumes(tmp_path):
+    """An earlier version wrote the mask GAN's rows to ``<out>.losses.csv`` and its resume state
+    as a plain dict: a longer run continues both."""
+    rng = np.random.default_rng(0)
+    masks = [ellipse(64, 32, 32, rng.uniform(8, 20), rng.uniform(8, 20)) for _ in range(4)]
+    config = MaskGanSettings(epochs=1, batch_size=4, image_size=32, latent=8, base_channels=8, steps_per_epoch=1)
+    first = train_mask_gan(masks, tmp_path / "gan.pt", config, quiet=True)
+    (tmp_path / "gan.metrics.csv").rename(tmp_path / "gan.losses.csv")
+    saved = read_checkpoint_file(tmp_path / "gan.last.pt", "training-state")
+    torch.save({**saved.state_dict, **saved.extra, **saved.card}, tmp_path / "gan.last.pt")
+    history = train_mask_gan(masks, tmp_path / "gan.pt", MaskGanSettings(**{**config.__dict__, "epochs": 2}), quiet=True)
+    assert [h["epoch"] for h in history] == [1, 2] and history[0]["loss_d"] == first[0]["loss_d"]
+    assert list(pd.read_csv(tmp_path / "gan.metrics.csv").epoch) == [1, 2]

@@ -208,7 +208,7 @@ def test_cli_crops_mask_gan_generate_synthesize_then_train_segment(tmp_path):
     assert "wrote 3 crops" in out and "1 wider than 64 px" in out
     ok("train", "masks", "--crops", tmp_path / "crops", "--out", tmp_path / "gan.pt", "--epochs", 1,
        "--batch-size", 4, "--latent", 8, "--base-channels", 8, "--quiet")
-    assert (tmp_path / "gan.losses.csv").is_file() and (tmp_path / "gan.samples.png").is_file()
+    assert (tmp_path / "gan.metrics.csv").is_file() and (tmp_path / "gan.samples.png").is_file()
     out = ok("augment", "masks", "--model", tmp_path / "gan.pt", "--count", 3, "--out", tmp_path / "masks",
              "--size", 64, "--threshold", 0.5, "--min-island-px", 4, "--diameter-range", 12, 24)
     assert "wrote 3 masks" in out

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from glomscan.checkpoint import read_checkpoint_file
 from glomscan.train.fit import harness
 from glomscan.train.fit.harness import TrainingRun, choose_training_device, seed_training
 
@@ -15,7 +16,7 @@ class Crash(Exception):
 
 
 def crash_on_next(monkeypatch, write: str) -> None:
-    """The harness's next ``write`` ("atomic_torch_save": the resume state; "atomic_write_text":
+    """The harness's next ``write`` ("save_checkpoint_file": the resume state; "atomic_write_text":
     the metrics CSV) raises :class:`Crash` instead of writing, as a kill at that moment would.
     Later writes go through."""
     original = getattr(harness, write)
@@ -63,12 +64,12 @@ def test_resume_continues_as_if_never_stopped(tmp_path):
 
 def test_crash_between_the_csv_and_the_resume_state_leaves_one_row_per_epoch(tmp_path, monkeypatch):
     train(tmp_path / "m.pt", 1)
-    crash_on_next(monkeypatch, "atomic_torch_save")
+    crash_on_next(monkeypatch, "save_checkpoint_file")
     with pytest.raises(Crash):
         train(tmp_path / "m.pt", 3)
     # the CSV has epoch 2, the resume state does not
     assert list(pd.read_csv(tmp_path / "m.metrics.csv").epoch) == [1, 2]
-    assert torch.load(tmp_path / "m.last.pt", weights_only=True)["epoch"] == 0
+    assert read_checkpoint_file(tmp_path / "m.last.pt", "training-state").extra["epoch"] == 0
     run, _ = train(tmp_path / "m.pt", 3)
     assert run.start_epoch == 1
     assert list(pd.read_csv(tmp_path / "m.metrics.csv").epoch) == [1, 2, 3]
@@ -84,7 +85,7 @@ def test_crash_at_the_csv_write_leaves_no_gap(tmp_path, monkeypatch):
     crash_on_next(monkeypatch, "atomic_write_text")
     with pytest.raises(Crash):
         train(tmp_path / "m.pt", 3)
-    assert torch.load(tmp_path / "m.last.pt", weights_only=True)["epoch"] == 0
+    assert read_checkpoint_file(tmp_path / "m.last.pt", "training-state").extra["epoch"] == 0
     train(tmp_path / "m.pt", 3)
     assert list(pd.read_csv(tmp_path / "m.metrics.csv").epoch) == [1, 2, 3]
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from glomscan.checkpoint import read_checkpoint_file
 from glomscan.batch import run_batch
 from glomscan.config import AnalysisSettings
 from glomscan.engines.torch_engine import TorchEngine
@@ -198,7 +199,7 @@ def test_training_checkpoint_resume_and_analyze(dataset, tmp_path):
     assert 0.0 <= best["dice_mean"] <= 1.0
     metrics = pd.read_csv(tmp_path / "m.metrics.csv")
     assert list(metrics.epoch) == [1] and {"train_loss", "val_dice_mean", "lr"} <= set(metrics.columns)
-    assert "scaler" in torch.load(tmp_path / "m.last.pt", weights_only=True)  # fp16 loss scale kept on CUDA
+    assert "scaler" in read_checkpoint_file(tmp_path / "m.last.pt", "training-state").state_dict  # fp16 loss scale kept on CUDA
     # resume: a longer run continues from the last epoch instead of starting over
     train_segmentation(out, tmp_path / "m.pt", SegmentSettings(**{**config.__dict__, "epochs": 2}), quiet=True)
     assert list(pd.read_csv(tmp_path / "m.metrics.csv").epoch) == [1, 2]
@@ -223,7 +224,7 @@ def test_a_crash_between_the_csv_and_the_resume_state_leaves_one_row_per_epoch(d
     config = SegmentSettings(epochs=1, batch_size=2, crop=64, max_steps_per_epoch=1, bn_recalibration_steps=0, **TINY)
     train_segmentation(out, tmp_path / "m.pt", config, quiet=True)
     first = pd.read_csv(tmp_path / "m.metrics.csv")
-    crash_on_next(monkeypatch, "atomic_torch_save")
+    crash_on_next(monkeypatch, "save_checkpoint_file")
     with pytest.raises(Crash):  # killed after epoch 2's CSV row, before its resume state
         train_segmentation(out, tmp_path / "m.pt", SegmentSettings(**{**config.__dict__, "epochs": 3}), quiet=True)
     assert list(pd.read_csv(tmp_path / "m.metrics.csv").epoch) == [1, 2]

@@ -3,8 +3,10 @@
 - Device and precision: CUDA with mixed precision, a bf16-capable CPU (AVX512-BF16 or AMX) with
   bf16 autocast and channels_last, else fp32 on the CPU (:func:`choose_training_device`).
 - Seeding (:func:`seed_training`).
-- The run's files next to the output ``<out>``: ``<out>.last.pt``, the resume state, and a
-  metrics CSV with one row per finished epoch (:class:`TrainingRun`). Both are written
+- The run's files next to the output ``<out>``: ``<out>.last.pt``, the resume state (a
+  :mod:`glomscan.checkpoint` file of kind ``training-state``), and ``<out>.metrics.csv``, one
+  row per finished epoch (:class:`TrainingRun`); trainers write their networks with the same
+  checkpoint module. Both are written
   atomically, the CSV first; resuming drops CSV rows past the epoch of the resume state, so a
   crash between the two writes leaves neither a duplicate row nor a gap.
 """
@@ -21,7 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ...atomic import atomic_torch_save, atomic_write_text
+from ...atomic import atomic_write_text
+from ...checkpoint import read_checkpoint_file, save_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,8 @@ def seed_training(seed: int) -> None:
 
 class TrainingRun:
     """The files of one training run next to ``out_path``: ``<out>.last.pt`` (resume state) and
-    ``<out><metrics_suffix>`` (one row per finished epoch, ``epoch`` counted from 1).
+    ``<out>.metrics.csv`` (one row per finished epoch, ``epoch`` counted from 1; a run that an
+    earlier version wrote to ``<out><earlier_metrics_suffix>`` is resumed from that file).
 
     ``stateful`` names the objects whose ``state_dict`` the resume state keeps (models,
     optimisers, schedulers, gradient scalers), under those names. ``architecture`` (plain
@@ -105,10 +109,11 @@ class TrainingRun:
     """
 
     def __init__(self, out_path: Path, stateful: Mapping[str, Any], architecture: dict | None = None,
-                 metrics_suffix: str = ".metrics.csv", optional: tuple[str, ...] = ()):
+                 optional: tuple[str, ...] = (), earlier_metrics_suffix: str | None = None):
         self.out_path = Path(out_path)
         self.last_path = self.out_path.with_suffix(".last.pt")
-        self.metrics_path = self.out_path.with_suffix(metrics_suffix)
+        self.metrics_path = self.out_path.with_suffix(".metrics.csv")
+        self.earlier_metrics_path = self.out_path.with_suffix(earlier_metrics_suffix) if earlier_metrics_suffix else None
         self.stateful = dict(stateful)
         self.optional = frozenset(optional)
         self.architecture = architecture
@@ -125,23 +130,27 @@ class TrainingRun:
         a fresh run)."""
         if not self.last_path.is_file():
             return {}
-        state = torch.load(self.last_path, map_location="cpu", weights_only=True)
-        saved = state.get("architecture", self.architecture)
-        if self.architecture is not None and saved != self.architecture:
+        saved = read_checkpoint_file(self.last_path, "training-state")
+        architecture = saved.card.get("architecture") or self.architecture
+        if self.architecture is not None and architecture != self.architecture:
             differing = ", ".join("--" + k.replace("_", "-") for k in self.architecture
-                                  if saved.get(k) != self.architecture[k])
-            raise ValueError(f"{self.last_path} is a run with {saved}, not {self.architecture}: "
+                                  if architecture.get(k) != self.architecture[k])
+            raise ValueError(f"{self.last_path} is a run with {architecture}, not {self.architecture}: "
                              f"use the same settings ({differing}) to resume, or another --out")
         for name, obj in self.stateful.items():
-            if name in self.optional and not state.get(name):
+            if name in self.optional and not saved.state_dict.get(name):
                 log.info("%s has no %s state: %s starts fresh", self.last_path, name, name)
                 continue
-            obj.load_state_dict(state[name])
-        self.start_epoch = int(state["epoch"]) + 1
-        rows = pd.read_csv(self.metrics_path).to_dict("records") if self.metrics_path.is_file() else []
+            obj.load_state_dict(saved.state_dict[name])
+        self.start_epoch = int(saved.extra["epoch"]) + 1
+        metrics_path = self.metrics_path
+        if not metrics_path.is_file() and self.earlier_metrics_path is not None and self.earlier_metrics_path.is_file():
+            metrics_path = self.earlier_metrics_path
+        rows = pd.read_csv(metrics_path).to_dict("records") if metrics_path.is_file() else []
         self.rows = [row for row in rows if row["epoch"] <= self.start_epoch]
         log.info("resuming from %s after epoch %d", self.last_path, self.start_epoch)
-        return {k: v for k, v in state.items() if k not in self.stateful}
+        others = {**saved.state_dict, **saved.extra}  # states this run does not take, and plain values
+        return {k: v for k, v in others.items() if k not in self.stateful and k != "epoch"}
 
     def end_epoch(self, epoch: int, metrics: dict, **state) -> dict:
         """Record finished epoch ``epoch`` (from 0): the CSV with its row ``{"epoch": epoch + 1,
@@ -150,8 +159,7 @@ class TrainingRun:
         row = {"epoch": epoch + 1, **metrics}
         self.rows.append(row)
         atomic_write_text(self.metrics_path, pd.DataFrame(self.rows).to_csv(index=False))
-        saved = {name: obj.state_dict() for name, obj in self.stateful.items()}
-        if self.architecture is not None:
-            saved["architecture"] = self.architecture
-        atomic_torch_save(self.last_path, {**saved, **state, "epoch": epoch})
+        states = {name: obj.state_dict() for name, obj in self.stateful.items()}
+        save_checkpoint_file(self.last_path, "training-state", {"architecture": self.architecture}, states,
+                             **state, epoch=epoch)
         return row

@@ -42,6 +42,7 @@ from scipy import ndimage
 from torch import nn
 
 from ...atomic import atomic_write_bytes, atomic_write_text
+from ...checkpoint import cpu_state, read_checkpoint_file, save_checkpoint_file
 from ...postprocess import EIGHT_CONNECTED
 from ...progress import Progress
 from ...verify import VERIFIER_CARD_KEY, VERIFIER_SHA256_KEY, VerifierCard, candidate_crop
@@ -447,19 +448,14 @@ def _plain(d: dict) -> dict:
 
 
 def save_verifier_state(path: Path, network: nn.Module, card: VerifierCard) -> None:
-    from ...atomic import atomic_torch_save
-
-    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    atomic_torch_save(Path(path), {"format": "glomscan-verifier", "version": 1, "card": asdict(card), "state_dict": state})
+    save_checkpoint_file(path, "verifier", asdict(card), cpu_state(network.state_dict()))
 
 
 def load_verifier_state(path: Path) -> tuple[nn.Module, VerifierCard]:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != "glomscan-verifier":
-        raise ValueError(f"{path} is not a glomscan verifier state (written by `glomscan train verifier`)")
+    saved = read_checkpoint_file(path, "verifier")
     network = build_verifier_network()
-    network.load_state_dict(payload["state_dict"])
-    return network.eval(), VerifierCard.from_dict(payload["card"])
+    network.load_state_dict(saved.state_dict)
+    return network.eval(), VerifierCard.from_dict(saved.card)
 
 
 def export_verifier(network: nn.Module, card: VerifierCard, out_path: Path, sha256: str) -> Path:
@@ -505,7 +501,7 @@ def make_verifier(dataset_dir: Path, out_dir: Path, segmentation_model, settings
     ``out_dir``), training and the verifier file ``out_dir/verifier.onnx``; returns its path and
     the best validation metrics. Patches of ``held_out_groups`` (tile groups) are left out of
     training and validation (cross-validation folds score them afterwards)."""
-    from ...model import sha256_file
+    from ...checkpoint import sha256_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
