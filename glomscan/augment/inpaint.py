@@ -8,6 +8,8 @@
   ``<out>.samples/epoch_NNN.png`` (rows: masked input | generated, composited | original).
   With ``ema_decay`` the saved and evaluated generator is the moving average of the trained
   one (:func:`generator_average`); the CSV then also has the trained one's ``raw_test_*``.
+  Its parts: :class:`InpaintGanStep` (one discriminator and one generator update, owning the
+  optimisers), :func:`train_one_epoch` and :func:`validate`.
 - :func:`save_generator` / :func:`load_inpainter` / :class:`Inpainter`: the generator file and
   the callable that ``synthesize`` uses.
 - :func:`inpainting_metrics`: MAE, PSNR, SSIM inside the generated region (scikit-image).
@@ -28,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..checkpoint import read_checkpoint_file, save_checkpoint_file
 from ..imaging import dihedral, write_png
@@ -252,48 +255,75 @@ class InpaintModels:
     global_discriminator: PatchDiscriminator
     local_discriminator: PatchDiscriminator
 
+    def modules(self) -> tuple[nn.Module, ...]:
+        return self.generator, self.global_discriminator, self.local_discriminator
 
-def train_step(models: InpaintModels, loss_fn: GeneratorLoss, g_optimiser: torch.optim.Optimizer,
-               d_optimiser: torch.optim.Optimizer, scaler: torch.amp.GradScaler, image: torch.Tensor,
-               mask: torch.Tensor, device: TrainingDevice) -> dict[str, float]:
-    """One discriminator update (both discriminators) then one generator update."""
-    g, dg, dl = models.generator, models.global_discriminator, models.local_discriminator
-    with device.autocast():
-        rec = g(generator_input(image, mask))
-    # discriminators: real crops vs detached generator output
-    d_optimiser.zero_grad(set_to_none=True)
-    with device.autocast():
-        fake = rec.detach()
-        d_loss = (lsgan_discriminator_loss(dg(image), dg(fake))
-                  + lsgan_discriminator_loss(dl(local_view(image, mask)), dl(local_view(fake, mask))))
-    scaler.scale(d_loss).backward()
-    scaler.step(d_optimiser)
-    # generator
-    g_optimiser.zero_grad(set_to_none=True)
-    for p in list(dg.parameters()) + list(dl.parameters()):
-        p.requires_grad_(False)
-    with device.autocast():
-        terms = loss_fn(rec, image, mask, dg(rec), dl(local_view(rec, mask)))
-    scaler.scale(terms["total"]).backward()
-    scaler.step(g_optimiser)
-    scaler.update()
-    for p in list(dg.parameters()) + list(dl.parameters()):
-        p.requires_grad_(True)
-    return {"d_loss": float(d_loss.item()), **{k: float(v.item()) for k, v in terms.items()}}
+
+class InpaintGanStep:
+    """One step of the inpainting GAN on a batch: one update of both discriminators (LSGAN, real
+    crops against the detached generator output), then one of the generator (the losses of
+    :class:`GeneratorLoss`), with ``device``'s autocast and one gradient scaler. Owns the two Adam
+    optimisers and the scaler, which the resume state keeps (:meth:`stateful`)."""
+
+    def __init__(self, models: InpaintModels, loss_fn: GeneratorLoss, settings: InpaintSettings,
+                 device: TrainingDevice):
+        self.models, self.loss_fn, self.device = models, loss_fn, device
+        betas = tuple(settings.betas)
+        self.g_optimiser = torch.optim.Adam(models.generator.parameters(), lr=settings.lr, betas=betas)
+        self.d_optimiser = torch.optim.Adam(list(models.global_discriminator.parameters())
+                                            + list(models.local_discriminator.parameters()), lr=settings.lr,
+                                            betas=betas)
+        self.scaler = device.grad_scaler()
+
+    def stateful(self) -> dict:
+        m = self.models
+        return {"generator": m.generator, "global_discriminator": m.global_discriminator,
+                "local_discriminator": m.local_discriminator, "g_optimiser": self.g_optimiser,
+                "d_optimiser": self.d_optimiser, "scaler": self.scaler}
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.g_optimiser.param_groups + self.d_optimiser.param_groups:
+            group["lr"] = lr
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        """The losses of the step (``d_loss`` and the generator's terms) as floats."""
+        g, dg, dl = self.models.modules()
+        device, scaler = self.device, self.scaler
+        with device.autocast():
+            rec = g(generator_input(image, mask))
+        # discriminators: real crops vs detached generator output
+        self.d_optimiser.zero_grad(set_to_none=True)
+        with device.autocast():
+            fake = rec.detach()
+            d_loss = (lsgan_discriminator_loss(dg(image), dg(fake))
+                      + lsgan_discriminator_loss(dl(local_view(image, mask)), dl(local_view(fake, mask))))
+        scaler.scale(d_loss).backward()
+        scaler.step(self.d_optimiser)
+        # generator, the discriminators frozen
+        self.g_optimiser.zero_grad(set_to_none=True)
+        self._discriminators_trainable(False)
+        with device.autocast():
+            terms = self.loss_fn(rec, image, mask, dg(rec), dl(local_view(rec, mask)))
+        scaler.scale(terms["total"]).backward()
+        scaler.step(self.g_optimiser)
+        scaler.update()
+        self._discriminators_trainable(True)
+        return {"d_loss": float(d_loss.item()), **{k: float(v.item()) for k, v in terms.items()}}
+
+    def _discriminators_trainable(self, trainable: bool) -> None:
+        for p in list(self.models.global_discriminator.parameters()) + list(self.models.local_discriminator.parameters()):
+            p.requires_grad_(trainable)
 
 
 LOSS_COLUMNS = ["d_loss", "adv_global", "adv_local", "l1_global", "l1_local", "perceptual", "style", "ssim", "total"]
 
 
-def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings = InpaintSettings(),
-                     quiet: bool = False) -> dict:
-    """Train (or resume) the inpainting GAN on ``crops_dir`` (the ``glomscan augment crops`` folder);
-    returns the last epoch's CSV row."""
+def training_crops(crops_dir: Path, settings: InpaintSettings) -> tuple[list, list, list[str], int]:
+    """The training and held-out crops of ``crops_dir``, the held-out ids and the training side
+    in px; ValueError for crops or settings that cannot train."""
     from .crops import crop_ids, read_crops
 
-    crops_dir, out_path = Path(crops_dir), Path(out_path)
     train_crops, test_crops = read_crops(crops_dir, "train"), read_crops(crops_dir, "test")
-    test_ids = crop_ids(crops_dir, "test")
     if not train_crops:
         raise ValueError(f"{crops_dir}: no training crops (split 'train' in manifest.csv)")
     sides = {c[0].shape[0] for c in train_crops + test_crops} | {c[0].shape[1] for c in train_crops + test_crops}
@@ -307,44 +337,99 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
     if settings.lr_decay_after_epoch is not None and not 0 <= settings.lr_decay_after_epoch < settings.epochs:
         raise ValueError(f"the learning rate's decay must start after an epoch in [0, {settings.epochs - 1}] "
                          f"(--lr-decay-after-epoch), got {settings.lr_decay_after_epoch}")
-    if not test_crops:
-        log.warning("%s: no held-out crops (split 'test'): the CSV will have no MAE/PSNR/SSIM", crops_dir)
-
     if settings.vgg_weights and settings.feature_model:
         raise ValueError("give one feature network: VGG19 weights or a segmentation model, not both")
+    if not test_crops:
+        log.warning("%s: no held-out crops (split 'test'): the CSV will have no MAE/PSNR/SSIM", crops_dir)
+    return train_crops, test_crops, crop_ids(crops_dir, "test"), size
+
+
+def feature_network(settings: InpaintSettings) -> nn.Module | None:
+    """The perceptual and style losses' feature network: VGG19 weights, a segmentation model's
+    encoder, or none."""
+    if settings.vgg_weights:
+        return load_vgg19_features(Path(settings.vgg_weights))
+    if settings.feature_model:
+        return load_segmentation_features(Path(settings.feature_model))
+    return None
+
+
+def train_one_epoch(step: InpaintGanStep, images: torch.Tensor, masks: torch.Tensor, epoch: int,
+                    steps_per_epoch: int, settings: InpaintSettings, average=None, quiet: bool = False) -> dict:
+    """The steps of ``epoch`` over a permutation drawn for it (flips and quarter turns from the
+    same draw when ``settings.augment``), the learning rate set per step, the generator average
+    updated after each; returns the mean of each loss and the last step's rate."""
+    for m in step.models.modules():
+        m.train()
+    rng = np.random.default_rng([settings.seed, epoch])
+    order = torch.from_numpy(rng.permutation(len(images)))
+    sums, lr = {k: 0.0 for k in LOSS_COLUMNS}, settings.lr
+    with Progress(steps_per_epoch, f"epoch {epoch + 1}/{settings.epochs}", quiet=quiet, unit="step") as progress:
+        for i in range(steps_per_epoch):
+            index = order[i * settings.batch_size:(i + 1) * settings.batch_size]
+            x, m = images[index], masks[index]
+            if settings.augment:
+                x, m = _augment(x, m, rng)
+            lr = settings.lr * learning_rate_factor(epoch, i, steps_per_epoch, settings.epochs,
+                                                    settings.lr_decay_after_epoch)
+            step.set_learning_rate(lr)
+            losses = step(x.to(step.device.device), m.to(step.device.device))
+            if average is not None:
+                average.update_parameters(step.models.generator)
+            for k in LOSS_COLUMNS:
+                sums[k] += losses[k]
+            progress.update()
+    return {**{k: sums[k] / steps_per_epoch for k in LOSS_COLUMNS}, "lr": lr}
+
+
+def validate(generator: InpaintGenerator, size: int, device: str, train_crops: list, test_crops: list,
+             test_ids: list[str], samples: int, trained: InpaintGenerator | None = None) -> tuple[dict, np.ndarray]:
+    """MAE, PSNR and SSIM inside the mask on the held-out crops (NaN without any), and the
+    sample grid (held-out crops, else training crops). ``trained``: the trained generator when
+    ``generator`` is its average, scored as ``raw_test_*``."""
+    inpainter = Inpainter(generator, size, device)
+    row: dict = {}
+    if not test_crops:
+        row.update(test_mae=float("nan"), test_psnr=float("nan"), test_ssim=float("nan"), test_crops=0)
+        k = min(samples, len(train_crops))
+        ims, mks = np.stack([c[0] for c in train_crops[:k]]), np.stack([c[1] for c in train_crops[:k]])
+        return row, sample_grid(ims, mks, inpainter(ims, mks))
+    if trained is not None:
+        raw, _ = evaluate_inpainter(Inpainter(trained, size, device), test_crops, test_ids)
+        row.update({f"raw_test_{k}": v for k, v in summarise(raw).items()})
+    table, generated = evaluate_inpainter(inpainter, test_crops, test_ids)
+    row.update({f"test_{k}": v for k, v in summarise(table).items()}, test_crops=len(test_crops))
+    k = min(samples, len(test_crops))
+    return row, sample_grid(np.stack([c[0] for c in test_crops[:k]]), np.stack([c[1] for c in test_crops[:k]]),
+                            generated[:k])
+
+
+def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings = InpaintSettings(),
+                     quiet: bool = False) -> dict:
+    """Train (or resume) the inpainting GAN on ``crops_dir`` (the ``glomscan augment crops`` folder);
+    returns the last epoch's CSV row."""
+    crops_dir, out_path = Path(crops_dir), Path(out_path)
+    train_crops, test_crops, test_ids, size = training_crops(crops_dir, settings)
     cuda = settings.device is not None and settings.device.startswith("cuda") or (
         settings.device is None and torch.cuda.is_available())
     device = choose_training_device("auto" if cuda else settings.precision, device=settings.device,
                                     cpu_bf16=settings.precision == "auto")
     seed_training(settings.seed)
-    if settings.vgg_weights:
-        vgg = load_vgg19_features(Path(settings.vgg_weights))
-    elif settings.feature_model:
-        vgg = load_segmentation_features(Path(settings.feature_model))
-    else:
-        vgg = None
     weights = InpaintLossWeights(l1_local=settings.lambda_local_l1, perceptual=settings.perceptual_weight,
                                  style=settings.style_weight, ssim=settings.ssim_weight)
-    loss_fn = GeneratorLoss(weights, vgg).to(device.device)
+    loss_fn = GeneratorLoss(weights, feature_network(settings)).to(device.device)
     models = InpaintModels(InpaintGenerator(settings.base_channels, settings.n_aot_blocks,
                                             upsampling=settings.upsampling).to(device.device),
                            PatchDiscriminator(settings.base_channels).to(device.device),
                            PatchDiscriminator(settings.base_channels).to(device.device))
-    g_optimiser = torch.optim.Adam(models.generator.parameters(), lr=settings.lr, betas=tuple(settings.betas))
-    d_optimiser = torch.optim.Adam(list(models.global_discriminator.parameters())
-                                   + list(models.local_discriminator.parameters()), lr=settings.lr,
-                                   betas=tuple(settings.betas))
-    scaler = device.grad_scaler()
+    step = InpaintGanStep(models, loss_fn, settings, device)
     average = generator_average(models.generator, settings.ema_decay) if settings.ema_decay else None
 
     samples_dir = out_path.with_suffix(".samples")
     architecture = {"size": size, "base_channels": settings.base_channels, "n_aot_blocks": settings.n_aot_blocks,
                     "upsampling": settings.upsampling}
-    run = TrainingRun(out_path, {"generator": models.generator, "global_discriminator": models.global_discriminator,
-                                 "local_discriminator": models.local_discriminator, "g_optimiser": g_optimiser,
-                                 "d_optimiser": d_optimiser, "scaler": scaler,
-                                 **({"generator_average": average} if average is not None else {})}, architecture,
-                      optional=("scaler", "generator_average"))
+    run = TrainingRun(out_path, {**step.stateful(), **({"generator_average": average} if average is not None else {})},
+                      architecture, optional=("scaler", "generator_average"))
     resumed = run.resume()
     if average is None and "generator_average" in resumed:
         log.warning("%s was trained with a generator average (--ema-decay); without it this run saves and "
@@ -365,47 +450,13 @@ def train_inpainting(crops_dir: Path, out_path: Path, settings: InpaintSettings 
              loss_fn.vgg_status)
     row: dict = {}
     for epoch in range(run.start_epoch, settings.epochs):
-        for m in (models.generator, models.global_discriminator, models.local_discriminator):
-            m.train()
-        rng = np.random.default_rng([settings.seed, epoch])
-        order = torch.from_numpy(rng.permutation(n))
-        t0, sums = time.perf_counter(), {k: 0.0 for k in LOSS_COLUMNS}
-        with Progress(steps_per_epoch, f"epoch {epoch + 1}/{settings.epochs}", quiet=quiet, unit="step") as progress:
-            for step in range(steps_per_epoch):
-                index = order[step * settings.batch_size:(step + 1) * settings.batch_size]
-                x, m = images[index], masks[index]
-                if settings.augment:
-                    x, m = _augment(x, m, rng)
-                lr = settings.lr * learning_rate_factor(epoch, step, steps_per_epoch, settings.epochs,
-                                                        settings.lr_decay_after_epoch)
-                for group in g_optimiser.param_groups + d_optimiser.param_groups:
-                    group["lr"] = lr
-                losses = train_step(models, loss_fn, g_optimiser, d_optimiser, scaler, x.to(device.device),
-                                    m.to(device.device), device)
-                if average is not None:
-                    average.update_parameters(models.generator)
-                for k in LOSS_COLUMNS:
-                    sums[k] += losses[k]
-                progress.update()
-        row = {"steps": steps_per_epoch, "size": size, **{k: sums[k] / steps_per_epoch for k in LOSS_COLUMNS},
-               "lr": lr, "vgg": loss_fn.vgg_status}
+        t0 = time.perf_counter()
+        losses = train_one_epoch(step, images, masks, epoch, steps_per_epoch, settings, average, quiet)
         saved_generator = average.module if average is not None else models.generator
-        inpainter = Inpainter(saved_generator, size, device.device)
-        if test_crops:
-            if average is not None:
-                raw, _ = evaluate_inpainter(Inpainter(models.generator, size, device.device), test_crops, test_ids)
-                row.update({f"raw_test_{k}": v for k, v in summarise(raw).items()})
-            table, generated = evaluate_inpainter(inpainter, test_crops, test_ids)
-            row.update({f"test_{k}": v for k, v in summarise(table).items()}, test_crops=len(test_crops))
-            k = min(settings.samples, len(test_crops))
-            grid = sample_grid(np.stack([c[0] for c in test_crops[:k]]), np.stack([c[1] for c in test_crops[:k]]),
-                               generated[:k])
-        else:
-            row.update(test_mae=float("nan"), test_psnr=float("nan"), test_ssim=float("nan"), test_crops=0)
-            k = min(settings.samples, len(train_crops))
-            ims, mks = np.stack([c[0] for c in train_crops[:k]]), np.stack([c[1] for c in train_crops[:k]])
-            grid = sample_grid(ims, mks, inpainter(ims, mks))
-        row["seconds"] = round(time.perf_counter() - t0, 1)
+        metrics, grid = validate(saved_generator, size, device.device, train_crops, test_crops, test_ids,
+                                 settings.samples, trained=models.generator if average is not None else None)
+        row = {"steps": steps_per_epoch, "size": size, **{k: losses[k] for k in LOSS_COLUMNS}, "lr": losses["lr"],
+               "vgg": loss_fn.vgg_status, **metrics, "seconds": round(time.perf_counter() - t0, 1)}
         samples_dir.mkdir(parents=True, exist_ok=True)
         write_png(samples_dir / f"epoch_{epoch + 1:03d}.png", grid)
         info = {**architecture, "epoch": epoch + 1, "vgg": loss_fn.vgg_status, "crops": str(crops_dir),

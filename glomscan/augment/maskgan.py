@@ -145,6 +145,38 @@ def generator_step(generator: MaskGenerator, discriminator: MaskDiscriminator, o
     return loss.item()
 
 
+class MaskGanStep:
+    """One step of the mask DCGAN: a batch of real masks drawn with replacement (flipped and
+    turned), one discriminator update, one generator update, every draw from one CPU generator
+    (so that a resumed run draws what an uninterrupted one would). Owns the two Adam optimisers,
+    which the resume state keeps (:meth:`stateful`)."""
+
+    def __init__(self, generator: MaskGenerator, discriminator: MaskDiscriminator, settings: MaskGanSettings,
+                 device: str):
+        self.generator, self.discriminator, self.settings, self.device = generator, discriminator, settings, device
+        betas = (settings.beta1, settings.beta2)
+        self.opt_g = torch.optim.Adam(generator.parameters(), lr=settings.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=settings.lr, betas=betas)
+
+    def stateful(self) -> dict:
+        return {"generator": self.generator, "discriminator": self.discriminator, "opt_g": self.opt_g,
+                "opt_d": self.opt_d}
+
+    def __call__(self, data: torch.Tensor, remaining: float, rng: torch.Generator) -> tuple[float, float, float, float]:
+        """Train on ``data`` (N, 1, S, S) in [-1, 1]; ``remaining``: the share of the run still to
+        come, which scales the instance noise down to 0. Returns (loss D, loss G, D(real), D(fake))."""
+        s = self.settings
+        noise = s.instance_noise * max(0.0, remaining)
+        idx = torch.randint(len(data), (max(s.batch_size, 2),), generator=rng)  # with replacement
+        real = augment_dihedral(data[idx], rng).to(self.device)
+        z = torch.randn(len(real), s.latent, generator=rng).to(self.device)
+        loss_d, d_real, d_fake = discriminator_step(self.generator, self.discriminator, self.opt_d, real, z,
+                                                    s.real_label, noise, rng)
+        z = torch.randn(len(real), s.latent, generator=rng).to(self.device)
+        loss_g = generator_step(self.generator, self.discriminator, self.opt_g, z, noise, rng)
+        return loss_d, loss_g, d_real, d_fake
+
+
 def train_mask_gan(masks: list[np.ndarray], out_path: Path, settings: MaskGanSettings = MaskGanSettings(),
                    quiet: bool = False, info: dict | None = None) -> list[dict]:
     """Train on binary masks; writes ``out_path`` (generator + settings + the real masks'
@@ -161,43 +193,32 @@ def train_mask_gan(masks: list[np.ndarray], out_path: Path, settings: MaskGanSet
     diameters = [equivalent_diameter(m.sum()) for m in masks]
     info = {"n_masks": len(masks), "diameter_min_px": min(diameters), "diameter_max_px": max(diameters),
             "mask_size_px": int(masks[0].shape[0]), **(info or {})}
-    generator = MaskGenerator(settings.latent, settings.image_size, settings.base_channels).to(device)
-    discriminator = MaskDiscriminator(settings.image_size, settings.base_channels).to(device)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=settings.lr, betas=(settings.beta1, settings.beta2))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=settings.lr, betas=(settings.beta1, settings.beta2))
+    step = MaskGanStep(MaskGenerator(settings.latent, settings.image_size, settings.base_channels).to(device),
+                       MaskDiscriminator(settings.image_size, settings.base_channels).to(device), settings, device)
     rng = torch.Generator().manual_seed(settings.seed)
     fixed_z = torch.randn(64, settings.latent, generator=torch.Generator().manual_seed(settings.seed + 1))
-    run = TrainingRun(out_path, {"generator": generator, "discriminator": discriminator, "opt_g": opt_g,
-                                 "opt_d": opt_d}, _architecture(settings), earlier_metrics_suffix=".losses.csv")
+    run = TrainingRun(out_path, step.stateful(), _architecture(settings), earlier_metrics_suffix=".losses.csv")
     resumed = run.resume()
     if resumed:
         rng.set_state(resumed["rng"])
     steps = settings.steps_per_epoch or max(1, math.ceil(len(data) / settings.batch_size))
     for epoch in range(run.start_epoch, settings.epochs):
         t0 = time.perf_counter()
-        generator.train()
-        discriminator.train()
+        step.generator.train()
+        step.discriminator.train()
         sums = np.zeros(4)
-        for step in range(steps):
-            noise = settings.instance_noise * max(0.0, 1 - (epoch * steps + step) / (settings.epochs * steps))
-            idx = torch.randint(len(data), (max(settings.batch_size, 2),), generator=rng)  # with replacement
-            real = augment_dihedral(data[idx], rng).to(device)
-            z = torch.randn(len(real), settings.latent, generator=rng).to(device)
-            loss_d, d_real, d_fake = discriminator_step(generator, discriminator, opt_d, real, z, settings.real_label,
-                                                        noise, rng)
-            z = torch.randn(len(real), settings.latent, generator=rng).to(device)
-            loss_g = generator_step(generator, discriminator, opt_g, z, noise, rng)
-            sums += (loss_d, loss_g, d_real, d_fake)
+        for i in range(steps):
+            sums += step(data, 1 - (epoch * steps + i) / (settings.epochs * steps), rng)
         row = dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), map(float, sums / steps)))
         row["seconds"] = time.perf_counter() - t0
         if not quiet:
             log.info("epoch %d/%d: loss D %.4f, G %.4f, D(real) %.3f, D(fake) %.3f", epoch + 1, settings.epochs,
                      row["loss_d"], row["loss_g"], row["d_real"], row["d_fake"])
-        save_mask_generator(out_path, generator, settings, info)
+        save_mask_generator(out_path, step.generator, settings, info)
         run.end_epoch(epoch, row, rng=rng.get_state())
-        generator.eval()
+        step.generator.eval()
         with torch.no_grad():
-            samples = generator(fixed_z.to(device)).cpu().numpy()[:, 0]
+            samples = step.generator(fixed_z.to(device)).cpu().numpy()[:, 0]
         write_grid(out_path.with_suffix(".samples.png"), samples)
     return run.rows
 
