@@ -48,7 +48,7 @@ from ...progress import Progress
 from ...verify import VERIFIER_CARD_KEY, VERIFIER_SHA256_KEY, VerifierCard, candidate_crop
 from ..dataset.composite import tissue_map
 from ..dataset.data import load_patch
-from .harness import TrainingRun, choose_training_device, seed_training
+from .harness import TrainingDevice, TrainingRun, choose_training_device, seed_training
 from ..dataset.resident import jitter_stain_batch
 from .segment import jpeg_roundtrip
 from ..settings import VerifierSettings
@@ -378,6 +378,58 @@ def load_or_build_samples(dataset_dir: Path, out_dir: Path, settings: VerifierSe
     return table, contexts
 
 
+class ResidentSamples:
+    """The verifier's samples held on the training device (contexts, targets, weights), cut into
+    augmented, normalised views there."""
+
+    def __init__(self, samples: pd.DataFrame, contexts: np.ndarray, settings: VerifierSettings, card: VerifierCard,
+                 device: TrainingDevice):
+        self.settings, self.device = settings, device
+        self.contexts = torch.from_numpy(contexts).to(device.device)
+        self.targets = torch.from_numpy(samples.target.to_numpy().copy()).to(device.device)
+        self.weights = torch.from_numpy(samples.weight.to_numpy().astype(np.float32)).to(device.device)
+        self.mean = torch.tensor(card.mean, device=device.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(card.std, device=device.device).view(1, 3, 1, 1)
+
+    def batch(self, index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of the samples at ``index`` (augmented with ``generator``), their targets and weights."""
+        views = augmented_views(self.contexts[index], self.settings, generator, self.mean, self.std)
+        return views, self.targets[index], self.weights[index]
+
+
+def train_one_epoch(network: nn.Module, optimiser, scheduler, samples: ResidentSamples, train: np.ndarray,
+                    epoch: int, steps: int, quiet: bool = False) -> dict:
+    """``steps`` steps over a permutation of the training samples ``train`` drawn for ``epoch``
+    (views augmented from the same draw), the weighted loss of :func:`verifier_loss`, the
+    scheduler stepped per step; returns the mean loss and the rate after the epoch."""
+    settings, device = samples.settings, samples.device
+    generator = torch.Generator(device=device.device).manual_seed(settings.seed * 1000 + epoch)
+    order = torch.from_numpy(train.copy()).to(device.device)[torch.randperm(len(train), generator=generator,
+                                                                         device=device.device)]
+    network.train()
+    losses = []
+    with Progress(steps, f"epoch {epoch + 1}/{settings.epochs}", quiet=quiet, unit="step") as progress:
+        for step in range(steps):
+            x, targets, weights = samples.batch(order[step * settings.batch_size:(step + 1) * settings.batch_size],
+                                                generator)
+            optimiser.zero_grad(set_to_none=True)
+            with device.autocast():
+                logits = network(device.prepare(x))
+            loss = verifier_loss(logits, targets, weights)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            losses.append(loss.item())
+            progress.update()
+    return {"train_loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"]}
+
+
+def validate(network: nn.Module, contexts: np.ndarray, targets: np.ndarray, card: VerifierCard,
+             device: TrainingDevice) -> dict:
+    """:func:`verifier_metrics` of the network's predictions on held-out samples."""
+    return verifier_metrics(predict_contexts(network, contexts, card, device), targets)
+
+
 def train_verifier(samples: pd.DataFrame, contexts: np.ndarray, out_path: Path, settings: VerifierSettings,
                    card: VerifierCard, quiet: bool = False) -> dict:
     """Train on the samples of split ``train``, validate on ``val`` every epoch, keep the best
@@ -402,37 +454,14 @@ def train_verifier(samples: pd.DataFrame, contexts: np.ndarray, out_path: Path, 
                       architecture={"network": "resnet18", "input_px": settings.input_px, "epochs": settings.epochs,
                                     "batch_size": settings.batch_size})
     best_score = run.resume().get("best_score", -1.0)
-    # the whole training set lives on the training device; augmentation runs there too
-    all_contexts = torch.from_numpy(contexts).to(device.device)
-    targets = torch.from_numpy(samples.target.to_numpy().copy()).to(device.device)
-    weights = torch.from_numpy(samples.weight.to_numpy().astype(np.float32)).to(device.device)
-    mean = torch.tensor(card.mean, device=device.device).view(1, 3, 1, 1)
-    std = torch.tensor(card.std, device=device.device).view(1, 3, 1, 1)
-    val_targets = samples.target.to_numpy()[val]
+    resident = ResidentSamples(samples, contexts, settings, card, device)  # augmentation runs there too
     best = {}
     for epoch in range(run.start_epoch, settings.epochs):
-        generator = torch.Generator(device=device.device).manual_seed(settings.seed * 1000 + epoch)
-        order = torch.from_numpy(train.copy()).to(device.device)[torch.randperm(len(train), generator=generator,
-                                                                             device=device.device)]
-        network.train()
-        t0, losses = time.perf_counter(), []
-        with Progress(steps_per_epoch, f"epoch {epoch + 1}/{settings.epochs}", quiet=quiet, unit="step") as progress:
-            for step in range(steps_per_epoch):
-                index = order[step * settings.batch_size:(step + 1) * settings.batch_size]
-                x = augmented_views(all_contexts[index], settings, generator, mean, std)
-                optimiser.zero_grad(set_to_none=True)
-                with device.autocast():
-                    logits = network(device.prepare(x))
-                loss = verifier_loss(logits, targets[index], weights[index])
-                loss.backward()
-                optimiser.step()
-                scheduler.step()
-                losses.append(loss.item())
-                progress.update()
-        probabilities = predict_contexts(network, contexts[val], card, device)
-        val_metrics = verifier_metrics(probabilities, val_targets)
-        metrics = {"train_loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"],
-                   "seconds": round(time.perf_counter() - t0, 1), **{f"val_{k}": v for k, v in val_metrics.items()}}
+        t0 = time.perf_counter()
+        trained = train_one_epoch(network, optimiser, scheduler, resident, train, epoch, steps_per_epoch, quiet)
+        val_metrics = validate(network, contexts[val], samples.target.to_numpy()[val], card, device)
+        metrics = {**trained, "seconds": round(time.perf_counter() - t0, 1),
+                   **{f"val_{k}": v for k, v in val_metrics.items()}}
         log.info("epoch %d: loss %.4f, val glomerulus recall %.3f, negatives rejected %.3f, grading balanced "
                  "accuracy %.3f", epoch + 1, metrics["train_loss"], val_metrics["glomerulus_recall"],
                  val_metrics["negative_rejection"], val_metrics["grading_balanced_accuracy"])
