@@ -127,6 +127,16 @@ def worker_environments(gpus: list[str], workers: int | None, cpu_count: int,
     return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)} for _ in range(n)]
 
 
+def local_worker_environments(workers: int | None, slides_per_gpu: int, cpu_workers: int | None = None
+                              ) -> tuple[list[str], list[dict[str, str]]]:
+    """(visible GPUs, one environment per worker process) for this machine's cores and GPUs:
+    :func:`worker_environments` with ``workers``, or ``cpu_workers`` processes when no GPU is
+    visible and it is given (the slide workers: as many as slides in flight)."""
+    gpus = visible_gpus()
+    chosen = workers if gpus or cpu_workers is None else cpu_workers
+    return gpus, worker_environments(gpus, chosen, os.cpu_count() or 1, slides_per_gpu=slides_per_gpu)
+
+
 def resource_name(gpus: list[str]) -> str:
     return "GPU" if gpus else "SLOT"
 
@@ -236,9 +246,7 @@ def run_slide_workers_batch(slides_dir: Path, out_dir: Path, model: LoadedModel,
     from concurrent.futures.process import BrokenProcessPool
 
     out_dir = Path(out_dir)
-    gpus = visible_gpus()
-    envs = worker_environments(gpus, None, os.cpu_count() or 1, slides_per_gpu=slides_in_flight) if gpus else \
-        worker_environments([], slides_in_flight, os.cpu_count() or 1)
+    gpus, envs = local_worker_environments(None, slides_in_flight, cpu_workers=slides_in_flight)
     verifier_path = str(model.verifier.path) if model.verifier is not None else None
 
     def execute(jobs: list[SlideJob], done: Callable[[SlideReport], None]) -> None:
@@ -309,8 +317,7 @@ def dask_client(cluster: str, workers: int | None, slides_per_gpu: int = 1):
 
     local = None
     if cluster == "local":
-        gpus = visible_gpus()
-        envs = worker_environments(gpus, workers, os.cpu_count() or 1, slides_per_gpu=slides_per_gpu)
+        gpus, envs = local_worker_environments(workers, slides_per_gpu)
         resource = resource_name(gpus)
         log.info("starting a local Dask cluster: %d worker process(es), %s", len(envs),
                  f"{slides_per_gpu} per GPU {gpus}" if gpus else "CPU only")

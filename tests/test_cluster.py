@@ -188,3 +188,18 @@ def test_slides_in_flight_option_rules(small_slide, tmp_path):
                                "--slides-in-flight", "2", "--cluster", "tcp://127.0.0.1:1"])
     assert res.exit_code == 2 and "scheduler" in res.output
     assert "--slides-in-flight" in runner.invoke(main, ["analyze", "--help"]).output
+
+
+def test_both_local_paths_choose_their_workers_in_one_place(monkeypatch):
+    """The slide workers (as many as slides in flight without a GPU) and the local Dask cluster
+    (its --workers, default 2) take their environments from local_worker_environments."""
+    from glomscan import cluster
+
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert cluster.local_worker_environments(None, 3, cpu_workers=3) == ([], worker_environments([], 3, 8))
+    assert cluster.local_worker_environments(None, 1) == ([], worker_environments([], None, 8))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7")
+    gpus, envs = cluster.local_worker_environments(None, 3, cpu_workers=3)
+    assert gpus == ["4", "7"] and envs == worker_environments(["4", "7"], None, 8, slides_per_gpu=3)
+    assert len(envs) == 6 and {e["OMP_NUM_THREADS"] for e in envs} == {"1"}
