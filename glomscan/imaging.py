@@ -57,6 +57,13 @@ def from_optical_density(od: np.ndarray) -> np.ndarray:
     return np.clip(256.0 * np.exp(-od) - 1.0, 0, 255)
 
 
+def stain_ratio(source_od_mean: np.ndarray, target_od_mean: np.ndarray, limits: tuple[float, float] = (0.5, 2.0)
+                ) -> np.ndarray:
+    """Per-channel factor on optical density that moves a stain of mean ``source_od_mean`` to
+    ``target_od_mean`` (optical-density stain transfer), clipped to ``limits``."""
+    return np.clip((target_od_mean + 1e-3) / (source_od_mean + 1e-3), *limits)
+
+
 def equivalent_diameter(area: float) -> float:
     """Diameter of the disc of this area (same unit as the area's square root)."""
     return math.sqrt(4 * area / math.pi)

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ..imaging import from_optical_density, optical_density, write_png
+from ..imaging import from_optical_density, optical_density, stain_ratio, write_png
 from ..labels import NORMAL, SCLEROSED
 from ..train.dataset.composite import tissue_map
 from .crops import CROP_COLUMNS, component_circle
@@ -121,8 +121,7 @@ def _stain_towards(background: np.ndarray, background_tissue: np.ndarray, crop: 
     od = optical_density(background)
     if background_tissue.sum() < 100 or crop_reference.sum() < 100:
         return background.astype(np.float32)
-    ratio = (optical_density(crop)[crop_reference].mean(0) + 1e-3) / (od[background_tissue].mean(0) + 1e-3)
-    return from_optical_density(od * np.clip(ratio, 0.5, 2.0))
+    return from_optical_density(od * stain_ratio(od[background_tissue].mean(0), optical_density(crop)[crop_reference].mean(0)))
 
 
 @dataclass

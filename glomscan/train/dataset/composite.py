@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ...imaging import from_optical_density, optical_density, saturated_pixels
+from ...imaging import from_optical_density, optical_density, saturated_pixels, stain_ratio
 from .sources import GlomerulusCrop, resize_mask, resize_rgb
 from ..settings import CompositeSettings
 
@@ -62,8 +62,7 @@ def stain_adjust(crop: np.ndarray, outline: np.ndarray, background_od_mean: np.n
         around = tissue_map(crop) & ~outline
         reference = around if around.sum() >= 0.05 * outline.size else outline
         crop_mean = od[reference].mean(axis=0)
-        ratio = (background_od_mean + 1e-3) / (crop_mean + 1e-3)
-        od = od * (1.0 + settings.stain_match * (np.clip(ratio, 0.5, 2.0) - 1.0))
+        od = od * (1.0 + settings.stain_match * (stain_ratio(crop_mean, background_od_mean) - 1.0))
     od = od * rng.uniform(1 - settings.stain_jitter, 1 + settings.stain_jitter, size=3).astype(np.float32)
     return from_optical_density(od)
 

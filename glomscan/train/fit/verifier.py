@@ -52,7 +52,7 @@ from .harness import TrainingDevice, TrainingRun, choose_training_device, seed_t
 from ..dataset.resident import jitter_stain_batch
 from .segment import jpeg_roundtrip
 from ..settings import VerifierSettings
-from ...labels import UNKNOWN_CLASS
+from ...labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def verifier_metrics(probabilities: np.ndarray, targets: np.ndarray, threshold: 
     recall = float(kept[positive].mean()) if positive.any() else float("nan")
     rejection = float((~kept[negative]).mean()) if negative.any() else float("nan")
     called_sclerosed = probabilities[:, 2] > probabilities[:, 1]
-    sclerosed, normal = targets == 2, targets == 1
+    sclerosed, normal = targets == SCLEROSED, targets == NORMAL
     sensitivity = float(called_sclerosed[sclerosed].mean()) if sclerosed.any() else float("nan")
     specificity = float((~called_sclerosed[normal]).mean()) if normal.any() else float("nan")
     detection = float(np.nanmean([recall, rejection]))
