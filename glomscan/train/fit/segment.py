@@ -163,7 +163,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: TrainingDevice, step
         m.momentum = momentum
 
 
-def evaluate_model(model: nn.Module, loader: DataLoader, device: TrainingDevice, min_area_px: float = 0.0) -> dict:
+def validate(model: nn.Module, loader: DataLoader, device: TrainingDevice, min_area_px: float = 0.0) -> dict:
     """Pixel metrics of the labels analyze would paint (glomeruli classified by the one decision
     rule, ``postprocess.glomerulus_class``): per class over the pixels of known class
     (glomeruli of unknown class left out), and glomerulus-vs-background (``dice_glomerulus``)
@@ -222,7 +222,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, steps: int, loss_fn: nn.
                     device: TrainingDevice, on_step=None) -> float:
     """``steps`` optimiser steps on ``batches`` (images, labels) in training mode, under the
     device's autocast and gradient scaler; returns the mean loss (after torchvision's reference
-    scripts: ``train_one_epoch``, with ``evaluate_model`` as the validation)."""
+    scripts: ``train_one_epoch``, with :func:`validate` after it)."""
     model.train()
     losses = []
     for _ in range(steps):
@@ -241,28 +241,20 @@ def train_one_epoch(model: nn.Module, batches: Batches, steps: int, loss_fn: nn.
     return float(np.mean(losses))
 
 
-def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSettings, quiet: bool = False) -> dict:
-    """Train; writes ``out_path`` (best validation selection score, fp32, glomscan checkpoint),
-    ``<out>.last.pt`` (resume state) and ``<out>.metrics.csv``. Returns the best metrics.
-    The selection score is the mean of the class Dice (known-class pixels) and the glomerulus
-    Dice (all pixels), so that tiles with unknown-class glomeruli count too."""
-    dataset_dir, out_path = Path(dataset_dir), Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    manifest = pd.read_csv(dataset_dir / "manifest.csv")
-    train_rows, val_rows = manifest[manifest.split == "train"], manifest[manifest.split == "val"]
-    if train_rows.empty or val_rows.empty:
-        raise ValueError(f"{dataset_dir}: need patches in both splits (train {len(train_rows)}, val {len(val_rows)})")
-    if settings.scale_jitter and not settings.data_on_device:
-        raise ValueError("scale augmentation (--scale-jitter) runs on the training device: add --data-on-device")
-    seed_training(settings.seed)
-    device = choose_training_device(settings.precision, device=settings.device)
-    log.info("training on %s", device.reason)
-    card = ModelCard(name=settings.name, encoder=settings.encoder, encoder_depth=settings.encoder_depth,
+def segmentation_card(settings: SegmentSettings, manifest: pd.DataFrame, dataset_name: str) -> ModelCard:
+    """The card of the network ``settings`` ask for, trained on the prepared set ``manifest``."""
+    n_train, n_val = int((manifest.split == "train").sum()), int((manifest.split == "val").sum())
+    return ModelCard(name=settings.name, encoder=settings.encoder, encoder_depth=settings.encoder_depth,
                      decoder_channels=tuple(settings.decoder_channels), analysis_mpp=settings.analysis_mpp,
                      tile=settings.tile or int(manifest.tile.iloc[0]),
-                     trained_on=settings.trained_on or f"{dataset_dir.name}: {manifest.slide.nunique()} slides, "
-                                                     f"{len(train_rows)} train / {len(val_rows)} val patches",
+                     trained_on=settings.trained_on or f"{dataset_name}: {manifest.slide.nunique()} slides, "
+                                                     f"{n_train} train / {n_val} val patches",
                      **{k: v for k, v in (("intended_use", settings.intended_use), ("licence", settings.licence)) if v})
+
+
+def initial_network(card: ModelCard, settings: SegmentSettings) -> nn.Module:
+    """The network of ``card``: random weights, or a glomscan model's (``--init``, same
+    architecture), or an encoder state dict's (``--encoder-weights``)."""
     model = build_model(card)
     if settings.init:
         init = load_model(settings.init)
@@ -276,7 +268,53 @@ def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSetti
         state = torch.load(settings.encoder_weights, map_location="cpu", weights_only=True)
         missing, unexpected = model.encoder.load_state_dict(state, strict=False)
         log.info("encoder weights from %s (%d missing, %d unexpected keys)", settings.encoder_weights, len(missing), len(unexpected))
-    model.to(device.device)
+    return model
+
+
+def segmentation_loaders(dataset_dir: Path, manifest: pd.DataFrame, card: ModelCard, settings: SegmentSettings,
+                         device: TrainingDevice, start_epoch: int):
+    """(training batches, validation loader): the training patches cut and augmented by loader
+    processes, or on the training device (``--data-on-device``), seeded for ``start_epoch`` so
+    that a resumed run draws afresh from where it starts."""
+    train_rows, val_rows = manifest[manifest.split == "train"], manifest[manifest.split == "val"]
+    pin_memory = device.device.startswith("cuda")
+    # loader processes start from a clean server process, not forked from this one: a fork
+    # taken while libvips threads hold locks (e.g. after `prepare` in the same process) hangs
+    context = "forkserver" if settings.workers > 0 else None
+    if settings.data_on_device:
+        train_loader = ResidentBatches(ResidentPatches(dataset_dir, train_rows, device.device, card.mean, card.std,
+                                                       seed=settings.seed * 1000 + start_epoch), settings)
+    else:
+        sampler_generator = torch.Generator().manual_seed(settings.seed + start_epoch)
+        train_loader = DataLoader(PatchDataset(dataset_dir, train_rows, card, True, settings.crop,
+                                               settings.seed + start_epoch, settings.stain_jitter,
+                                               settings.jpeg_min_quality),
+                                  batch_size=settings.batch_size, shuffle=True, num_workers=settings.workers,
+                                  drop_last=True, generator=sampler_generator, worker_init_fn=seed_worker,
+                                  pin_memory=pin_memory, multiprocessing_context=context)
+    val_loader = DataLoader(PatchDataset(dataset_dir, val_rows, card, False), batch_size=settings.batch_size,
+                            num_workers=settings.workers, pin_memory=pin_memory, multiprocessing_context=context)
+    return train_loader, val_loader
+
+
+def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSettings, quiet: bool = False) -> dict:
+    """Train; writes ``out_path`` (best validation selection score, fp32, glomscan checkpoint),
+    ``<out>.last.pt`` (resume state) and ``<out>.metrics.csv``. Returns the best metrics.
+    The selection score is the mean of the class Dice (known-class pixels) and the glomerulus
+    Dice (all pixels), so that tiles with unknown-class glomeruli count too."""
+    dataset_dir, out_path = Path(dataset_dir), Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = pd.read_csv(dataset_dir / "manifest.csv")
+    n_train, n_val = int((manifest.split == "train").sum()), int((manifest.split == "val").sum())
+    if not n_train or not n_val:
+        raise ValueError(f"{dataset_dir}: need patches in both splits (train {n_train}, val {n_val})")
+    if settings.scale_jitter and not settings.data_on_device:
+        raise ValueError("scale augmentation (--scale-jitter) runs on the training device: add --data-on-device")
+    seed_training(settings.seed)
+    device = choose_training_device(settings.precision, device=settings.device)
+    log.info("training on %s", device.reason)
+    card = segmentation_card(settings, manifest, dataset_dir.name)
+    model = initial_network(card, settings).to(device.device)
     if device.channels_last:
         model.to(memory_format=torch.channels_last)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
@@ -286,38 +324,21 @@ def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSetti
     run = TrainingRun(out_path, {"model": model, "optimiser": optimiser, "scheduler": scheduler, "scaler": scaler},
                       optional=("scaler",))
     best_score = run.resume().get("best_score", -1.0)
-    start_epoch = run.start_epoch
-    if start_epoch:
+    if run.start_epoch:
         log.info("best validation score so far %.4f", best_score)
-    sampler_generator = torch.Generator().manual_seed(settings.seed + start_epoch)
-    pin_memory = device.device.startswith("cuda")
-    # loader processes start from a clean server process, not forked from this one: a fork
-    # taken while libvips threads hold locks (e.g. after `prepare` in the same process) hangs
-    context = "forkserver" if settings.workers > 0 else None
-    if pin_memory:
+    if device.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-    if settings.data_on_device:
-        train_loader = ResidentBatches(ResidentPatches(dataset_dir, train_rows, device.device, card.mean, card.std,
-                                                       seed=settings.seed * 1000 + start_epoch), settings)
-    else:
-        train_loader = DataLoader(PatchDataset(dataset_dir, train_rows, card, True, settings.crop,
-                                               settings.seed + start_epoch, settings.stain_jitter,
-                                               settings.jpeg_min_quality),
-                                  batch_size=settings.batch_size, shuffle=True, num_workers=settings.workers,
-                                  drop_last=True, generator=sampler_generator, worker_init_fn=seed_worker,
-                                  pin_memory=pin_memory, multiprocessing_context=context)
-    val_loader = DataLoader(PatchDataset(dataset_dir, val_rows, card, False), batch_size=settings.batch_size,
-                            num_workers=settings.workers, pin_memory=pin_memory, multiprocessing_context=context)
+    train_loader, val_loader = segmentation_loaders(dataset_dir, manifest, card, settings, device, run.start_epoch)
     best = {}
     batches = Batches(train_loader)
-    for epoch in range(start_epoch, settings.epochs):
+    for epoch in range(run.start_epoch, settings.epochs):
         t0 = time.perf_counter()
         steps = len(train_loader) if settings.max_steps_per_epoch is None else settings.max_steps_per_epoch
         with Progress(steps, f"epoch {epoch + 1}/{settings.epochs}", quiet=quiet, unit="step") as progress:
             train_loss = train_one_epoch(model, batches, steps, loss_fn, optimiser, scaler, device, progress.update)
         scheduler.step()
         recalibrate_batchnorm(model, train_loader, device, settings.bn_recalibration_steps)
-        val = evaluate_model(model, val_loader, device)
+        val = validate(model, val_loader, device)
         metrics = {"train_loss": train_loss, "lr": optimiser.param_groups[0]["lr"],
                    "seconds": round(time.perf_counter() - t0, 1), **{f"val_{k}": v for k, v in val.items()}}
         log.info("epoch %d: loss %.4f, val Dice normal %.4f sclerosed %.4f glomerulus %.4f", epoch + 1,
