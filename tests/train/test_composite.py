@@ -178,7 +178,7 @@ def _write_masks(out_dir, dataset_dir, manifest, transform):
 
 
 def test_scoring_of_a_prepared_set_counts_what_analyze_wrote(tmp_path):
-    from glomscan.train.evaluation.evaluate import real_metrics_markdown, score_prepared_set
+    from glomscan.train.evaluation.prepared_set import real_metrics_markdown, score_prepared_set
 
     _make_sets(tmp_path)
     settings = PrepareSettings(validation_fraction=0.4, composite_uses=1,

@@ -46,7 +46,7 @@ def _square(shape, r0, c0, size, value, out=None):
 def test_false_detections_counts_unmatched_components_and_their_class():
     import numpy as np
 
-    from glomscan.train.evaluation.evaluate import false_detections
+    from glomscan.train.evaluation.prepared_set import false_detections
     from glomscan.train.evaluation.metrics import instance_matches
 
     truth = _square((40, 60), 2, 2, 10, 3)          # one outlined glomerulus of unknown class

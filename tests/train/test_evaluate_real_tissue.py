@@ -10,8 +10,10 @@ import pyvips
 from click.testing import CliRunner
 
 from glomscan.cli import main
-from glomscan.train.evaluation.evaluate import (CROP_OUTCOMES, candidate_labels, evaluate_graded_crops, read_crop_labels,
-                                     real_metrics_markdown, score_graded_crops, score_prepared_set)
+from glomscan.train.evaluation.analyze_outputs import candidate_labels
+from glomscan.train.evaluation.graded_crops import (CROP_OUTCOMES, evaluate_graded_crops, read_crop_labels,
+                                                    score_graded_crops)
+from glomscan.train.evaluation.prepared_set import real_metrics_markdown, score_prepared_set
 
 from conftest import SHARED_DATA
 
@@ -79,7 +81,8 @@ def test_rejected_geojson_of_analyze_paints_back_what_the_verifier_erased(small_
 
     from glomscan.batch import run_batch
     from glomscan.config import AnalysisSettings
-    from glomscan.train.evaluation.evaluate import false_detections, read_mask, read_rejected
+    from glomscan.train.evaluation.analyze_outputs import read_mask, read_rejected
+    from glomscan.train.evaluation.prepared_set import false_detections
     from glomscan.verify import Verifier, VerifierCard
 
     from conftest import ORACLE_CHOICE, OracleEngine, copy_slide, oracle_model
