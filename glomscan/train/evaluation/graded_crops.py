@@ -13,9 +13,11 @@ import pandas as pd
 from scipy import ndimage
 
 from ...config import AnalysisSettings, analysis_settings_for
+from ...labels import SCLEROSED
 from ...model import LoadedModel
 from ...postprocess import EIGHT_CONNECTED
 from ...report import REJECTED_FILE
+from ..dataset.sources import crop_label, read_labels_csv
 from .analyze_outputs import analyse_folder, candidate_labels, component_classes, read_mask, read_rejected, read_report
 
 
@@ -29,12 +31,7 @@ def read_crop_labels(crops_dir: Path) -> pd.DataFrame:
     columns are ignored), every image present."""
     crops_dir = Path(crops_dir)
     path = crops_dir / "labels.csv"
-    if not path.is_file():
-        raise ValueError(f"no labels.csv in {crops_dir}")
-    labels = pd.read_csv(path)
-    missing = {"image", "globally_sclerosed"} - set(labels.columns)
-    if missing:
-        raise ValueError(f"{path}: no column {', '.join(sorted(missing))} (needs image, globally_sclerosed)")
+    labels = read_labels_csv(crops_dir, ("image",), ("globally_sclerosed",), error=ValueError)
     labels = labels[["image", "globally_sclerosed"]].copy()
     if labels.empty:
         raise ValueError(f"{path} lists no crops")
@@ -187,7 +184,7 @@ def score_graded_crops(out_dir: Path, labels: pd.DataFrame, mpp: float | None = 
         report = read_report(result)
         verifier_ran += int(report.get("n_rejected") is not None or (result / REJECTED_FILE).is_file())
         rows.append({"image": record["image"],
-                     "true_class": "sclerosed" if int(record["globally_sclerosed"]) == 1 else "normal",
+                     "true_class": "sclerosed" if crop_label(record) == SCLEROSED else "normal",
                      **score_crop(result)})
     columns = ["image", "true_class", "outcome", "chosen_by", "area_um2", "n_accepted", "n_rejected",
                "segmentation_only_outcome", "segmentation_only_chosen_by", "reason"]
