@@ -37,7 +37,8 @@ from glomscan.model import load_model
 from glomscan.shipped import default_model_path, default_verifier_path
 from glomscan.imaging import write_png
 from glomscan.train.dataset.data import load_patch
-from glomscan.train.evaluation.evaluate import evaluate_prepared_set, read_report
+from glomscan.train.evaluation.analyze_outputs import read_report
+from glomscan.train.evaluation.prepared_set import evaluate_prepared_set
 from glomscan.verify import load_verifier
 
 

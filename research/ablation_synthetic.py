@@ -6,7 +6,7 @@ same settings, same number of steps, same seeds, same validation slides. Every m
 on the same validation patches of the base set (no synthetic glomerulus is ever in validation):
 sclerosed sensitivity, specificity and balanced accuracy per graded glomerulus (the class
 ``analyze`` gives the detection matching each pasted validation crop) and sclerosed pixel Dice,
-through ``glomscan.train.evaluation.evaluate.evaluate_prepared_set`` (``glomscan evaluate real``).
+through ``glomscan.train.evaluation.prepared_set.evaluate_prepared_set`` (``glomscan evaluate real``).
 
 Steps (each skipped when its output exists, so a rerun resumes; trainings resume per epoch):
 1. ``prepare``: the shared tile set (aidpath_tiles) with the shared crop set (aidpath_glomeruli)
@@ -98,7 +98,7 @@ def synthetic_set(work: Path, base: Path, amount: float, generator: Path, masks,
 
 def train_and_score(work: Path, base: Path, data: Path, amount: float, seed: int, args) -> dict:
     from glomscan.model import load_model
-    from glomscan.train.evaluation.evaluate import evaluate_prepared_set
+    from glomscan.train.evaluation.prepared_set import evaluate_prepared_set
     from glomscan.train.fit.segment import SegmentSettings, train_segmentation
 
     run = work / "runs" / f"plus{round(amount * 100):03d}_seed{seed}"

@@ -190,7 +190,7 @@ def test_shipped_pair_makes_no_more_false_detections_than_segmentation_alone(tmp
     model alone and makes no more false detections."""
     import pyvips
 
-    from glomscan.train.evaluation.evaluate import false_detections
+    from glomscan.train.evaluation.prepared_set import false_detections
 
     tiles = _validation_tiles()
     slides = tmp_path / "slides"

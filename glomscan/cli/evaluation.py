@@ -71,7 +71,7 @@ def evaluate_real(model_path, verifier_path, no_verifier, dataset_dir, split, ba
     (IoU >= 0.5), false detections per mm² of tissue and how many of them are called sclerosed,
     for the accepted glomeruli (tile_...) and for the segmentation model alone, the verifier's
     rejected candidates counted back in (tile_segmentation_only_...)."""
-    from ..train.evaluation.evaluate import evaluate_prepared_set
+    from ..train.evaluation.prepared_set import evaluate_prepared_set
 
     model = attach_verifier_or_exit(load_model_or_exit(model_path), model_path, verifier_path, no_verifier)
     _echo_metrics(evaluate_prepared_set(model, dataset_dir, out_dir, backend, split), out_dir)
@@ -103,7 +103,7 @@ def evaluate_graded_crops(model_path, verifier_path, no_verifier, crops_dir, mpp
     sensitivity and specificity over all crops (not found or rejected is a miss) and over the
     crops whose glomerulus was found, balanced accuracy, outcome counts per true class; with the
     verifier's decisions and for the segmentation model alone (segmentation_only_...)."""
-    from ..train.evaluation.evaluate import evaluate_graded_crops as run
+    from ..train.evaluation.graded_crops import evaluate_graded_crops as run
 
     model = attach_verifier_or_exit(load_model_or_exit(model_path), model_path, verifier_path, no_verifier)
     _echo_metrics(run(model, crops_dir, out_dir, mpp, backend), out_dir)
@@ -163,7 +163,7 @@ def evaluate_crossval(model_path, dataset_dir, folds, epochs, hard_negatives, va
 def evaluate_inpaint(generator_path, crops_dir, split, out_prefix, device):
     """MAE, PSNR and SSIM inside each crop's mask between the original and the inpainted crop
     (generator output pasted inside the mask)."""
-    from ..train.evaluation.evaluate import write_inpaint_evaluation
+    from ..train.evaluation.inpainting import write_inpaint_evaluation
     from ..augment.inpaint import evaluate_crops_dir
 
     table, summary = evaluate_crops_dir(generator_path, crops_dir, None if split == "all" else split, device)

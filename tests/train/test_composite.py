@@ -6,12 +6,16 @@ import pytest
 
 from glomscan.train.dataset.composite import CompositeSettings, paste_glomeruli, scaled_crop, tissue_map
 from glomscan.imaging import write_png
+from glomscan.labels import NORMAL, SCLEROSED
 from glomscan.train.dataset.data import PrepareSettings, load_patch, prepare_dataset
 from glomscan.train.dataset.sources import (
     UNKNOWN_CLASS,
     GlomerulusCrop,
+    SourceError,
+    crop_label,
     glomerulus_mask,
     read_crop_set,
+    read_labels_csv,
     read_tile_set,
     tile_groups,
 )
@@ -105,6 +109,22 @@ def test_mask_colours():
     assert glomerulus_mask(np.array([[0, 200]], np.uint8)).tolist() == [[False, True]]
 
 
+def test_labels_csv_of_a_crop_folder_gives_each_crop_its_class(tmp_path):
+    """One reader for crop sets and graded crops: the required columns, and a row's class by
+    globally_sclerosed (preferred) or class."""
+    (tmp_path / "labels.csv").write_text("image,slide,class\na.png,s1,Sclerosed\nb.png,s1, normal\n")
+    table = read_labels_csv(tmp_path, ("image", "slide"))
+    assert [crop_label(row) for row in table.to_dict("records")] == [SCLEROSED, NORMAL]
+    assert crop_label({"image": "c.png", "globally_sclerosed": 1, "class": "normal"}) == SCLEROSED
+    assert crop_label({"image": "c.png", "globally_sclerosed": 0}) == NORMAL
+    with pytest.raises(SourceError, match="not normal/sclerosed"):
+        crop_label({"image": "c.png", "class": "maybe"})
+    with pytest.raises(ValueError, match="needs columns image and globally_sclerosed"):
+        read_labels_csv(tmp_path, ("image",), ("globally_sclerosed",), error=ValueError)
+    with pytest.raises(SourceError, match="no labels.csv"):
+        read_labels_csv(tmp_path / "elsewhere", ("image", "slide"))
+
+
 def _make_sets(root):
     (root / "tiles" / "images").mkdir(parents=True)
     (root / "tiles" / "masks").mkdir(parents=True)
@@ -178,7 +198,7 @@ def _write_masks(out_dir, dataset_dir, manifest, transform):
 
 
 def test_scoring_of_a_prepared_set_counts_what_analyze_wrote(tmp_path):
-    from glomscan.train.evaluation.evaluate import real_metrics_markdown, score_prepared_set
+    from glomscan.train.evaluation.prepared_set import real_metrics_markdown, score_prepared_set
 
     _make_sets(tmp_path)
     settings = PrepareSettings(validation_fraction=0.4, composite_uses=1,

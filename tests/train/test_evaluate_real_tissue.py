@@ -10,8 +10,10 @@ import pyvips
 from click.testing import CliRunner
 
 from glomscan.cli import main
-from glomscan.train.evaluation.evaluate import (CROP_OUTCOMES, candidate_labels, evaluate_graded_crops, read_crop_labels,
-                                     real_metrics_markdown, score_graded_crops, score_prepared_set)
+from glomscan.train.evaluation.analyze_outputs import candidate_labels
+from glomscan.train.evaluation.graded_crops import (CROP_OUTCOMES, evaluate_graded_crops, read_crop_labels,
+                                                    score_graded_crops)
+from glomscan.train.evaluation.prepared_set import real_metrics_markdown, score_prepared_set
 
 from conftest import SHARED_DATA
 
@@ -60,6 +62,33 @@ def _write_png(path, array):
 
 # --- real outlined tiles --------------------------------------------------------------------
 
+def test_false_detections_counts_unmatched_components_and_their_class():
+    import numpy as np
+
+    from glomscan.train.evaluation.prepared_set import false_detections
+    from glomscan.train.evaluation.metrics import instance_matches
+
+    truth = _square((40, 60), 2, 2, 10, 3)          # one outlined glomerulus of unknown class
+    _square((40, 60), 25, 45, 10, 3, truth)         # a second one, only grazed by a prediction
+    pred = _square((40, 60), 3, 2, 10, 1)           # matches the first (IoU 0.82), normal
+    _square((40, 60), 2, 20, 8, 1, pred)            # false, normal
+    _square((40, 60), 20, 30, 6, 2, pred)           # false, sclerosed
+    _square((40, 60), 33, 52, 3, 2, pred)           # overlaps the second outline with IoU < 0.5: false too
+    pred[33, 52] = 1                                # a component's class is its majority label
+    counts = false_detections(pred, truth)
+    assert counts == {"n_predicted": 4, "n_true": 2, "matched": 1, "false": 3, "false_sclerosed": 2}
+    inst = instance_matches(pred, truth)
+    assert (inst["n_predicted"], inst["n_true"], inst["matched"]) == (4, 2, 1)
+
+    # the brief's case: one matched, one false normal, one false sclerosed -> 2 false, 1 sclerosed
+    pred = _square((40, 60), 2, 2, 10, 2)
+    _square((40, 60), 2, 20, 8, 1, pred)
+    _square((40, 60), 20, 30, 6, 2, pred)
+    counts = false_detections(pred, _square((40, 60), 2, 2, 10, 3))
+    assert (counts["matched"], counts["false"], counts["false_sclerosed"]) == (1, 2, 1)
+    assert false_detections(np.zeros((5, 5), np.uint8), truth[:5, :5])["false"] == 0
+
+
 def test_rejected_candidates_are_painted_back_as_their_own_objects():
     pred = _square((30, 30), 5, 5, 8, 1)
     rejected = [(np.asarray(_ring(5, 13, 6, downsample=2.0)), 2),  # touches the accepted glomerulus
@@ -79,7 +108,8 @@ def test_rejected_geojson_of_analyze_paints_back_what_the_verifier_erased(small_
 
     from glomscan.batch import run_batch
     from glomscan.config import AnalysisSettings
-    from glomscan.train.evaluation.evaluate import false_detections, read_mask, read_rejected
+    from glomscan.train.evaluation.analyze_outputs import read_mask, read_rejected
+    from glomscan.train.evaluation.prepared_set import false_detections
     from glomscan.verify import Verifier, VerifierCard
 
     from conftest import ORACLE_CHOICE, OracleEngine, copy_slide, oracle_model

@@ -25,7 +25,7 @@ import pandas as pd
 import pyvips
 
 from ...imaging import equivalent_diameter
-from ...labels import NORMAL, SCLEROSED, UNKNOWN_CLASS
+from ...labels import LABEL_OF_CLASS, NORMAL, SCLEROSED, UNKNOWN_CLASS
 from ...imaging import image_to_array
 
 TILE_GROUP_GAP = 5
@@ -132,26 +132,43 @@ def read_tile_set(folder: Path, tile_mpp: float, analysis_mpp: float) -> list[An
     return tiles
 
 
+LABEL_COLUMNS = {"globally_sclerosed": "globally_sclerosed (1/0)", "class": "class (normal/sclerosed)"}
+"""The columns of a crop folder's ``labels.csv`` that can give a crop's class (the first present wins)."""
+
+
+def read_labels_csv(folder: Path, columns: tuple[str, ...], label_columns: tuple[str, ...] = tuple(LABEL_COLUMNS),
+                    error: type[Exception] = SourceError) -> pd.DataFrame:
+    """``folder/labels.csv`` of a crop folder (crop set or graded crops): it must hold the columns
+    ``columns`` and one of ``label_columns`` (see ``crop_label``), else ``error`` says which."""
+    path = Path(folder) / "labels.csv"
+    needs = f"{', '.join(columns)} and {' or '.join(LABEL_COLUMNS[c] for c in label_columns)}"
+    if not path.is_file():
+        raise error(f"no labels.csv in {folder} (columns {needs})")
+    table = pd.read_csv(path)
+    if set(columns) - set(table.columns) or not set(label_columns) & set(table.columns):
+        raise error(f"{path}: needs columns {needs}; has {list(table.columns)}")
+    return table
+
+
+def crop_label(row: dict, table_path: Path | str = "labels.csv") -> int:
+    """The class of a ``labels.csv`` row: ``SCLEROSED`` or ``NORMAL``, by globally_sclerosed (1
+    sclerosed, otherwise normal) when the table has that column, else by class (normal or
+    sclerosed; anything else is a ``SourceError``)."""
+    if "globally_sclerosed" in row:
+        return SCLEROSED if int(row["globally_sclerosed"]) == 1 else NORMAL
+    name = str(row["class"]).strip().lower()
+    if name not in LABEL_OF_CLASS:
+        raise SourceError(f"{table_path}: class {row['class']!r} of {row['image']} is not normal/sclerosed")
+    return LABEL_OF_CLASS[name]
+
+
 def read_crop_set(folder: Path) -> list[GlomerulusCrop]:
     """The crops of ``labels.csv`` with their outlines and classes."""
     folder = Path(folder)
-    table_path = folder / "labels.csv"
-    if not table_path.is_file():
-        raise SourceError(f"{folder}: no labels.csv (columns image, slide, globally_sclerosed or class)")
-    table = pd.read_csv(table_path)
-    missing = {"image", "slide"} - set(table.columns)
-    if missing or not ({"globally_sclerosed", "class"} & set(table.columns)):
-        raise SourceError(f"{table_path}: needs columns image, slide and globally_sclerosed (1/0) or class "
-                          f"(normal/sclerosed); has {list(table.columns)}")
+    table = read_labels_csv(folder, ("image", "slide"))
     crops = []
     for row in table.to_dict("records"):
-        if "globally_sclerosed" in row:
-            label = SCLEROSED if int(row["globally_sclerosed"]) == 1 else NORMAL
-        else:
-            name = str(row["class"]).strip().lower()
-            if name not in ("normal", "sclerosed"):
-                raise SourceError(f"{table_path}: class {row['class']!r} of {row['image']} is not normal/sclerosed")
-            label = 1 if name == "normal" else 2
+        label = crop_label(row, folder / "labels.csv")
         image_path, mask_path = folder / "images" / row["image"], folder / "masks" / row["image"]
         if not image_path.is_file() or not mask_path.is_file():
             raise SourceError(f"{row['image']}: needs {image_path} and {mask_path}")

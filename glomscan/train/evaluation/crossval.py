@@ -56,7 +56,7 @@ def cross_validate(dataset_dir: Path, out_dir: Path, segmentation_model, setting
     """One row per fold (and the validation groups) with the real-tile figures of ``evaluate
     real`` for the segmentation model alone and with the fold's verifier, plus a pooled ALL row
     (counts summed, rates recomputed from them). Writes ``OUT/crossval.csv`` and ``.md``."""
-    from .evaluate import evaluate_prepared_set
+    from .prepared_set import evaluate_prepared_set
     from ..fit.verifier import make_verifier
 
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
