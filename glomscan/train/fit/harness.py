@@ -5,10 +5,10 @@
 - Seeding (:func:`seed_training`).
 - The run's files next to the output ``<out>``: ``<out>.last.pt``, the resume state (a
   :mod:`glomscan.checkpoint` file of kind ``training-state``), and ``<out>.metrics.csv``, one
-  row per finished epoch (:class:`TrainingRun`); trainers write their networks with the same
-  checkpoint module. Both are written
-  atomically, the CSV first; resuming drops CSV rows past the epoch of the resume state, so a
-  crash between the two writes leaves neither a duplicate row nor a gap.
+  row per finished epoch (:class:`TrainingRun`). Both are written atomically, the CSV first;
+  resuming drops CSV rows past the epoch of the resume state, so a crash between the two writes
+  leaves neither a duplicate row nor a gap. Trainers write their networks with the same
+  checkpoint module.
 """
 
 from __future__ import annotations
