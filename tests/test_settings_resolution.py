@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import glomscan
-from glomscan.config import AnalysisSettings, analysis_settings_for
+from glomscan.config import AnalysisSettings, analysis_settings_for, default_overlap
 from glomscan.model import ModelCard
 
 PACKAGE = Path(glomscan.__file__).parent
@@ -16,9 +16,11 @@ PACKAGE = Path(glomscan.__file__).parent
 def test_tile_and_overlap_come_from_the_card_unless_given():
     card = ModelCard(name="m", tile=768)
     settings = analysis_settings_for(card, viewer=False, mpp_override=0.5)
-    assert (settings.tile, settings.overlap, settings.viewer, settings.mpp_override) == (768, 384, False, 0.5)
+    assert (settings.tile, settings.overlap, settings.viewer, settings.mpp_override) == (768, 192, False, 0.5)
     assert settings.target_mpp is None  # the card's, resolved per slide
-    assert (analysis_settings_for(card, 512).overlap, analysis_settings_for(card, 512, 128).overlap) == (256, 128)
+    assert (analysis_settings_for(card, 512).overlap, analysis_settings_for(card, 512, 128).overlap) == (128, 128)
+    # the dataclass's own default is the rule's for its default tile
+    assert AnalysisSettings().overlap == default_overlap(AnalysisSettings().tile) == 256
 
 
 def test_settings_that_cannot_run_are_refused():

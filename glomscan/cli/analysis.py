@@ -31,7 +31,7 @@ log = logging.getLogger("glomscan")
               help="Tiles per inference call; 0: the backend's choice (1 on CPU, 8 on GPU).")
 @click.option("--tile", type=int, default=None,
               help="Tile side, analysis pixels. Default: the model card's (1024 for the shipped model).")
-@click.option("--overlap", type=int, default=None, help="Tile overlap, analysis pixels. Default: half the tile.")
+@click.option("--overlap", type=int, default=None, help="Tile overlap, analysis pixels. Default: a quarter of the tile (stride 768 for the shipped model's 1024 px tiles).")
 @click.option("--target-mpp", type=float, default=None,
               help="Analysis resolution in µm/px. Default: the model's (1.0 for the paper's setup).")
 @click.option("--downsample", type=float, default=default(AnalysisSettings, "downsample"), show_default=True,

@@ -124,7 +124,8 @@ def test_tile_defaults_to_the_model_card_and_must_suit_the_encoder(small_slide, 
     from glomscan.config import AnalysisSettings
 
     settings = json.loads((tmp_path / "out" / "case01" / "report.json").read_text())["fingerprint"]["settings"]
-    assert settings == AnalysisSettings(tile=256, overlap=128).fingerprint()  # the tiny model's card: 256 px tiles
+    # the tiny model's card: 256 px tiles, overlapping by a quarter
+    assert settings == AnalysisSettings(tile=256, overlap=64).fingerprint()
 
 
 def test_merge_workers_option_reaches_the_settings_and_leaves_results_unchanged(small_slide, tiny_checkpoint, tmp_path):
