@@ -34,7 +34,7 @@ from glomscan.tiling import TileGrid
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "aidpath_tiles"
 TILE_MPP = 0.5
 ANALYSIS_MPP = 1.0
-TILE_PX, STRIDE_PX = 1024, 512
+TILE_PX, STRIDE_PX = 1024, 512  # the full run counted here is at stride 512 (the default before stride 768)
 REGION_UM = (10000, 6000)
 CORES_UM = [(500, 600, 7500, 1500), (2000, 2700, 8000, 3600), (1000, 4680, 4500, 5580)]
 """(x0, y0, x1, y1) µm: the cores of synthetic.needle_biopsy_slide (0.9 mm wide)."""

@@ -61,8 +61,8 @@ def run_glomscan(slide_path: Path, model_path: Path, tile: int, engine_dir: Path
     t0 = time.perf_counter()
     model = load_model(model_path)
     engine, choice = create_engine("onnxruntime", model, EngineOptions(engine_dir=engine_dir, tile=tile))
-    settings = analysis_settings_for(model.card, tile, batch_size=1, workers=2, blend="gaussian",
-                                     min_glomerulus_area_um2=0.0)
+    settings = analysis_settings_for(model.card, tile, tile // 2, batch_size=1, workers=2, blend="gaussian",
+                                     min_glomerulus_area_um2=0.0)  # 50 % overlap, as MONAI's
     outcome = run_batch(slide_path.parent, out_dir, model, engine, choice, settings, quiet=True)
     report = outcome.reports[0]
     assert report.status == "ok", report.reason

@@ -68,14 +68,14 @@ def cpu_state(state_dict: dict, half: bool = False) -> dict:
             for k, v in state_dict.items()}
 
 
-def save_checkpoint_file(path: Path, kind: str, card: dict, state_dict: dict, **extra: Any) -> str:
+def save_checkpoint_file(path: Path, kind: str, card: dict, state_dict: dict, extra: dict | None = None) -> str:
     """Write a checkpoint of ``kind`` atomically (folders made); returns the file's sha256."""
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; one of {sorted(KINDS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(path, {"format": FORMAT, "version": VERSION, "kind": kind, "card": dict(card),
-                             "state_dict": state_dict, "extra": dict(extra)})
+                             "state_dict": state_dict, "extra": dict(extra or {})})
     return sha256_file(path)
 
 
@@ -91,7 +91,10 @@ def read_checkpoint_file(path: Path, kind: str) -> Checkpoint:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a damaged file
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from exc
-    found = _convert(payload, kind)
+    try:
+        found = _convert(payload, kind)
+    except (KeyError, TypeError, AttributeError) as exc:  # a glomscan layout with entries missing
+        raise CheckpointError(f"{path} is a damaged glomscan checkpoint (no {exc}); {expected.made_by}") from exc
     if found is None:
         raise CheckpointError(f"{path} is not a glomscan {expected.noun} (no 'format': '{FORMAT}' key); "
                               f"{expected.made_by}")
@@ -113,9 +116,11 @@ def _convert(payload: Any, kind: str) -> Checkpoint | str | None:
         return Checkpoint(payload["kind"], payload["card"], payload["state_dict"], payload.get("extra", {}))
     if fmt == FORMAT and version == 1:
         return Checkpoint("segmentation", payload["card"], payload["state_dict"])
-    if fmt == FORMAT:
+    if fmt == FORMAT and isinstance(version, int) and version > VERSION:
         return (f"checkpoint version {version} is not supported (this glomscan reads versions 1 to {VERSION}; "
                 "a newer glomscan wrote it)")
+    if fmt == FORMAT:
+        return f"checkpoint version {version!r} is not a version glomscan wrote (1 to {VERSION})"
     if fmt in _OLD_FORMATS:
         old_kind = _OLD_FORMATS[fmt]
         card = {"verifier": lambda: payload["card"],

@@ -38,9 +38,11 @@ still gets that tile's prediction."""
 def blending_window(tile: int, floor: float = WINDOW_FLOOR, kind: str = "cosine") -> np.ndarray:
     """2-D separable blending window, never below ``floor`` (relative to its peak of 1).
 
-    cosine: floor + (1 - floor) * sin^2(pi (i + 0.5) / T) (raised cosine / Hann). With stride T/2
-    the sin^2 parts of overlapping windows sum to exactly 1 along each axis, so interior weight
-    sums are (1 + floor)^2 everywhere: no seams.
+    cosine: floor + (1 - floor) * sin^2(pi (i + 0.5) / T) (raised cosine / Hann). The canvas
+    divides by the weights' sum, so any stride blends without a seam: a window's weight falls to
+    its floor at its edges where the next one's rises. With stride T/2 the sin^2 parts of
+    overlapping windows even sum to exactly 1 along each axis (interior weight sums (1 + floor)^2
+    everywhere); at the default stride 3T/4 the sums vary, and the division evens them out.
     gaussian: exp(-d^2 / (2 (0.125 T)^2)) around the tile centre, clamped below at ``floor``
     (MONAI's default importance map, for like-for-like comparisons).
     """

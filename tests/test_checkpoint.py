@@ -10,7 +10,7 @@ from glomscan.checkpoint import KINDS, CheckpointError, cpu_state, read_checkpoi
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_kind_round_trips(tmp_path, kind):
     state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": torch.tensor(4)}
-    sha = save_checkpoint_file(tmp_path / "sub" / "x.pt", kind, {"name": kind, "sizes": [1, 2]}, state, epoch=3)
+    sha = save_checkpoint_file(tmp_path / "sub" / "x.pt", kind, {"name": kind, "sizes": [1, 2]}, state, {"epoch": 3})
     assert len(sha) == 64
     saved = read_checkpoint_file(tmp_path / "sub" / "x.pt", kind)
     assert saved.kind == kind and saved.card == {"name": kind, "sizes": [1, 2]} and saved.extra == {"epoch": 3}
@@ -37,6 +37,12 @@ def test_wrong_kind_missing_foreign_and_newer_files_are_refused(tmp_path):
     torch.save({"format": "glomscan-checkpoint", "version": 3, "kind": "verifier"}, tmp_path / "new.pt")
     with pytest.raises(CheckpointError, match="version 3 is not supported.*newer glomscan"):
         read_checkpoint_file(tmp_path / "new.pt", "verifier")
+    torch.save({"format": "glomscan-checkpoint", "version": 1, "state_dict": {}}, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match="damaged glomscan checkpoint .*'card'"):
+        read_checkpoint_file(tmp_path / "damaged.pt", "segmentation")
+    torch.save({"format": "glomscan-checkpoint"}, tmp_path / "unversioned.pt")
+    with pytest.raises(CheckpointError, match="version None is not a version glomscan wrote"):
+        read_checkpoint_file(tmp_path / "unversioned.pt", "segmentation")
     with pytest.raises(ValueError, match="unknown checkpoint kind"):
         save_checkpoint_file(tmp_path / "x.pt", "gan", {}, {})
 

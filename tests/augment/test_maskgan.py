@@ -203,3 +203,7 @@ def test_a_run_written_before_the_one_checkpoint_format_resumes(tmp_path):
     history = train_mask_gan(masks, tmp_path / "gan.pt", MaskGanSettings(**{**config.__dict__, "epochs": 2}), quiet=True)
     assert [h["epoch"] for h in history] == [1, 2] and history[0]["loss_d"] == first[0]["loss_d"]
     assert list(pd.read_csv(tmp_path / "gan.metrics.csv").epoch) == [1, 2]
+    # its random state came back too: epoch 2 is the uninterrupted run's
+    straight = train_mask_gan(masks, tmp_path / "straight" / "gan.pt", MaskGanSettings(**{**config.__dict__, "epochs": 2}),
+                              quiet=True)
+    assert [history[1][k] for k in ("loss_d", "loss_g")] == [straight[1][k] for k in ("loss_d", "loss_g")]

@@ -201,11 +201,13 @@ def test_training_checkpoint_resume_and_analyze(dataset, tmp_path):
     assert list(metrics.epoch) == [1] and {"train_loss", "val_dice_mean", "lr"} <= set(metrics.columns)
     assert "scaler" in read_checkpoint_file(tmp_path / "m.last.pt", "training-state").state_dict  # fp16 loss scale kept on CUDA
     # resume: a longer run continues from the last epoch instead of starting over
-    train_segmentation(out, tmp_path / "m.pt", SegmentSettings(**{**config.__dict__, "epochs": 2}), quiet=True)
+    resumed = train_segmentation(out, tmp_path / "m.pt", SegmentSettings(**{**config.__dict__, "epochs": 2}), quiet=True)
     assert list(pd.read_csv(tmp_path / "m.metrics.csv").epoch) == [1, 2]
     model = load_checkpoint(tmp_path / "m.pt")
     assert model.card.encoder == "resnet18" and model.card.tile == 256
     assert model.card.metrics["epoch"] in (1, 2) and "dice_mean" in model.card.metrics
+    # a resumed run returns the best epoch's metrics, whichever run found them
+    assert {"epoch": model.card.metrics["epoch"], **resumed} == model.card.metrics
     assert "s" in model.card.trained_on
     outcome = run_batch(out.parent / "slides", tmp_path / "res", model, TorchEngine(model), EngineChoice("torch", "test"),
                         AnalysisSettings(tile=256, overlap=128), quiet=True)

@@ -161,5 +161,5 @@ class TrainingRun:
         atomic_write_text(self.metrics_path, pd.DataFrame(self.rows).to_csv(index=False))
         states = {name: obj.state_dict() for name, obj in self.stateful.items()}
         save_checkpoint_file(self.last_path, "training-state", {"architecture": self.architecture}, states,
-                             **state, epoch=epoch)
+                             {**state, "epoch": epoch})
         return row

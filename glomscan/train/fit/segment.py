@@ -323,13 +323,13 @@ def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSetti
     loss_fn = PartialLabelLoss()
     run = TrainingRun(out_path, {"model": model, "optimiser": optimiser, "scheduler": scheduler, "scaler": scaler},
                       optional=("scaler",))
-    best_score = run.resume().get("best_score", -1.0)
+    resumed = run.resume()
+    best_score, best = resumed.get("best_score", -1.0), resumed.get("best", {})
     if run.start_epoch:
         log.info("best validation score so far %.4f", best_score)
     if device.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     train_loader, val_loader = segmentation_loaders(dataset_dir, manifest, card, settings, device, run.start_epoch)
-    best = {}
     batches = Batches(train_loader)
     for epoch in range(run.start_epoch, settings.epochs):
         t0 = time.perf_counter()
@@ -347,5 +347,5 @@ def train_segmentation(dataset_dir: Path, out_path: Path, settings: SegmentSetti
         if score > best_score:
             best_score, best = score, val
             save_checkpoint(out_path, model, replace(card, metrics={"epoch": epoch + 1, **val}))
-        run.end_epoch(epoch, metrics, best_score=best_score, config=asdict(settings))
+        run.end_epoch(epoch, metrics, best_score=best_score, best=best, config=asdict(settings))
     return best

@@ -42,7 +42,7 @@ from scipy import ndimage
 from torch import nn
 
 from ...atomic import atomic_write_bytes, atomic_write_text
-from ...checkpoint import cpu_state, read_checkpoint_file, save_checkpoint_file
+from ...checkpoint import cpu_state, read_checkpoint_file, save_checkpoint_file, sha256_file
 from ...postprocess import EIGHT_CONNECTED
 from ...progress import Progress
 from ...verify import VERIFIER_CARD_KEY, VERIFIER_SHA256_KEY, VerifierCard, candidate_crop
@@ -453,9 +453,9 @@ def train_verifier(samples: pd.DataFrame, contexts: np.ndarray, out_path: Path, 
     run = TrainingRun(out_path, {"network": network, "optimiser": optimiser, "scheduler": scheduler},
                       architecture={"network": "resnet18", "input_px": settings.input_px, "epochs": settings.epochs,
                                     "batch_size": settings.batch_size})
-    best_score = run.resume().get("best_score", -1.0)
+    resumed = run.resume()
+    best_score, best = resumed.get("best_score", -1.0), resumed.get("best", {})
     resident = ResidentSamples(samples, contexts, settings, card, device)  # augmentation runs there too
-    best = {}
     for epoch in range(run.start_epoch, settings.epochs):
         t0 = time.perf_counter()
         trained = train_one_epoch(network, optimiser, scheduler, resident, train, epoch, steps_per_epoch, quiet)
@@ -468,7 +468,7 @@ def train_verifier(samples: pd.DataFrame, contexts: np.ndarray, out_path: Path, 
         if val_metrics["selection_score"] > best_score:
             best_score, best = val_metrics["selection_score"], {"epoch": epoch + 1, **val_metrics}
             save_verifier_state(out_path, network, replace(card, metrics={"validation_samples": best}))
-        run.end_epoch(epoch, metrics, best_score=best_score, config=_plain(asdict(settings)))
+        run.end_epoch(epoch, metrics, best_score=best_score, best=best, config=_plain(asdict(settings)))
     return best
 
 
@@ -530,7 +530,6 @@ def make_verifier(dataset_dir: Path, out_dir: Path, segmentation_model, settings
     ``out_dir``), training and the verifier file ``out_dir/verifier.onnx``; returns its path and
     the best validation metrics. Patches of ``held_out_groups`` (tile groups) are left out of
     training and validation (cross-validation folds score them afterwards)."""
-    from ...checkpoint import sha256_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
