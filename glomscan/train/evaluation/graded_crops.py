@@ -13,7 +13,7 @@ import pandas as pd
 from scipy import ndimage
 
 from ...config import AnalysisSettings, analysis_settings_for
-from ...labels import SCLEROSED
+from ...labels import CLASS_NAMES, SCLEROSED
 from ...model import LoadedModel
 from ...postprocess import EIGHT_CONNECTED
 from ...report import REJECTED_FILE
@@ -111,12 +111,11 @@ def score_crop(result_dir: Path) -> dict:
     present = np.unique(components)
     present = present[present > 0]
     classes = component_classes(labels, components, n_all)
-    names = {1: "normal", 2: "sclerosed"}
     row: dict = {"n_accepted": n_accepted, "n_rejected": len(rejected)}
     for prefix, ids in (("", present[present <= n_accepted]), ("segmentation_only_", present)):
         picked, how = _pick_candidate(components, ids, centre)
         if picked:
-            outcome = names[int(classes[picked])]
+            outcome = CLASS_NAMES[int(classes[picked]) - 1]  # label value = channel + 1
         else:
             outcome = "rejected" if (prefix == "" and rejected) else "not found"
         row[f"{prefix}outcome"], row[f"{prefix}chosen_by"] = outcome, how
