@@ -15,8 +15,9 @@
 # No model weights are downloaded at build or run time: the shipped model is in the package.
 # Behind an HTTPS-inspecting proxy, give pip its CA as a build secret (never stored in the image):
 #   docker build --secret id=pip_ca,src=/path/to/proxy-ca.pem ...
-# The package is installed from the build context mounted for that step only (PIP_INSTALL below),
-# so no source copy or build folder stays in the image.
+# The package is installed from the build context mounted for that step only, by
+# scripts/install-in-image.sh (the same steps and checks for every target), so no source copy or
+# build folder stays in the image.
 # scripts/check-images.sh builds and checks these (docker, else buildah; docs/backends.md).
 ARG DEBIAN_IMAGE=debian:12-slim
 
@@ -43,38 +44,24 @@ CMD ["--help"]
 
 FROM base AS cpu
 RUN --mount=type=secret,id=pip_ca --mount=type=bind,target=/tmp/context \
-    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
- && mkdir /tmp/src && cp -r /tmp/context/pyproject.toml /tmp/context/README.md /tmp/context/glomscan /tmp/src/ \
- && pip install "/tmp/src[analysis]" \
- && python -c "import importlib.util as u, sys; sys.exit('torch must not be in the analysis image' if u.find_spec('torch') else 0)" \
- && python -c "import pyvips; assert pyvips.type_find('VipsForeignLoad', 'openslideload'), 'libvips lacks OpenSlide'" \
- && rm -rf /tmp/src && glomscan --version
+    sh /tmp/context/scripts/install-in-image.sh --no-torch "/tmp/src[analysis]"
 USER glomscan
 
 FROM base AS train
 # torch, torchvision and segmentation-models-pytorch in one pip command, so pip never pulls a
 # second torch build (PyPI's Linux torch 2.14 wheels carry CUDA 13: NVIDIA driver 580 or newer).
 RUN --mount=type=secret,id=pip_ca --mount=type=bind,target=/tmp/context \
-    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
- && mkdir /tmp/src && cp -r /tmp/context/pyproject.toml /tmp/context/README.md /tmp/context/glomscan /tmp/src/ \
- && pip install torch==2.14.1 torchvision==0.29.1 "segmentation-models-pytorch>=0.3.3" \
-        "/tmp/src[analysis,train]" \
- && python -c "import pyvips; assert pyvips.type_find('VipsForeignLoad', 'openslideload'), 'libvips lacks OpenSlide'" \
- && rm -rf /tmp/src && glomscan --version
+    sh /tmp/context/scripts/install-in-image.sh \
+        torch==2.14.1 torchvision==0.29.1 "segmentation-models-pytorch>=0.3.3" "/tmp/src[analysis,train]"
 USER glomscan
 
 FROM base AS gpu
 ARG WITH_TENSORRT=1
 ARG TENSORRT_INDEX=https://pypi.nvidia.com
 RUN --mount=type=secret,id=pip_ca --mount=type=bind,target=/tmp/context \
-    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
- && mkdir /tmp/src && cp -r /tmp/context/pyproject.toml /tmp/context/README.md /tmp/context/glomscan /tmp/src/ \
- && if [ "$WITH_TENSORRT" = 1 ]; then \
-        pip install --extra-index-url "$TENSORRT_INDEX" "/tmp/src[gpu]"; \
+    if [ "$WITH_TENSORRT" = 1 ]; then \
+        sh /tmp/context/scripts/install-in-image.sh --no-torch --extra-index-url "$TENSORRT_INDEX" "/tmp/src[gpu]"; \
     else \
-        pip install "/tmp/src[cuda]"; \
-    fi \
- && python -c "import importlib.util as u, sys; sys.exit('torch must not be in the analysis image' if u.find_spec('torch') else 0)" \
- && python -c "import pyvips; assert pyvips.type_find('VipsForeignLoad', 'openslideload'), 'libvips lacks OpenSlide'" \
- && rm -rf /tmp/src && glomscan --version
+        sh /tmp/context/scripts/install-in-image.sh --no-torch "/tmp/src[cuda]"; \
+    fi
 USER glomscan

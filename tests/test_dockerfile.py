@@ -68,13 +68,17 @@ def test_analysis_images_install_no_torch():
         for extra in installed:
             names = [re.split(r"[<>=\[ ;~]", r)[0].lower() for r in extra_requirements(extra)]
             assert "torch" not in names and "torchvision" not in names, (extra, names)
-        assert "torch must not be in the analysis image" in runs and "torch==" not in runs
+        calls = re.findall(r"install-in-image\.sh(\s+\S+)", runs)
+        assert calls and all(c.strip() == "--no-torch" for c in calls), calls  # every install checks for torch
+        assert "torch==" not in runs
     assert [r.split("[")[0] for r in extra_requirements("gpu")] == ["onnxruntime-gpu", "cuda-bindings>=12.6,<13",
                                                                       "tensorrt-cu12>=10.0,<11"]
     gpu_runs = " ".join(rest for kw, rest in named["gpu"] if kw == "RUN")
     assert "--extra-index-url \"$TENSORRT_INDEX\"" in gpu_runs  # TensorRT's libraries: pypi.nvidia.com
     train_runs = " ".join(rest for kw, rest in named["train"] if kw == "RUN")
-    assert re.search(r"pip install torch==\S+ torchvision==\S+ \"segmentation-models-pytorch", train_runs)
+    assert re.search(r"install-in-image\.sh\s+torch==\S+ torchvision==\S+ \"segmentation-models-pytorch", train_runs)
+    script = (ROOT / "scripts" / "install-in-image.sh").read_text()
+    assert "torch must not be in the analysis image" in script and 'if [ "$no_torch" = 1 ]' in script
 
 
 def test_entrypoint_user_volume_engine_dir_and_health_check():
@@ -96,10 +100,22 @@ def test_entrypoint_user_volume_engine_dir_and_health_check():
 
 
 def test_pip_steps_take_a_proxy_ca_as_a_build_secret():
-    for kw, rest in instructions():
-        if kw == "RUN" and "pip install" in rest:
-            assert rest.startswith("--mount=type=secret,id=pip_ca ") and "PIP_CERT=/run/secrets/pip_ca" in rest
-            assert "--mount=type=bind,target=/tmp/context" in rest and "rm -rf /tmp/src" in rest
+    """Every target installs through scripts/install-in-image.sh, in a step that mounts the build
+    context and the pip_ca secret; the script gives pip the CA and leaves no sources behind."""
+    installs = [(kw, rest) for kw, rest in instructions() if kw == "RUN" and "install-in-image.sh" in rest]
+    assert len(installs) == 3  # cpu, train, gpu
+    for kw, rest in installs:
+        assert rest.startswith("--mount=type=secret,id=pip_ca ") and "--mount=type=bind,target=/tmp/context" in rest
+    assert not any("pip install" in rest for kw, rest in instructions() if kw == "RUN")  # only through the script
+    script = (ROOT / "scripts" / "install-in-image.sh").read_text()
+    assert "PIP_CERT=/run/secrets/pip_ca" in script and "rm -rf /tmp/src" in script and 'pip install "$@"' in script
+    assert "openslideload" in script and "glomscan --version" in script
+
+
+def test_the_image_install_script_is_valid_sh():
+    import subprocess
+
+    subprocess.run(["sh", "-n", str(ROOT / "scripts" / "install-in-image.sh")], check=True)
 
 
 def test_installs_like_ci_and_downloads_no_weights():
@@ -121,10 +137,11 @@ def test_dockerignore_keeps_the_context_to_what_the_build_copies():
     lines = [l for l in (ROOT / ".dockerignore").read_text().splitlines() if l and not l.startswith("#")]
     assert lines[0] == "*"
     allowed = [l[1:] for l in lines if l.startswith("!")]
-    assert set(allowed) == {"pyproject.toml", "README.md", "glomscan", "scripts/install-system-deps.sh"}
-    text = (ROOT / "Dockerfile").read_text()
+    assert set(allowed) == {"pyproject.toml", "README.md", "glomscan", "scripts/install-system-deps.sh",
+                            "scripts/install-in-image.sh"}
+    text = (ROOT / "Dockerfile").read_text() + (ROOT / "scripts" / "install-in-image.sh").read_text()
     for path in allowed:
-        assert (ROOT / path).exists() and path in text, path
+        assert (ROOT / path).exists() and path in text, path  # named by the Dockerfile or its install script
 
 
 def test_browser_system_deps_include_what_playwrights_driver_links():
